@@ -1,0 +1,135 @@
+//! Connecting to PostgreSQL: the pool, migrations, and retrying transactions.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::config::DatabaseArgs;
+use crate::error::ApiError;
+use crate::local_pg::{Durability, LocalPostgres};
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How many times a transaction that hit a deadlock or serialization failure is run in all.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// The database the process talks to, and the local cluster behind it if we started one.
+#[derive(Debug)]
+pub struct Database {
+    pub url: String,
+    pub local: Option<LocalPostgres>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    LocalPg(#[from] crate::local_pg::LocalPgError),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("background task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Database {
+    /// `DATABASE_URL` when given; otherwise the local cluster under the data directory, started
+    /// (and created) when needed, with an `inventory` database in it.
+    pub async fn locate(args: &DatabaseArgs) -> Result<Self, SetupError> {
+        if let Some(url) = &args.database_url {
+            return Ok(Self { url: url.clone(), local: None });
+        }
+        let dir = args.data_dir.clone();
+        let local = tokio::task::spawn_blocking(move || LocalPostgres::start(&dir, Durability::Durable)).await??;
+        ensure_database(&local.url("postgres"), "inventory").await?;
+        Ok(Self { url: local.url("inventory"), local: Some(local) })
+    }
+
+    /// Stops the local cluster, if this process runs one.
+    pub async fn shutdown(self) {
+        if let Some(local) = self.local {
+            match tokio::task::spawn_blocking(move || local.stop()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::warn!(error = %err, "stopping local PostgreSQL failed"),
+                Err(err) => tracing::warn!(error = %err, "stopping local PostgreSQL panicked"),
+            }
+        }
+    }
+}
+
+/// Creates `name` on the server behind `admin_url` unless it exists.
+pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupError> {
+    let pool = PgPoolOptions::new().max_connections(1).connect(admin_url).await.map_err(SetupError::Connect)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .map_err(SetupError::Connect)?;
+    if !exists {
+        // Identifiers cannot be bound as parameters; `name` is ours, never user input.
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.map_err(SetupError::Connect)?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// Builds the pool. Every session gets `lock_timeout` and `statement_timeout`, so a stuck row
+/// lock turns into a fast 503 for that row instead of a hung pool.
+pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupError> {
+    let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
+    let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
+    let options = PgConnectOptions::from_str(url)
+        .map_err(SetupError::Connect)?
+        .application_name("inventory")
+        .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]);
+    PgPoolOptions::new()
+        .max_connections(args.db_pool_size.max(1))
+        .min_connections(0)
+        .acquire_timeout(args.acquire_timeout())
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .connect_with(options)
+        .await
+        .map_err(SetupError::Connect)
+}
+
+/// Sleeps before attempt `tries + 1`: jittered exponential backoff.
+async fn backoff(tries: u32) {
+    let jitter = rand::random_range(0..(5u64 << tries));
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+}
+
+/// The future of one transaction body, borrowing the transaction's connection and context.
+pub type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'c>>;
+
+/// Runs `body(tx, ctx)` inside a transaction, committing on `Ok` and rolling back on `Err`.
+/// A deadlock or serialization failure (40P01, 40001) runs the whole transaction again, with
+/// jittered backoff, at most `MAX_ATTEMPTS` times in all; it never reaches the client as a 500.
+pub async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T, ApiError>
+where
+    C: Sync + ?Sized,
+    F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let out = body(&mut tx, ctx).await?;
+            tx.commit().await?;
+            Ok::<T, ApiError>(out)
+        };
+        match attempt.await {
+            Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
+                let sqlstate = err.sqlstate().unwrap_or_default();
+                tracing::debug!(%sqlstate, tries, "retrying transaction");
+                backoff(tries).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The operations of the service, each one transaction body: they take the caller's
+//! transaction, lock through `store`, decide, and write.
+
+pub mod stock;

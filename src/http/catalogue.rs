@@ -1,0 +1,104 @@
+//! Warehouses and SKUs.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::extract::{Json, Path};
+use crate::db::transact;
+use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode};
+use crate::error::ApiError;
+use crate::store::catalogue::{self, SkuUpsert, WarehouseUpsert};
+
+/// Longest accepted free-text field (names, regions, references).
+pub const MAX_TEXT: usize = 255;
+
+pub fn text(raw: String) -> Result<String, String> {
+    if raw.chars().count() > MAX_TEXT {
+        Err(format!("must be at most {MAX_TEXT} characters"))
+    } else if raw.chars().any(char::is_control) {
+        Err("must not contain control characters".into())
+    } else {
+        Ok(raw)
+    }
+}
+
+fn created_or_ok(created: bool) -> StatusCode {
+    if created { StatusCode::CREATED } else { StatusCode::OK }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WarehouseBody {
+    name: Option<String>,
+    region: Option<String>,
+    priority: Option<i64>,
+    active: Option<bool>,
+}
+
+pub async fn put_warehouse(
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+    Json(body): Json<WarehouseBody>,
+) -> Result<Response, ApiError> {
+    let mut v = Validator::new();
+    let code = v.check("code", WarehouseCode::parse(code));
+    let name = v.required("name", body.name, |n| {
+        let n = text(n)?;
+        if n.trim().is_empty() { Err("must not be empty".to_owned()) } else { Ok(n) }
+    });
+    let region = v.optional("region", body.region, text);
+    let priority = v.optional("priority", body.priority, |p| {
+        i32::try_from(p).ok().filter(|p| (0..=1_000_000).contains(p)).ok_or("must be between 0 and 1000000")
+    });
+    let upsert = v.finish(|| {
+        Some(WarehouseUpsert { code: code?, name: name?, region: region?, priority: priority?, active: body.active })
+    })?;
+    let (warehouse, created) =
+        transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await?;
+    Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
+}
+
+pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
+    let mut conn = state.db.acquire().await?;
+    let warehouse = catalogue::get_warehouse(&mut conn, &code).await?;
+    Ok(axum::Json(warehouse).into_response())
+}
+
+pub async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut conn = state.db.acquire().await?;
+    let items = catalogue::list_warehouses(&mut conn).await?;
+    Ok(axum::Json(json!({ "items": items })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SkuBody {
+    name: Option<String>,
+    backorder_limit: Option<i64>,
+}
+
+pub async fn put_sku(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+    Json(body): Json<SkuBody>,
+) -> Result<Response, ApiError> {
+    let mut v = Validator::new();
+    let sku = v.check("sku", Sku::parse(sku));
+    let name = v.optional("name", body.name, text);
+    let backorder_limit = v.optional("backorder_limit", body.backorder_limit, |n| {
+        if (0..=MAX_QUANTITY).contains(&n) { Ok(n) } else { Err(format!("must be between 0 and {MAX_QUANTITY}")) }
+    });
+    let upsert = v.finish(|| Some(SkuUpsert { sku: sku?, name: name?, backorder_limit: backorder_limit? }))?;
+    let (sku, created) = transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await?;
+    Ok((created_or_ok(created), axum::Json(sku)).into_response())
+}
+
+pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+    if Code::parse(sku.as_str()).is_err() {
+        return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+    }
+    let mut conn = state.db.acquire().await?;
+    Ok(axum::Json(catalogue::get_sku(&mut conn, &sku).await?).into_response())
+}

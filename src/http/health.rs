@@ -1,0 +1,25 @@
+//! Liveness and readiness.
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::db::MIGRATOR;
+use crate::error::ApiError;
+
+/// The process is up.
+pub async fn live() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The database is reachable and every migration this binary knows is applied.
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&state.db).await?;
+    if applied.unwrap_or(0) < expected {
+        return Err(ApiError::Unavailable(format!("migrations pending: at {applied:?}, need {expected}")));
+    }
+    Ok(Json(json!({"status": "ok", "migration": expected})))
+}

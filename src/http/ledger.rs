@@ -1,0 +1,30 @@
+//! The ledger, oldest first, in cursor pages.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::extract::Query;
+use super::{AppState, page_limit};
+use crate::error::ApiError;
+use crate::store::ledger::{self, EntryPage};
+
+#[derive(Debug, Deserialize)]
+pub struct LedgerQuery {
+    sku: Option<String>,
+    warehouse: Option<String>,
+    reference: Option<String>,
+    after: Option<uuid::Uuid>,
+    cursor: Option<uuid::Uuid>,
+    limit: Option<i64>,
+}
+
+pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
+    let limit = page_limit(q.limit, &state)?;
+    let page = EntryPage { sku: q.sku, warehouse: q.warehouse, reference: q.reference, after: q.after.or(q.cursor), limit };
+    let mut conn = state.db.acquire().await?;
+    let (items, more) = ledger::page(&mut conn, &page).await?;
+    let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();
+    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+}

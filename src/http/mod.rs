@@ -1,0 +1,81 @@
+//! The HTTP API: router, shared state, and one module per resource. Handlers stay thin:
+//! parse into domain types, call the engine inside a transaction, render.
+
+pub mod catalogue;
+pub mod extract;
+pub mod health;
+pub mod ledger;
+pub mod request_id;
+pub mod stock;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use sqlx::PgPool;
+
+use crate::config::ServerArgs;
+use crate::error::ApiError;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub config: Arc<ServerArgs>,
+}
+
+/// The whole API, ready to serve.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.config.body_limit;
+    let timeout = state.config.request_timeout();
+    Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/v1/warehouses", get(catalogue::list_warehouses))
+        .route("/v1/warehouses/{code}", put(catalogue::put_warehouse).get(catalogue::get_warehouse))
+        .route("/v1/skus/{sku}", put(catalogue::put_sku).get(catalogue::get_sku))
+        .route("/v1/stock", get(stock::list))
+        .route("/v1/stock/receive", post(stock::receive))
+        .route("/v1/stock/adjust", post(stock::adjust))
+        .route("/v1/stock/transfer", post(stock::transfer))
+        .route("/v1/stock/{sku}", get(stock::get_sku_stock))
+        .route("/v1/stock/{sku}/{warehouse}", put(stock::put_replenishment))
+        .route("/v1/availability", get(stock::availability))
+        .route("/v1/ledger", get(ledger::list))
+        .route_layer(middleware::from_fn(request_id::record_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn(request_id::layer))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Bounds every request (and so graceful shutdown). A request cut off here is rolled back,
+/// because its transaction is dropped uncommitted.
+async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response(),
+    }
+}
+
+/// A page size from a query: default, at least 1, at most the configured maximum.
+pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiError> {
+    match requested {
+        None => Ok(100.min(state.config.max_page_size)),
+        Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::field("limit", format!("must be between 1 and {}", state.config.max_page_size))),
+    }
+}

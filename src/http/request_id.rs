@@ -1,0 +1,56 @@
+//! Request ids and the request span: every request gets an `x-request-id` (the client's, when it
+//! sends a sane one, or a new UUIDv7), echoed in the response and put in every problem body.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+pub const HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being served by this task, if any.
+pub fn current() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+fn usable(value: &HeaderValue) -> Option<String> {
+    let s = value.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
+}
+
+/// Outermost middleware: assigns the id, opens the request span, logs the outcome.
+pub async fn layer(request: Request, next: Next) -> Response {
+    let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let method = request.method().clone();
+    let span = tracing::info_span!("request", %method, route = tracing::field::Empty, request_id = %id);
+    let started = Instant::now();
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if status >= 500 {
+            tracing::warn!(status, latency_ms, "request finished");
+        } else {
+            tracing::info!(status, latency_ms, "request finished");
+        }
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(HEADER, value);
+    }
+    response
+}
+
+/// Route-level middleware: records the matched route template (never the raw path) in the span.
+pub async fn record_route(request: Request, next: Next) -> Response {
+    if let Some(path) = request.extensions().get::<MatchedPath>() {
+        tracing::Span::current().record("route", path.as_str());
+    }
+    next.run(request).await
+}

@@ -1,0 +1,334 @@
+//! Starts and stops a private PostgreSQL cluster from the local PostgreSQL binaries.
+//!
+//! Used by the service when no `DATABASE_URL` is given and by the integration tests. The cluster
+//! listens on 127.0.0.1 only, on a free port chosen at start. PostgreSQL refuses to run as root,
+//! so as root every PostgreSQL command runs as the unprivileged `postgres` OS user (via `setpriv`
+//! or `runuser`; `sudo` is often absent).
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The OS user PostgreSQL runs as when this process is root.
+const SERVICE_USER: &str = "postgres";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error(
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH, via pg_config or under \
+         /usr/lib/postgresql/*/bin.\n  Install them (Debian/Ubuntu: `apt-get install postgresql`; \
+         macOS: `brew install postgresql`),\n  or point the service at a running server with \
+         DATABASE_URL=postgres://user:pass@host/db,\n  or start one with `docker compose up -d` and use \
+         DATABASE_URL=postgres://inventory:inventory@127.0.0.1:5432/inventory"
+    )]
+    NoBinaries,
+    #[error(
+        "running as root, PostgreSQL must run as the unprivileged OS user `{SERVICE_USER}`, which does not \
+         exist: create it (`useradd --system postgres`) or set DATABASE_URL"
+    )]
+    NoServiceUser,
+    #[error("running as root needs `setpriv` or `runuser` to start PostgreSQL as `{SERVICE_USER}`")]
+    NoPrivilegeDrop,
+    #[error(
+        "the data directory {0} is not reachable by the OS user `{SERVICE_USER}` that PostgreSQL runs as; \
+         choose a --data-dir whose parent directories it can enter (for example under /tmp or /var/lib)"
+    )]
+    Unreachable(PathBuf),
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Tuning for a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is flushed to disk: what the service uses.
+    Durable,
+    /// fsync off: for throwaway test clusters only.
+    Throwaway,
+}
+
+/// A running cluster started (or found running) by this module.
+#[derive(Debug)]
+pub struct LocalPostgres {
+    bin_dir: PathBuf,
+    cluster_dir: PathBuf,
+    port: u16,
+    run_as: Option<RunAs>,
+}
+
+#[derive(Debug, Clone)]
+struct RunAs {
+    tool: PrivDrop,
+    home: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PrivDrop {
+    Setpriv,
+    Runuser,
+}
+
+impl LocalPostgres {
+    /// Starts the cluster kept under `data_dir` (creating it on first use), or attaches to it when
+    /// it is already running. Blocking: call it from a blocking thread in async code.
+    pub fn start(data_dir: &Path, durability: Durability) -> Result<Self, LocalPgError> {
+        let bin_dir = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+        let run_as = if is_root() { Some(RunAs::detect()?) } else { None };
+        std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
+        let cluster_dir = data_dir.join("pg");
+        let mut pg = Self { bin_dir, cluster_dir, port: 0, run_as };
+
+        if !pg.cluster_dir.join("PG_VERSION").exists() {
+            pg.init(durability)?;
+        }
+        if let Some(port) = pg.running_port() {
+            tracing::info!(port, dir = %pg.cluster_dir.display(), "attached to running local PostgreSQL");
+            pg.port = port;
+            return Ok(pg);
+        }
+        pg.launch(durability)?;
+        Ok(pg)
+    }
+
+    /// A connection URL for `database` on this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn cluster_dir(&self) -> &Path {
+        &self.cluster_dir
+    }
+
+    /// Stops the cluster (fast shutdown: connections are closed, committed data is safe).
+    pub fn stop(&self) -> Result<(), LocalPgError> {
+        let out = self.pg_command("pg_ctl", &["stop", "-D", &self.dir_arg(), "-m", "fast", "-w", "-t", "60"])?;
+        if out.status.success() || self.running_port().is_none() {
+            tracing::info!(dir = %self.cluster_dir.display(), "local PostgreSQL stopped");
+            Ok(())
+        } else {
+            Err(command_error("pg_ctl stop", &out))
+        }
+    }
+
+    /// A shell command line that stops this cluster immediately, for a watchdog that outlives us.
+    pub fn stop_command_line(&self) -> String {
+        let mut argv = self.prefix();
+        argv.push(self.bin_dir.join("pg_ctl").display().to_string());
+        argv.extend(["stop", "-D", &self.dir_arg(), "-m", "immediate", "-w"].map(String::from));
+        argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+    }
+
+    fn dir_arg(&self) -> String {
+        self.cluster_dir.display().to_string()
+    }
+
+    fn init(&self, durability: Durability) -> Result<(), LocalPgError> {
+        std::fs::create_dir_all(&self.cluster_dir)
+            .map_err(|source| LocalPgError::Io { path: self.cluster_dir.clone(), source })?;
+        if self.run_as.is_some() {
+            self.hand_over_to_service_user()?;
+        }
+        let dir = self.dir_arg();
+        let mut args = vec!["-D", &dir, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"];
+        if durability == Durability::Throwaway {
+            args.push("--no-sync");
+        }
+        tracing::info!(dir = %dir, "initialising local PostgreSQL cluster");
+        let out = self.pg_command("initdb", &args)?;
+        if !out.status.success() {
+            return Err(command_error("initdb", &out));
+        }
+        Ok(())
+    }
+
+    fn hand_over_to_service_user(&self) -> Result<(), LocalPgError> {
+        let out = Command::new("chown")
+            .args(["-R", &format!("{SERVICE_USER}:"), &self.dir_arg()])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| LocalPgError::Io { path: "chown".into(), source })?;
+        if !out.status.success() {
+            return Err(command_error("chown", &out));
+        }
+        // The service user must be able to enter every parent directory.
+        let probe = self.pg_command_raw("test", &["-w", &self.dir_arg()])?;
+        if !probe.status.success() {
+            return Err(LocalPgError::Unreachable(self.cluster_dir.clone()));
+        }
+        Ok(())
+    }
+
+    /// The port of the postmaster serving this cluster, if one is alive.
+    fn running_port(&self) -> Option<u16> {
+        let status = self.pg_command("pg_ctl", &["status", "-D", &self.dir_arg()]).ok()?;
+        if !status.status.success() {
+            return None;
+        }
+        // Line 4 of postmaster.pid is the port.
+        let pid_file = std::fs::read_to_string(self.cluster_dir.join("postmaster.pid")).ok()?;
+        pid_file.lines().nth(3)?.trim().parse().ok()
+    }
+
+    fn launch(&mut self, durability: Durability) -> Result<(), LocalPgError> {
+        let mut last_error = None;
+        // A free port can be taken by someone else between choosing and binding it: try again.
+        for _ in 0..5 {
+            let port = free_port().map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?;
+            let mut options = format!(
+                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300"
+            );
+            if durability == Durability::Throwaway {
+                options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            }
+            let log = self.cluster_dir.join("server.log").display().to_string();
+            let dir = self.dir_arg();
+            let out = self.pg_command("pg_ctl", &["start", "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options])?;
+            if out.status.success() {
+                self.port = port;
+                tracing::info!(port, dir = %dir, "local PostgreSQL started");
+                return Ok(());
+            }
+            last_error = Some(command_error(&format!("pg_ctl start (log: {log})"), &out));
+        }
+        Err(last_error.unwrap_or(LocalPgError::NoBinaries))
+    }
+
+    fn prefix(&self) -> Vec<String> {
+        match &self.run_as {
+            None => Vec::new(),
+            Some(RunAs { tool: PrivDrop::Setpriv, home }) => vec![
+                "env".into(),
+                format!("HOME={home}"),
+                "setpriv".into(),
+                format!("--reuid={SERVICE_USER}"),
+                format!("--regid={SERVICE_USER}"),
+                "--init-groups".into(),
+            ],
+            Some(RunAs { tool: PrivDrop::Runuser, home }) => {
+                vec!["env".into(), format!("HOME={home}"), "runuser".into(), "-u".into(), SERVICE_USER.into(), "--".into()]
+            }
+        }
+    }
+
+    fn pg_command(&self, program: &str, args: &[&str]) -> Result<Output, LocalPgError> {
+        let program = self.bin_dir.join(program).display().to_string();
+        self.pg_command_raw(&program, args)
+    }
+
+    fn pg_command_raw(&self, program: &str, args: &[&str]) -> Result<Output, LocalPgError> {
+        let mut argv = self.prefix();
+        argv.push(program.to_owned());
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            // Run from a directory every user can enter, and never hand our pipes to the daemon.
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| LocalPgError::Io { path: PathBuf::from(&argv[0]), source })
+    }
+}
+
+impl RunAs {
+    fn detect() -> Result<Self, LocalPgError> {
+        let home = passwd_home(SERVICE_USER).ok_or(LocalPgError::NoServiceUser)?;
+        let tool = if which("setpriv").is_some() {
+            PrivDrop::Setpriv
+        } else if which("runuser").is_some() {
+            PrivDrop::Runuser
+        } else {
+            return Err(LocalPgError::NoPrivilegeDrop);
+        };
+        Ok(Self { tool, home })
+    }
+}
+
+/// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
+pub fn find_bin_dir() -> Option<PathBuf> {
+    let complete = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
+    if let Some(initdb) = which("initdb") {
+        // Resolve symlinks so that pg_ctl and postgres come from the same installation.
+        let real = initdb.canonicalize().unwrap_or(initdb);
+        if let Some(dir) = real.parent().filter(|d| complete(d)) {
+            return Some(dir.to_path_buf());
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").stdin(Stdio::null()).output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && complete(&dir) {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            complete(&bin).then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    // /proc/self belongs to the effective user of this process.
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn passwd_home(user: &str) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&user)).then(|| fields.get(5).copied().unwrap_or("/").to_owned())
+    })
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn command_error(what: &str, out: &Output) -> LocalPgError {
+    let mut detail = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if detail.is_empty() {
+        detail = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    }
+    LocalPgError::Command { what: what.to_owned(), detail: format!("{} ({})", detail, out.status) }
+}
+
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn passwd_lookup_finds_root() {
+        assert_eq!(passwd_home("root").as_deref(), Some("/root"));
+        assert_eq!(passwd_home("no-such-user-here"), None);
+    }
+}

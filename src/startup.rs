@@ -1,0 +1,120 @@
+//! Wiring: locate the database, migrate, serve with graceful shutdown.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Cli, Command, DatabaseArgs, ServerArgs};
+use crate::db::{self, Database, MIGRATOR, SetupError};
+use crate::http::{self, AppState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("server error: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("{0} invariant violation(s) found")]
+    Violations(usize),
+    #[error("database error: {0}")]
+    Database(#[from] crate::error::ApiError),
+}
+
+/// Runs the subcommand the command line asked for.
+pub async fn run(cli: Cli) -> Result<(), RunError> {
+    let database = Database::locate(&cli.database).await?;
+    let result = match cli.command.clone().unwrap_or(Command::Serve) {
+        Command::Serve => serve_command(&cli, &database).await,
+        Command::Migrate => migrate_command(&cli.database, &database).await,
+        Command::Check => check_command(&cli.database, &database).await,
+    };
+    database.shutdown().await;
+    result
+}
+
+async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
+    let pool = db::connect(&database.url, &cli.database).await?;
+    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    let listener =
+        TcpListener::bind(cli.server.listen).await.map_err(|source| RunError::Bind { addr: cli.server.listen, source })?;
+    tracing::info!(addr = %listener.local_addr().map_err(RunError::Serve)?, "inventory listening");
+    serve(listener, pool.clone(), cli.server.clone(), shutdown_signal()).await?;
+    pool.close().await;
+    Ok(())
+}
+
+async fn migrate_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
+    let pool = db::connect(&database.url, args).await?;
+    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    tracing::info!("migrations applied");
+    pool.close().await;
+    Ok(())
+}
+
+async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
+    let pool = db::connect(&database.url, args).await?;
+    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    let mut tx = pool.begin().await.map_err(crate::error::ApiError::from)?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(crate::error::ApiError::from)?;
+    let violations = crate::store::check::violations(&mut tx).await?;
+    tx.rollback().await.map_err(crate::error::ApiError::from)?;
+    pool.close().await;
+    for v in &violations {
+        println!("VIOLATION {v}");
+    }
+    if violations.is_empty() {
+        println!("ok: all invariants hold");
+        Ok(())
+    } else {
+        Err(RunError::Violations(violations.len()))
+    }
+}
+
+/// Serves the API on an already-bound listener until `shutdown` resolves, then drains
+/// in-flight requests (bounded by the request timeout) and stops background tasks.
+pub async fn serve(
+    listener: TcpListener,
+    pool: PgPool,
+    server: ServerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let (stop_tx, _stop_rx) = watch::channel(false);
+    let state = AppState { db: pool, config: Arc::new(server) };
+    let app = http::app(state);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(RunError::Serve);
+    let _ = stop_tx.send(true);
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received, draining");
+}

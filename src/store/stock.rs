@@ -1,0 +1,236 @@
+//! Stock levels: locking, changing (always together with the ledger entry), and reading.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{Sku, WarehouseCode};
+use crate::error::ApiError;
+
+/// A stock level as clients see it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Level {
+    pub sku: String,
+    pub warehouse: String,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub available: i64,
+    pub reorder_point: i64,
+    pub reorder_quantity: i64,
+    #[serde(skip)]
+    pub backorder_limit: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The columns that make a [`Level`], for `concat!` into static SQL.
+macro_rules! level_columns {
+    () => {
+        "sku, warehouse, on_hand, reserved, on_hand - reserved AS available, \
+         reorder_point, reorder_quantity, backorder_limit, updated_at"
+    };
+}
+
+/// The kinds of ledger entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Receive,
+    Adjust,
+    TransferOut,
+    TransferIn,
+    Reserve,
+    Release,
+    Expire,
+    Fulfil,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Receive => "receive",
+            Self::Adjust => "adjust",
+            Self::TransferOut => "transfer_out",
+            Self::TransferIn => "transfer_in",
+            Self::Reserve => "reserve",
+            Self::Release => "release",
+            Self::Expire => "expire",
+            Self::Fulfil => "fulfil",
+        }
+    }
+}
+
+/// One change of one stock level, recorded in the ledger by the same statement.
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub sku: &'a str,
+    pub warehouse: &'a str,
+    pub kind: EntryKind,
+    pub on_hand_delta: i64,
+    pub reserved_delta: i64,
+    pub reference: Option<&'a str>,
+    pub reason: Option<&'a str>,
+}
+
+/// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit.
+pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
+         SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1
+         ON CONFLICT (sku, warehouse) DO NOTHING",
+    )
+    .bind(sku.as_str())
+    .bind(warehouse.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks the SKU's levels in the given warehouses, in warehouse order (the service-wide lock
+/// order), and returns them in that order. Missing levels are absent from the result.
+pub async fn lock_levels(conn: &mut PgConnection, sku: &Sku, warehouses: &[&WarehouseCode]) -> Result<Vec<Level>, ApiError> {
+    let mut codes: Vec<&str> = warehouses.iter().map(|w| w.as_str()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    Ok(sqlx::query_as(concat!(
+        "SELECT ",
+        level_columns!(),
+        " FROM stock_levels WHERE sku = $1 AND warehouse = ANY($2) ORDER BY warehouse FOR UPDATE"
+    ))
+    .bind(sku.as_str())
+    .bind(&codes)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Applies one change to a level the caller has locked and appends its ledger entry, in one
+/// statement, so a level never changes without its entry. The CHECK constraints on
+/// `stock_levels` are the last line of defence for invariants 1 and 2.
+pub async fn apply(conn: &mut PgConnection, change: &Change<'_>) -> Result<Level, ApiError> {
+    sqlx::query_as(concat!(
+        "WITH lvl AS (
+             UPDATE stock_levels
+                SET on_hand = on_hand + $3, reserved = reserved + $4, updated_at = now()
+              WHERE sku = $1 AND warehouse = $2
+          RETURNING *
+         ), entry AS (
+             INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
+                                 on_hand_after, reserved_after, reference, reason)
+             SELECT $5, sku, warehouse, $6, $3, $4, on_hand, reserved, $7, $8 FROM lvl
+         )
+         SELECT ",
+        level_columns!(),
+        " FROM lvl"
+    ))
+    .bind(change.sku)
+    .bind(change.warehouse)
+    .bind(change.on_hand_delta)
+    .bind(change.reserved_delta)
+    .bind(Uuid::now_v7())
+    .bind(change.kind.as_str())
+    .bind(change.reference)
+    .bind(change.reason)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(|| ApiError::Internal(format!("stock level {}/{} vanished while locked", change.sku, change.warehouse)))
+}
+
+/// Sets the replenishment settings of a level, creating the level when needed.
+/// `None` keeps the current value. The flag tells whether the level was created.
+pub async fn set_replenishment(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    warehouse: &WarehouseCode,
+    reorder_point: Option<i64>,
+    reorder_quantity: Option<i64>,
+) -> Result<(Level, bool), ApiError> {
+    let row: LevelWithFlag = sqlx::query_as(concat!(
+        "INSERT INTO stock_levels AS s (sku, warehouse, backorder_limit, reorder_point, reorder_quantity)
+         SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1
+         ON CONFLICT (sku, warehouse) DO UPDATE SET
+             reorder_point = COALESCE($3, s.reorder_point),
+             reorder_quantity = COALESCE($4, s.reorder_quantity),
+             updated_at = now()
+         RETURNING ",
+        level_columns!(),
+        ", (xmax = 0) AS inserted"
+    ))
+    .bind(sku.as_str())
+    .bind(warehouse.as_str())
+    .bind(reorder_point)
+    .bind(reorder_quantity)
+    .fetch_one(conn)
+    .await?;
+    Ok((row.level, row.inserted))
+}
+
+#[derive(sqlx::FromRow)]
+struct LevelWithFlag {
+    #[sqlx(flatten)]
+    level: Level,
+    inserted: bool,
+}
+
+/// Every level of one SKU, by warehouse.
+pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, ApiError> {
+    Ok(sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"))
+        .bind(sku)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// One SKU's availability per active warehouse.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AvailableRow {
+    pub sku: String,
+    pub warehouse: String,
+    pub available: i64,
+}
+
+/// Availability of many SKUs in active warehouses: the product-page read path. One statement,
+/// an index range scan per SKU on the primary key.
+pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
+           FROM stock_levels l
+           JOIN warehouses w ON w.code = l.warehouse AND w.active
+          WHERE l.sku = ANY($1)
+          ORDER BY l.sku, w.priority, l.warehouse",
+    )
+    .bind(skus)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A filter and position for paging through stock levels in (sku, warehouse) order.
+#[derive(Debug, Clone, Default)]
+pub struct LevelPage {
+    pub warehouse: Option<String>,
+    pub below_reorder_point: bool,
+    pub after: Option<(String, String)>,
+    pub limit: i64,
+}
+
+/// One page of levels; fetches one row more than asked to know whether another page exists.
+pub async fn page_levels(conn: &mut PgConnection, page: &LevelPage) -> Result<(Vec<Level>, bool), ApiError> {
+    let (after_sku, after_wh) = page.after.clone().unwrap_or_default();
+    let mut rows: Vec<Level> = sqlx::query_as(concat!(
+        "SELECT ",
+        level_columns!(),
+        " FROM stock_levels
+          WHERE ($1::text IS NULL OR warehouse = $1)
+            AND (NOT $2 OR on_hand - reserved <= reorder_point)
+            AND (sku, warehouse) > ($3, $4)
+          ORDER BY sku, warehouse
+          LIMIT $5"
+    ))
+    .bind(&page.warehouse)
+    .bind(page.below_reorder_point)
+    .bind(after_sku)
+    .bind(after_wh)
+    .bind(page.limit + 1)
+    .fetch_all(conn)
+    .await?;
+    let more = rows.len() as i64 > page.limit;
+    rows.truncate(page.limit as usize);
+    Ok((rows, more))
+}
