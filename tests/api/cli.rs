@@ -1,0 +1,92 @@
+//! The binary itself: `serve` with its own PostgreSQL, and `check`.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::TestApp;
+
+const BIN: &str = env!("CARGO_BIN_EXE_inventory");
+
+#[tokio::test]
+async fn check_passes_on_a_consistent_database_and_reports_a_corrupted_row() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 5).await;
+
+    let ok = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1 WHERE sku = 'A'").execute(&app.db).await.unwrap();
+    let bad = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert!(stdout.contains("VIOLATION A/W1: ledger_matches_level"), "{stdout}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_ready(url: &str, deadline: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if let Ok(res) = reqwest::get(url).await
+            && res.status().is_success()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
+    let dir = std::env::temp_dir().join(format!("inventory-serve-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        Command::new(BIN)
+            .args(["serve", "--listen", &listen, "--data-dir", dir.to_str().unwrap()])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let base = format!("http://{listen}");
+    let client = reqwest::Client::new();
+
+    let mut child = start();
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await, "service did not become ready");
+    let res = client.put(format!("{base}/v1/warehouses/KEEP")).json(&serde_json::json!({"name": "kept"})).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    stop(&mut child);
+    let pid_file = dir.join("pg/postmaster.pid");
+    assert!(!pid_file.exists(), "the cluster is stopped with the service");
+
+    let mut child = start();
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await, "second start failed");
+    let res = client.get(format!("{base}/v1/warehouses/KEEP")).send().await.unwrap();
+    assert_eq!(res.status(), 200, "the second start reuses the data");
+    stop(&mut child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGTERM, then wait for a graceful exit.
+fn stop(child: &mut std::process::Child) {
+    let status = Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "graceful shutdown exits 0, got {status}");
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "service did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
