@@ -4,7 +4,7 @@ mod codes;
 mod quantity;
 
 pub use codes::{Code, Sku, WarehouseCode};
-pub use quantity::{AdjustReason, Delta, Quantity, MAX_QUANTITY};
+pub use quantity::{AdjustReason, Delta, MAX_QUANTITY, Quantity};
 
 /// One problem with one input field, reported under `errors` in a 422 answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -15,7 +15,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -32,7 +35,12 @@ impl Validator {
     }
 
     /// Parses a required field: a missing value and a parse failure are both recorded.
-    pub fn required<T, R, E>(&mut self, field: &str, raw: Option<R>, parse: impl FnOnce(R) -> Result<T, E>) -> Option<T>
+    pub fn required<T, R, E>(
+        &mut self,
+        field: &str,
+        raw: Option<R>,
+        parse: impl FnOnce(R) -> Result<T, E>,
+    ) -> Option<T>
     where
         E: std::fmt::Display,
     {
@@ -47,7 +55,12 @@ impl Validator {
 
     /// Parses an optional field: absent is fine, a present but bad value is recorded.
     /// The outer `Option` is `None` when the value was bad.
-    pub fn optional<T, R, E>(&mut self, field: &str, raw: Option<R>, parse: impl FnOnce(R) -> Result<T, E>) -> Option<Option<T>>
+    pub fn optional<T, R, E>(
+        &mut self,
+        field: &str,
+        raw: Option<R>,
+        parse: impl FnOnce(R) -> Result<T, E>,
+    ) -> Option<Option<T>>
     where
         E: std::fmt::Display,
     {
@@ -58,7 +71,11 @@ impl Validator {
     }
 
     /// Records the error of a parse result, if any.
-    pub fn check<T, E: std::fmt::Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
+    pub fn check<T, E: std::fmt::Display>(
+        &mut self,
+        field: &str,
+        result: Result<T, E>,
+    ) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(err) => {

@@ -50,7 +50,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJson<T> {
 async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit: state.config.body_limit }
+            ApiError::PayloadTooLarge {
+                limit: state.config.body_limit,
+            }
         } else {
             ApiError::Malformed(format!("cannot read the request body: {rejection}"))
         }
@@ -61,7 +63,12 @@ fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 

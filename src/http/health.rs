@@ -1,7 +1,7 @@
 //! Liveness and readiness.
 
-use axum::extract::State;
 use axum::Json;
+use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -17,9 +17,13 @@ pub async fn live() -> Json<Value> {
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&state.db).await?;
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&state.db)
+            .await?;
     if applied.unwrap_or(0) < expected {
-        return Err(ApiError::Unavailable(format!("migrations pending: at {applied:?}, need {expected}")));
+        return Err(ApiError::Unavailable(format!(
+            "migrations pending: at {applied:?}, need {expected}"
+        )));
     }
     Ok(Json(json!({"status": "ok", "migration": expected})))
 }

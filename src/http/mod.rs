@@ -10,11 +10,11 @@ pub mod stock;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::Router;
 use sqlx::PgPool;
 
 use crate::config::ServerArgs;
@@ -35,8 +35,14 @@ pub fn app(state: AppState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/warehouses", get(catalogue::list_warehouses))
-        .route("/v1/warehouses/{code}", put(catalogue::put_warehouse).get(catalogue::get_warehouse))
-        .route("/v1/skus/{sku}", put(catalogue::put_sku).get(catalogue::get_sku))
+        .route(
+            "/v1/warehouses/{code}",
+            put(catalogue::put_warehouse).get(catalogue::get_warehouse),
+        )
+        .route(
+            "/v1/skus/{sku}",
+            put(catalogue::put_sku).get(catalogue::get_sku),
+        )
         .route("/v1/stock", get(stock::list))
         .route("/v1/stock/receive", post(stock::receive))
         .route("/v1/stock/adjust", post(stock::adjust))
@@ -49,7 +55,9 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            with_timeout(timeout, req, next)
+        }))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
@@ -67,7 +75,9 @@ async fn method_not_allowed() -> ApiError {
 async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response(),
+        Err(_) => {
+            ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response()
+        }
     }
 }
 
@@ -76,6 +86,9 @@ pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiEr
     match requested {
         None => Ok(100.min(state.config.max_page_size)),
         Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::field("limit", format!("must be between 1 and {}", state.config.max_page_size))),
+        Some(_) => Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {}", state.config.max_page_size),
+        )),
     }
 }

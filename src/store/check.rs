@@ -16,7 +16,11 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}: {}: {}", self.sku, self.warehouse, self.rule, self.detail)
+        write!(
+            f,
+            "{}/{}: {}: {}",
+            self.sku, self.warehouse, self.rule, self.detail
+        )
     }
 }
 

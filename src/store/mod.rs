@@ -8,4 +8,3 @@ pub mod catalogue;
 pub mod check;
 pub mod ledger;
 pub mod stock;
-

@@ -39,11 +39,17 @@ async fn concurrent_transfers_and_adjustments_conserve_units() {
     let results = join_all(requests).await;
     let mut expected_total = 200;
     for (status, body, delta) in &results {
-        assert!(status == &StatusCode::OK || status == &StatusCode::CONFLICT, "{status} {body}");
+        assert!(
+            status == &StatusCode::OK || status == &StatusCode::CONFLICT,
+            "{status} {body}"
+        );
         expected_total += delta;
     }
     let (east, west) = (app.level("A", "EAST").await, app.level("A", "WEST").await);
     assert_eq!(east.0 + west.0, expected_total, "units are conserved");
-    assert!(results.iter().filter(|r| r.0 == StatusCode::OK).count() > 50, "most operations succeed");
+    assert!(
+        results.iter().filter(|r| r.0 == StatusCode::OK).count() > 50,
+        "most operations succeed"
+    );
     app.assert_invariants().await;
 }

@@ -7,7 +7,11 @@ use serde_json::json;
 use crate::helpers::{TestApp, assert_problem};
 
 async fn app() -> TestApp {
-    let app = TestApp::spawn_with(ServerArgs { body_limit: 4096, ..ServerArgs::default() }).await;
+    let app = TestApp::spawn_with(ServerArgs {
+        body_limit: 4096,
+        ..ServerArgs::default()
+    })
+    .await;
     app.warehouse("WH1", 1).await;
     app.sku("A").await;
     app
@@ -20,7 +24,12 @@ fn post(app: &TestApp, path: &str) -> reqwest::RequestBuilder {
 #[tokio::test]
 async fn a_body_that_is_not_json_is_400() {
     let app = app().await;
-    let res = post(&app, "/v1/stock/receive").header("content-type", "application/json").body("{\"sku\": ").send().await.unwrap();
+    let res = post(&app, "/v1/stock/receive")
+        .header("content-type", "application/json")
+        .body("{\"sku\": ")
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -28,8 +37,17 @@ async fn a_body_that_is_not_json_is_400() {
 #[tokio::test]
 async fn wrong_types_are_400() {
     let app = app().await;
-    for body in [json!({"sku": "A", "warehouse": "WH1", "quantity": "3"}), json!({"sku": 1}), json!([1, 2]), json!({"quantity": 1.5})] {
-        let res = post(&app, "/v1/stock/receive").json(&body).send().await.unwrap();
+    for body in [
+        json!({"sku": "A", "warehouse": "WH1", "quantity": "3"}),
+        json!({"sku": 1}),
+        json!([1, 2]),
+        json!({"quantity": 1.5}),
+    ] {
+        let res = post(&app, "/v1/stock/receive")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     }
     assert_eq!(app.ledger_count().await, 0);
@@ -39,11 +57,24 @@ async fn wrong_types_are_400() {
 async fn invalid_values_are_422_with_every_field() {
     let app = app().await;
     let body = json!({"sku": "bad sku", "warehouse": "WH1", "delta": 0, "reason": "theft"});
-    let res = post(&app, "/v1/stock/adjust").json(&body).send().await.unwrap();
+    let res = post(&app, "/v1/stock/adjust")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let problem = assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-    let fields: Vec<&str> = problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["sku", "delta", "reason"]);
-    let res = post(&app, "/v1/stock/receive").json(&json!({"sku": "A", "warehouse": "WH1", "quantity": 1_000_000_001})).send().await.unwrap();
+    let res = post(&app, "/v1/stock/receive")
+        .json(&json!({"sku": "A", "warehouse": "WH1", "quantity": 1_000_000_001}))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -51,24 +82,42 @@ async fn invalid_values_are_422_with_every_field() {
 #[tokio::test]
 async fn unknown_things_are_404() {
     let app = app().await;
-    let res = post(&app, "/v1/stock/receive").json(&json!({"sku": "NOPE", "warehouse": "WH1", "quantity": 1})).send().await.unwrap();
+    let res = post(&app, "/v1/stock/receive")
+        .json(&json!({"sku": "NOPE", "warehouse": "WH1", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
-    let res = app.client.get(app.url("/v1/no/such/route")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/v1/no/such/route"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
 }
 
 #[tokio::test]
 async fn conflicts_are_409() {
     let app = app().await;
-    let res = post(&app, "/v1/stock/adjust").json(&json!({"sku": "A", "warehouse": "WH1", "delta": -1, "reason": "loss"})).send().await.unwrap();
+    let res = post(&app, "/v1/stock/adjust")
+        .json(&json!({"sku": "A", "warehouse": "WH1", "delta": -1, "reason": "loss"}))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::CONFLICT, "insufficient_stock").await;
 }
 
 #[tokio::test]
 async fn an_oversized_body_is_413() {
     let app = app().await;
-    let body = json!({"sku": "A", "warehouse": "WH1", "quantity": 1, "reference": "x".repeat(10_000)});
-    let res = post(&app, "/v1/stock/receive").json(&body).send().await.unwrap();
+    let body =
+        json!({"sku": "A", "warehouse": "WH1", "quantity": 1, "reference": "x".repeat(10_000)});
+    let res = post(&app, "/v1/stock/receive")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -77,12 +126,21 @@ async fn an_oversized_body_is_413() {
 async fn a_body_that_is_not_declared_json_is_415() {
     let app = app().await;
     let body = r#"{"sku": "A", "warehouse": "WH1", "quantity": 1}"#;
-    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
         let mut req = post(&app, "/v1/stock/receive").body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        assert_problem(req.send().await.unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+        assert_problem(
+            req.send().await.unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
     }
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -90,28 +148,55 @@ async fn a_body_that_is_not_declared_json_is_415() {
 #[tokio::test]
 async fn bad_query_values_are_400() {
     let app = app().await;
-    for path in ["/v1/stock?below_reorder_point=maybe", "/v1/stock?cursor=zz", "/v1/ledger?after=not-a-uuid", "/v1/availability?color=red"] {
+    for path in [
+        "/v1/stock?below_reorder_point=maybe",
+        "/v1/stock?cursor=zz",
+        "/v1/ledger?after=not-a-uuid",
+        "/v1/availability?color=red",
+    ] {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     }
-    let res = app.client.get(app.url("/v1/ledger?limit=0")).send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/v1/ledger?limit=0"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 }
 
 #[tokio::test]
 async fn a_wrong_method_is_a_problem_too() {
     let app = app().await;
-    let res = app.client.delete(app.url("/v1/stock/receive")).send().await.unwrap();
+    let res = app
+        .client
+        .delete(app.url("/v1/stock/receive"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
 
 #[tokio::test]
 async fn a_database_that_is_down_is_503_and_readiness_fails() {
     let app = TestApp::spawn_with_dead_database().await;
-    let res = post(&app, "/v1/stock/receive").json(&json!({"sku": "A", "warehouse": "WH1", "quantity": 1})).send().await.unwrap();
+    let res = post(&app, "/v1/stock/receive")
+        .json(&json!({"sku": "A", "warehouse": "WH1", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
     let problem = assert_problem(res, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
-    assert!(!problem.to_string().contains("127.0.0.1"), "no connection details leak: {problem}");
-    let res = app.client.get(app.url("/health/ready")).send().await.unwrap();
+    assert!(
+        !problem.to_string().contains("127.0.0.1"),
+        "no connection details leak: {problem}"
+    );
+    let res = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(res, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
     let (status, _) = app.get("/health/live").await;
     assert_eq!(status, StatusCode::OK);
@@ -120,7 +205,13 @@ async fn a_database_that_is_down_is_503_and_readiness_fails() {
 #[tokio::test]
 async fn the_request_id_is_echoed_and_put_in_problems() {
     let app = app().await;
-    let res = app.client.get(app.url("/v1/skus/NOPE")).header("x-request-id", "trace-me-42").send().await.unwrap();
+    let res = app
+        .client
+        .get(app.url("/v1/skus/NOPE"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.headers()["x-request-id"], "trace-me-42");
     let problem = assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(problem["request_id"], "trace-me-42");
