@@ -1,5 +1,6 @@
 //! Validated domain types and pure rules. Nothing in here does I/O.
 
+pub mod allocation;
 mod codes;
 mod quantity;
 
