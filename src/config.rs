@@ -51,48 +51,23 @@ pub struct DatabaseArgs {
     pub database_url: Option<String>,
 
     /// Directory of the self-started PostgreSQL cluster, used when no DATABASE_URL is given.
-    #[arg(
-        long,
-        env = "INVENTORY_DATA_DIR",
-        default_value = ".inventory",
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_DATA_DIR", default_value = ".inventory", global = true)]
     pub data_dir: PathBuf,
 
     /// Maximum number of pooled database connections.
-    #[arg(
-        long,
-        env = "INVENTORY_DB_POOL_SIZE",
-        default_value_t = 16,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_DB_POOL_SIZE", default_value_t = 16, global = true)]
     pub db_pool_size: u32,
 
     /// Seconds to wait for a pooled connection before answering 503.
-    #[arg(
-        long,
-        env = "INVENTORY_DB_ACQUIRE_TIMEOUT",
-        default_value_t = 5,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_DB_ACQUIRE_TIMEOUT", default_value_t = 5, global = true)]
     pub db_acquire_timeout_secs: u64,
 
     /// Milliseconds a statement waits for a row lock before giving up (PostgreSQL lock_timeout).
-    #[arg(
-        long,
-        env = "INVENTORY_DB_LOCK_TIMEOUT_MS",
-        default_value_t = 2_000,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_DB_LOCK_TIMEOUT_MS", default_value_t = 2_000, global = true)]
     pub db_lock_timeout_ms: u64,
 
     /// Milliseconds a single statement may run (PostgreSQL statement_timeout).
-    #[arg(
-        long,
-        env = "INVENTORY_DB_STATEMENT_TIMEOUT_MS",
-        default_value_t = 30_000,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000, global = true)]
     pub db_statement_timeout_ms: u64,
 }
 
@@ -100,10 +75,7 @@ impl std::fmt::Debug for DatabaseArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: never print it.
         f.debug_struct("DatabaseArgs")
-            .field(
-                "database_url",
-                &self.database_url.as_ref().map(|_| "<redacted>"),
-            )
+            .field("database_url", &self.database_url.as_ref().map(|_| "<redacted>"))
             .field("data_dir", &self.data_dir)
             .field("db_pool_size", &self.db_pool_size)
             .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
@@ -123,12 +95,7 @@ impl DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "INVENTORY_LISTEN",
-        default_value = "127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080", global = true)]
     pub listen: SocketAddr,
 
     /// Largest accepted request body, in bytes.
@@ -136,22 +103,28 @@ pub struct ServerArgs {
     pub body_limit: usize,
 
     /// Seconds a request may take before it is answered 503 (also bounds graceful shutdown).
-    #[arg(
-        long,
-        env = "INVENTORY_REQUEST_TIMEOUT",
-        default_value_t = 30,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT", default_value_t = 30, global = true)]
     pub request_timeout_secs: u64,
 
     /// Largest page a listing endpoint returns.
-    #[arg(
-        long,
-        env = "INVENTORY_MAX_PAGE_SIZE",
-        default_value_t = 1000,
-        global = true
-    )]
+    #[arg(long, env = "INVENTORY_MAX_PAGE_SIZE", default_value_t = 1000, global = true)]
     pub max_page_size: i64,
+
+    /// Most lines one reservation may have.
+    #[arg(long, env = "INVENTORY_MAX_RESERVATION_LINES", default_value_t = 100, global = true)]
+    pub max_reservation_lines: usize,
+
+    /// Milliseconds between sweeps of the expiry task.
+    #[arg(long, env = "INVENTORY_EXPIRY_INTERVAL_MS", default_value_t = 1000, global = true)]
+    pub expiry_interval_ms: u64,
+
+    /// Reservations expired per transaction by the expiry task.
+    #[arg(long, env = "INVENTORY_EXPIRY_BATCH_SIZE", default_value_t = 100, global = true)]
+    pub expiry_batch_size: i64,
+
+    /// Seconds an Idempotency-Key is kept (at least 24 hours by contract).
+    #[arg(long, env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
+    pub idempotency_retention_secs: i64,
 }
 
 impl ServerArgs {
@@ -167,6 +140,10 @@ impl Default for ServerArgs {
             body_limit: 1024 * 1024,
             request_timeout_secs: 30,
             max_page_size: 1000,
+            max_reservation_lines: 100,
+            expiry_interval_ms: 1000,
+            expiry_batch_size: 100,
+            idempotency_retention_secs: 86_400,
         }
     }
 }
@@ -179,15 +156,8 @@ mod tests {
     fn serve_is_the_default_and_flags_work_after_the_subcommand() {
         let cli = Cli::try_parse_from(["inventory"]).unwrap();
         assert!(cli.command.is_none());
-        let cli = Cli::try_parse_from([
-            "inventory",
-            "serve",
-            "--listen",
-            "127.0.0.1:9999",
-            "--data-dir",
-            "/tmp/x",
-        ])
-        .unwrap();
+        let cli =
+            Cli::try_parse_from(["inventory", "serve", "--listen", "127.0.0.1:9999", "--data-dir", "/tmp/x"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Serve)));
         assert_eq!(cli.server.listen.port(), 9999);
         assert_eq!(cli.database.data_dir, PathBuf::from("/tmp/x"));
@@ -195,8 +165,7 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_database_url() {
-        let cli = Cli::try_parse_from(["inventory", "--database-url", "postgres://u:hunter2@h/db"])
-            .unwrap();
+        let cli = Cli::try_parse_from(["inventory", "--database-url", "postgres://u:hunter2@h/db"]).unwrap();
         assert!(!format!("{cli:?}").contains("hunter2"));
     }
 }

@@ -41,20 +41,12 @@ impl Database {
     /// (and created) when needed, with an `inventory` database in it.
     pub async fn locate(args: &DatabaseArgs) -> Result<Self, SetupError> {
         if let Some(url) = &args.database_url {
-            return Ok(Self {
-                url: url.clone(),
-                local: None,
-            });
+            return Ok(Self { url: url.clone(), local: None });
         }
         let dir = args.data_dir.clone();
-        let local =
-            tokio::task::spawn_blocking(move || LocalPostgres::start(&dir, Durability::Durable))
-                .await??;
+        let local = tokio::task::spawn_blocking(move || LocalPostgres::start(&dir, Durability::Durable)).await??;
         ensure_database(&local.url("postgres"), "inventory").await?;
-        Ok(Self {
-            url: local.url("inventory"),
-            local: Some(local),
-        })
+        Ok(Self { url: local.url("inventory"), local: Some(local) })
     }
 
     /// Stops the local cluster, if this process runs one.
@@ -71,24 +63,16 @@ impl Database {
 
 /// Creates `name` on the server behind `admin_url` unless it exists.
 pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(admin_url)
+    let pool = PgPoolOptions::new().max_connections(1).connect(admin_url).await.map_err(SetupError::Connect)?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&pool)
         .await
         .map_err(SetupError::Connect)?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&pool)
-            .await
-            .map_err(SetupError::Connect)?;
     if !exists {
         // Identifiers cannot be bound as parameters; `name` is ours, never user input.
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .map_err(SetupError::Connect)?;
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.map_err(SetupError::Connect)?;
     }
     pool.close().await;
     Ok(())
@@ -102,10 +86,7 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
     let options = PgConnectOptions::from_str(url)
         .map_err(SetupError::Connect)?
         .application_name("inventory")
-        .options([
-            ("lock_timeout", lock_timeout.as_str()),
-            ("statement_timeout", statement_timeout.as_str()),
-        ]);
+        .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]);
     PgPoolOptions::new()
         .max_connections(args.db_pool_size.max(1))
         .min_connections(0)

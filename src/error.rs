@@ -28,19 +28,12 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{detail}")]
-    InsufficientStock {
-        detail: String,
-        lines: Vec<ShortLine>,
-    },
+    InsufficientStock { detail: String, lines: Vec<ShortLine> },
     #[error("on_hand is {current_on_hand}, not the expected value")]
     StaleQuantity { current_on_hand: i64 },
     /// Any other conflict with current state, with its stable code and extra members.
     #[error("{detail}")]
-    Conflict {
-        code: &'static str,
-        detail: String,
-        extra: Map<String, Value>,
-    },
+    Conflict { code: &'static str, detail: String, extra: Map<String, Value> },
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the request body must be JSON (Content-Type: application/json)")]
@@ -69,11 +62,7 @@ impl ApiError {
     }
 
     pub fn conflict(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::Conflict {
-            code,
-            detail: detail.into(),
-            extra: Map::new(),
-        }
+        Self::Conflict { code, detail: detail.into(), extra: Map::new() }
     }
 
     /// Adds an extension member to a `Conflict`; other variants are returned unchanged.
@@ -98,8 +87,7 @@ impl ApiError {
 
     /// Serialization failures and deadlocks: the transaction can be run again as a whole.
     pub fn is_retryable(&self) -> bool {
-        self.sqlstate()
-            .is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_str()))
+        self.sqlstate().is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_str()))
     }
 
     pub fn status(&self) -> StatusCode {
@@ -107,9 +95,7 @@ impl ApiError {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::InsufficientStock { .. } | Self::StaleQuantity { .. } | Self::Conflict { .. } => {
-                StatusCode::CONFLICT
-            }
+            Self::InsufficientStock { .. } | Self::StaleQuantity { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -144,21 +130,14 @@ impl ApiError {
     fn public_detail(&self) -> String {
         match self {
             Self::Database(err) => match database_class(err) {
-                DbClass::Unavailable => {
-                    "the database is unavailable; the request changed nothing".into()
-                }
+                DbClass::Unavailable => "the database is unavailable; the request changed nothing".into(),
                 DbClass::Busy => {
-                    "the stock row is busy (lock or statement timeout); the request changed nothing"
-                        .into()
+                    "the stock row is busy (lock or statement timeout); the request changed nothing".into()
                 }
-                DbClass::Internal => {
-                    "an unexpected error occurred; the request changed nothing".into()
-                }
+                DbClass::Internal => "an unexpected error occurred; the request changed nothing".into(),
             },
             Self::Internal(_) => "an unexpected error occurred; the request changed nothing".into(),
-            Self::Unavailable(_) => {
-                "the service is unavailable; the request changed nothing".into()
-            }
+            Self::Unavailable(_) => "the service is unavailable; the request changed nothing".into(),
             Self::Validation(errors) => format!("{} field(s) are invalid", errors.len()),
             other => other.to_string(),
         }
@@ -188,17 +167,8 @@ impl ApiError {
         let status = self.status();
         let code = self.code();
         let mut body = Map::new();
-        body.insert(
-            "type".into(),
-            json!(format!(
-                "https://inventory.example/problems/{}",
-                code.replace('_', "-")
-            )),
-        );
-        body.insert(
-            "title".into(),
-            json!(status.canonical_reason().unwrap_or("Error")),
-        );
+        body.insert("type".into(), json!(format!("https://inventory.example/problems/{}", code.replace('_', "-"))));
+        body.insert("title".into(), json!(status.canonical_reason().unwrap_or("Error")));
         body.insert("status".into(), json!(status.as_u16()));
         body.insert("detail".into(), json!(self.public_detail()));
         body.insert("code".into(), json!(code));
@@ -266,10 +236,7 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::to_vec(&self.to_problem()).unwrap_or_default();
         let mut response = (status, body).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         response
     }
 }
@@ -288,11 +255,7 @@ mod tests {
     fn every_problem_has_the_rfc9457_members_and_a_code() {
         let err = ApiError::InsufficientStock {
             detail: "short".into(),
-            lines: vec![ShortLine {
-                sku: "A".into(),
-                requested: 3,
-                available: 1,
-            }],
+            lines: vec![ShortLine { sku: "A".into(), requested: 3, available: 1 }],
         };
         let body = err.to_problem();
         assert_eq!(body["status"], 409);
@@ -309,9 +272,6 @@ mod tests {
         assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!err.to_problem().to_string().contains("secret_column"));
         let down = ApiError::Database(sqlx::Error::PoolTimedOut);
-        assert_eq!(
-            (down.status(), down.code()),
-            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        );
+        assert_eq!((down.status(), down.code()), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"));
     }
 }

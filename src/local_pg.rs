@@ -38,10 +38,7 @@ pub enum LocalPgError {
     #[error("{what} failed: {detail}")]
     Command { what: String, detail: String },
     #[error("i/o error on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Tuning for a cluster.
@@ -79,26 +76,11 @@ impl LocalPostgres {
     /// it is already running. Blocking: call it from a blocking thread in async code.
     pub fn start(data_dir: &Path, durability: Durability) -> Result<Self, LocalPgError> {
         let bin_dir = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
-        let run_as = if is_root() {
-            Some(RunAs::detect()?)
-        } else {
-            None
-        };
-        std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io {
-            path: data_dir.into(),
-            source,
-        })?;
-        let data_dir = data_dir.canonicalize().map_err(|source| LocalPgError::Io {
-            path: data_dir.into(),
-            source,
-        })?;
+        let run_as = if is_root() { Some(RunAs::detect()?) } else { None };
+        std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
+        let data_dir = data_dir.canonicalize().map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
         let cluster_dir = data_dir.join("pg");
-        let mut pg = Self {
-            bin_dir,
-            cluster_dir,
-            port: 0,
-            run_as,
-        };
+        let mut pg = Self { bin_dir, cluster_dir, port: 0, run_as };
 
         if !pg.cluster_dir.join("PG_VERSION").exists() {
             pg.init(durability)?;
@@ -127,19 +109,7 @@ impl LocalPostgres {
 
     /// Stops the cluster (fast shutdown: connections are closed, committed data is safe).
     pub fn stop(&self) -> Result<(), LocalPgError> {
-        let out = self.pg_command(
-            "pg_ctl",
-            &[
-                "stop",
-                "-D",
-                &self.dir_arg(),
-                "-m",
-                "fast",
-                "-w",
-                "-t",
-                "60",
-            ],
-        )?;
+        let out = self.pg_command("pg_ctl", &["stop", "-D", &self.dir_arg(), "-m", "fast", "-w", "-t", "60"])?;
         if out.status.success() || self.running_port().is_none() {
             tracing::info!(dir = %self.cluster_dir.display(), "local PostgreSQL stopped");
             Ok(())
@@ -153,10 +123,7 @@ impl LocalPostgres {
         let mut argv = self.prefix();
         argv.push(self.bin_dir.join("pg_ctl").display().to_string());
         argv.extend(["stop", "-D", &self.dir_arg(), "-m", "immediate", "-w"].map(String::from));
-        argv.iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
+        argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
     }
 
     fn dir_arg(&self) -> String {
@@ -164,24 +131,13 @@ impl LocalPostgres {
     }
 
     fn init(&self, durability: Durability) -> Result<(), LocalPgError> {
-        std::fs::create_dir_all(&self.cluster_dir).map_err(|source| LocalPgError::Io {
-            path: self.cluster_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&self.cluster_dir)
+            .map_err(|source| LocalPgError::Io { path: self.cluster_dir.clone(), source })?;
         if self.run_as.is_some() {
             self.hand_over_to_service_user()?;
         }
         let dir = self.dir_arg();
-        let mut args = vec![
-            "-D",
-            &dir,
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ];
+        let mut args = vec!["-D", &dir, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"];
         if durability == Durability::Throwaway {
             args.push("--no-sync");
         }
@@ -198,10 +154,7 @@ impl LocalPostgres {
             .args(["-R", &format!("{SERVICE_USER}:"), &self.dir_arg()])
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| LocalPgError::Io {
-                path: "chown".into(),
-                source,
-            })?;
+            .map_err(|source| LocalPgError::Io { path: "chown".into(), source })?;
         if !out.status.success() {
             return Err(command_error("chown", &out));
         }
@@ -215,9 +168,7 @@ impl LocalPostgres {
 
     /// The port of the postmaster serving this cluster, if one is alive.
     fn running_port(&self) -> Option<u16> {
-        let status = self
-            .pg_command("pg_ctl", &["status", "-D", &self.dir_arg()])
-            .ok()?;
+        let status = self.pg_command("pg_ctl", &["status", "-D", &self.dir_arg()]).ok()?;
         if !status.status.success() {
             return None;
         }
@@ -230,10 +181,7 @@ impl LocalPostgres {
         let mut last_error = None;
         // A free port can be taken by someone else between choosing and binding it: try again.
         for _ in 0..5 {
-            let port = free_port().map_err(|source| LocalPgError::Io {
-                path: "127.0.0.1:0".into(),
-                source,
-            })?;
+            let port = free_port().map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?;
             let mut options = format!(
                 "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300"
             );
@@ -242,12 +190,8 @@ impl LocalPostgres {
             }
             let log = self.cluster_dir.join("server.log").display().to_string();
             let dir = self.dir_arg();
-            let out = self.pg_command(
-                "pg_ctl",
-                &[
-                    "start", "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options,
-                ],
-            )?;
+            let out =
+                self.pg_command("pg_ctl", &["start", "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options])?;
             if out.status.success() {
                 self.port = port;
                 tracing::info!(port, dir = %dir, "local PostgreSQL started");
@@ -261,10 +205,7 @@ impl LocalPostgres {
     fn prefix(&self) -> Vec<String> {
         match &self.run_as {
             None => Vec::new(),
-            Some(RunAs {
-                tool: PrivDrop::Setpriv,
-                home,
-            }) => vec![
+            Some(RunAs { tool: PrivDrop::Setpriv, home }) => vec![
                 "env".into(),
                 format!("HOME={home}"),
                 "setpriv".into(),
@@ -272,10 +213,7 @@ impl LocalPostgres {
                 format!("--regid={SERVICE_USER}"),
                 "--init-groups".into(),
             ],
-            Some(RunAs {
-                tool: PrivDrop::Runuser,
-                home,
-            }) => {
+            Some(RunAs { tool: PrivDrop::Runuser, home }) => {
                 vec![
                     "env".into(),
                     format!("HOME={home}"),
@@ -303,10 +241,7 @@ impl LocalPostgres {
             .current_dir("/")
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| LocalPgError::Io {
-                path: PathBuf::from(&argv[0]),
-                source,
-            })
+            .map_err(|source| LocalPgError::Io { path: PathBuf::from(&argv[0]), source })
     }
 }
 
@@ -326,11 +261,7 @@ impl RunAs {
 
 /// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
 pub fn find_bin_dir() -> Option<PathBuf> {
-    let complete = |dir: &Path| {
-        ["initdb", "pg_ctl", "postgres"]
-            .iter()
-            .all(|b| dir.join(b).is_file())
-    };
+    let complete = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
     if let Some(initdb) = which("initdb") {
         // Resolve symlinks so that pg_ctl and postgres come from the same installation.
         let real = initdb.canonicalize().unwrap_or(initdb);
@@ -338,11 +269,7 @@ pub fn find_bin_dir() -> Option<PathBuf> {
             return Some(dir.to_path_buf());
         }
     }
-    if let Ok(out) = Command::new("pg_config")
-        .arg("--bindir")
-        .stdin(Stdio::null())
-        .output()
-    {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").stdin(Stdio::null()).output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && complete(&dir) {
             return Some(dir);
@@ -364,16 +291,12 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
 fn is_root() -> bool {
     // /proc/self belongs to the effective user of this process.
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 fn passwd_home(user: &str) -> Option<String> {
@@ -393,10 +316,7 @@ fn command_error(what: &str, out: &Output) -> LocalPgError {
     if detail.is_empty() {
         detail = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     }
-    LocalPgError::Command {
-        what: what.to_owned(),
-        detail: format!("{} ({})", detail, out.status),
-    }
+    LocalPgError::Command { what: what.to_owned(), detail: format!("{} ({})", detail, out.status) }
 }
 
 fn shell_quote(arg: &str) -> String {

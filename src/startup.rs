@@ -15,10 +15,7 @@ pub enum RunError {
     #[error(transparent)]
     Setup(#[from] SetupError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server error: {0}")]
     Serve(#[source] std::io::Error),
     #[error("{0} invariant violation(s) found")]
@@ -44,18 +41,9 @@ async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
     MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
     let listener = TcpListener::bind(cli.server.listen)
         .await
-        .map_err(|source| RunError::Bind {
-            addr: cli.server.listen,
-            source,
-        })?;
+        .map_err(|source| RunError::Bind { addr: cli.server.listen, source })?;
     tracing::info!(addr = %listener.local_addr().map_err(RunError::Serve)?, "inventory listening");
-    serve(
-        listener,
-        pool.clone(),
-        cli.server.clone(),
-        shutdown_signal(),
-    )
-    .await?;
+    serve(listener, pool.clone(), cli.server.clone(), shutdown_signal()).await?;
     pool.close().await;
     Ok(())
 }
@@ -98,17 +86,15 @@ pub async fn serve(
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let (stop_tx, _stop_rx) = watch::channel(false);
-    let state = AppState {
-        db: pool,
-        config: Arc::new(server),
-    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = crate::background::spawn(pool.clone(), &server, stop_rx);
+    let state = AppState { db: pool, config: Arc::new(server) };
     let app = http::app(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(RunError::Serve);
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(RunError::Serve);
     let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
     result
 }
 

@@ -88,7 +88,11 @@ pub struct Shortage {
 
 /// Allocates every line or reports every short SKU. Allocations come grouped by SKU in the
 /// order the SKUs first appear in `lines`, each SKU's warehouses in the order they were used.
-pub fn allocate(lines: &[Line], candidates: &[Candidate], strategy: Strategy) -> Result<Vec<Allocation>, Vec<Shortage>> {
+pub fn allocate(
+    lines: &[Line],
+    candidates: &[Candidate],
+    strategy: Strategy,
+) -> Result<Vec<Allocation>, Vec<Shortage>> {
     match strategy {
         Strategy::Priority => allocate_by_priority(lines, candidates),
         Strategy::Single => allocate_single(lines, candidates),
@@ -170,9 +174,11 @@ fn allocate_by_priority(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<
         if short > 0 {
             shortages.push(Shortage { sku: sku.to_owned(), requested, available: requested - short });
         } else {
-            allocations.extend(
-                taken.0.into_iter().map(|(warehouse, quantity)| Allocation { sku: sku.to_owned(), warehouse, quantity }),
-            );
+            allocations.extend(taken.0.into_iter().map(|(warehouse, quantity)| Allocation {
+                sku: sku.to_owned(),
+                warehouse,
+                quantity,
+            }));
         }
     }
     if shortages.is_empty() { Ok(allocations) } else { Err(shortages) }
@@ -235,7 +241,14 @@ mod tests {
     use proptest::strategy::Strategy as Gen;
 
     fn cand(sku: &str, warehouse: &str, priority: i32, available: i64) -> Candidate {
-        Candidate { sku: sku.into(), warehouse: warehouse.into(), priority, active: true, available, backorder_limit: 0 }
+        Candidate {
+            sku: sku.into(),
+            warehouse: warehouse.into(),
+            priority,
+            active: true,
+            available,
+            backorder_limit: 0,
+        }
     }
 
     fn line(sku: &str, quantity: i64) -> Line {
@@ -338,8 +351,8 @@ mod tests {
         let skus = ["A", "B", "C"];
         let raw_cands = proptest::collection::vec((0..3usize, 0..3usize, 0..4i32, -5..20i64, 0..4i64), 0..9);
         // Whether a warehouse is active is a property of the warehouse, shared by its levels.
-        let cands = (raw_cands, proptest::array::uniform3(proptest::bool::weighted(0.8)))
-            .prop_map(move |(raw, active)| {
+        let cands =
+            (raw_cands, proptest::array::uniform3(proptest::bool::weighted(0.8))).prop_map(move |(raw, active)| {
                 let mut seen = std::collections::BTreeSet::new();
                 raw.into_iter()
                     .filter(|(s, w, ..)| seen.insert((*s, *w)))
@@ -357,7 +370,11 @@ mod tests {
         let lines = proptest::collection::vec((0..3usize, 1..12i64, proptest::option::of(0..3usize)), 1..5).prop_map(
             move |raw| {
                 raw.into_iter()
-                    .map(|(s, q, w)| Line { sku: skus[s].into(), quantity: q, warehouse: w.map(|w| warehouses[w].into()) })
+                    .map(|(s, q, w)| Line {
+                        sku: skus[s].into(),
+                        quantity: q,
+                        warehouse: w.map(|w| warehouses[w].into()),
+                    })
                     .collect::<Vec<_>>()
             },
         );

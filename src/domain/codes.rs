@@ -28,9 +28,7 @@ impl Code {
         if bytes.len() > 64 {
             return Err(CodeError::TooLong);
         }
-        let rest_ok = bytes[1..]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        let rest_ok = bytes[1..].iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !first.is_ascii_alphanumeric() || !rest_ok {
             return Err(CodeError::BadCharacters);
         }
@@ -106,11 +104,7 @@ mod tests {
         assert_eq!(Sku::parse(""), Err(CodeError::Empty));
         assert_eq!(Sku::parse("x".repeat(65)), Err(CodeError::TooLong));
         for bad in ["-a", ".a", "_a", "a b", "a/b", "ä", "a\n", "a:b"] {
-            assert_eq!(
-                WarehouseCode::parse(bad),
-                Err(CodeError::BadCharacters),
-                "{bad:?}"
-            );
+            assert_eq!(WarehouseCode::parse(bad), Err(CodeError::BadCharacters), "{bad:?}");
         }
     }
 

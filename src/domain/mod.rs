@@ -16,10 +16,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -36,12 +33,7 @@ impl Validator {
     }
 
     /// Parses a required field: a missing value and a parse failure are both recorded.
-    pub fn required<T, R, E>(
-        &mut self,
-        field: &str,
-        raw: Option<R>,
-        parse: impl FnOnce(R) -> Result<T, E>,
-    ) -> Option<T>
+    pub fn required<T, R, E>(&mut self, field: &str, raw: Option<R>, parse: impl FnOnce(R) -> Result<T, E>) -> Option<T>
     where
         E: std::fmt::Display,
     {
@@ -72,11 +64,7 @@ impl Validator {
     }
 
     /// Records the error of a parse result, if any.
-    pub fn check<T, E: std::fmt::Display>(
-        &mut self,
-        field: &str,
-        result: Result<T, E>,
-    ) -> Option<T> {
+    pub fn check<T, E: std::fmt::Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(err) => {

@@ -19,11 +19,7 @@ pub enum QuantityError {
 
 impl Quantity {
     pub fn parse(raw: i64) -> Result<Self, QuantityError> {
-        if (1..=MAX_QUANTITY).contains(&raw) {
-            Ok(Self(raw))
-        } else {
-            Err(QuantityError::OutOfRange)
-        }
+        if (1..=MAX_QUANTITY).contains(&raw) { Ok(Self(raw)) } else { Err(QuantityError::OutOfRange) }
     }
 
     pub fn get(self) -> i64 {
@@ -104,10 +100,7 @@ mod tests {
     fn quantity_bounds_are_inclusive() {
         assert!(Quantity::parse(0).is_err());
         assert_eq!(Quantity::parse(1).map(Quantity::get), Ok(1));
-        assert_eq!(
-            Quantity::parse(MAX_QUANTITY).map(Quantity::get),
-            Ok(MAX_QUANTITY)
-        );
+        assert_eq!(Quantity::parse(MAX_QUANTITY).map(Quantity::get), Ok(MAX_QUANTITY));
         assert!(Quantity::parse(MAX_QUANTITY + 1).is_err());
         assert!(Quantity::parse(-1).is_err());
     }
@@ -118,10 +111,7 @@ mod tests {
         assert!(Delta::parse(MAX_QUANTITY + 1).is_err());
         assert!(Delta::parse(-MAX_QUANTITY - 1).is_err());
         assert!(Delta::parse(i64::MIN).is_err());
-        assert_eq!(
-            Delta::parse(-MAX_QUANTITY).map(Delta::get),
-            Ok(-MAX_QUANTITY)
-        );
+        assert_eq!(Delta::parse(-MAX_QUANTITY).map(Delta::get), Ok(-MAX_QUANTITY));
     }
 
     #[test]

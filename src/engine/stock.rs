@@ -75,9 +75,7 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
     if let Some(expected) = cmd.expected_on_hand
         && expected != level.on_hand
     {
-        return Err(ApiError::StaleQuantity {
-            current_on_hand: level.on_hand,
-        });
+        return Err(ApiError::StaleQuantity { current_on_hand: level.on_hand });
     }
     let delta = cmd.delta.get();
     let on_hand = level.on_hand + delta;
@@ -89,11 +87,7 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
                 "removing {requested} units from {}/{} would leave on_hand {on_hand}, available {available}",
                 cmd.sku, cmd.warehouse
             ),
-            lines: vec![ShortLine {
-                sku: cmd.sku.to_string(),
-                requested,
-                available: level.available.max(0),
-            }],
+            lines: vec![ShortLine { sku: cmd.sku.to_string(), requested, available: level.available.max(0) }],
         });
     }
     stock::apply(
@@ -121,15 +115,8 @@ pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transfe
     let from_available = find(&cmd.from).map_or(0, |l| l.available);
     if from_available < quantity || find(&cmd.to).is_none() {
         return Err(ApiError::InsufficientStock {
-            detail: format!(
-                "{} has {from_available} units of {} available, {quantity} requested",
-                cmd.from, cmd.sku
-            ),
-            lines: vec![ShortLine {
-                sku: cmd.sku.to_string(),
-                requested: quantity,
-                available: from_available.max(0),
-            }],
+            detail: format!("{} has {from_available} units of {} available, {quantity} requested", cmd.from, cmd.sku),
+            lines: vec![ShortLine { sku: cmd.sku.to_string(), requested: quantity, available: from_available.max(0) }],
         });
     }
     let reference = cmd.reference.as_deref();
@@ -142,31 +129,14 @@ pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transfe
         reference,
         reason: None,
     };
-    let into = Change {
-        warehouse: cmd.to.as_str(),
-        kind: EntryKind::TransferIn,
-        on_hand_delta: quantity,
-        ..out.clone()
-    };
+    let into =
+        Change { warehouse: cmd.to.as_str(), kind: EntryKind::TransferIn, on_hand_delta: quantity, ..out.clone() };
     // Write in lock order too, to keep row access patterns uniform.
-    let (first, second) = if cmd.from < cmd.to {
-        (out, into)
-    } else {
-        (into, out)
-    };
+    let (first, second) = if cmd.from < cmd.to { (out, into) } else { (into, out) };
     let a = stock::apply(conn, &first).await?;
     let b = stock::apply(conn, &second).await?;
-    let (from, to) = if a.warehouse == cmd.from.as_str() {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    Ok(Transferred {
-        sku: cmd.sku.to_string(),
-        quantity,
-        from,
-        to,
-    })
+    let (from, to) = if a.warehouse == cmd.from.as_str() { (a, b) } else { (b, a) };
+    Ok(Transferred { sku: cmd.sku.to_string(), quantity, from, to })
 }
 
 /// Checks a transfer's SKU and warehouses and creates the destination level if needed, in its

@@ -27,11 +27,7 @@ pub fn text(raw: String) -> Result<String, String> {
 }
 
 fn created_or_ok(created: bool) -> StatusCode {
-    if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    }
+    if created { StatusCode::CREATED } else { StatusCode::OK }
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,39 +47,21 @@ pub async fn put_warehouse(
     let code = v.check("code", WarehouseCode::parse(code));
     let name = v.required("name", body.name, |n| {
         let n = text(n)?;
-        if n.trim().is_empty() {
-            Err("must not be empty".to_owned())
-        } else {
-            Ok(n)
-        }
+        if n.trim().is_empty() { Err("must not be empty".to_owned()) } else { Ok(n) }
     });
     let region = v.optional("region", body.region, text);
     let priority = v.optional("priority", body.priority, |p| {
-        i32::try_from(p)
-            .ok()
-            .filter(|p| (0..=1_000_000).contains(p))
-            .ok_or("must be between 0 and 1000000")
+        i32::try_from(p).ok().filter(|p| (0..=1_000_000).contains(p)).ok_or("must be between 0 and 1000000")
     });
     let upsert = v.finish(|| {
-        Some(WarehouseUpsert {
-            code: code?,
-            name: name?,
-            region: region?,
-            priority: priority?,
-            active: body.active,
-        })
+        Some(WarehouseUpsert { code: code?, name: name?, region: region?, priority: priority?, active: body.active })
     })?;
-    let (warehouse, created) = transact(&state.db, &upsert, |tx, upsert| {
-        Box::pin(catalogue::upsert_warehouse(tx, upsert))
-    })
-    .await?;
+    let (warehouse, created) =
+        transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await?;
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
-pub async fn get_warehouse(
-    State(state): State<AppState>,
-    Path(code): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let warehouse = catalogue::get_warehouse(&mut conn, &code).await?;
     Ok(axum::Json(warehouse).into_response())
@@ -110,30 +88,14 @@ pub async fn put_sku(
     let sku = v.check("sku", Sku::parse(sku));
     let name = v.optional("name", body.name, text);
     let backorder_limit = v.optional("backorder_limit", body.backorder_limit, |n| {
-        if (0..=MAX_QUANTITY).contains(&n) {
-            Ok(n)
-        } else {
-            Err(format!("must be between 0 and {MAX_QUANTITY}"))
-        }
+        if (0..=MAX_QUANTITY).contains(&n) { Ok(n) } else { Err(format!("must be between 0 and {MAX_QUANTITY}")) }
     });
-    let upsert = v.finish(|| {
-        Some(SkuUpsert {
-            sku: sku?,
-            name: name?,
-            backorder_limit: backorder_limit?,
-        })
-    })?;
-    let (sku, created) = transact(&state.db, &upsert, |tx, upsert| {
-        Box::pin(catalogue::upsert_sku(tx, upsert))
-    })
-    .await?;
+    let upsert = v.finish(|| Some(SkuUpsert { sku: sku?, name: name?, backorder_limit: backorder_limit? }))?;
+    let (sku, created) = transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await?;
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
-pub async fn get_sku(
-    State(state): State<AppState>,
-    Path(sku): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(ApiError::not_found(format!("sku {sku} does not exist")));
     }

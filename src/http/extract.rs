@@ -10,6 +10,69 @@ use serde::de::DeserializeOwned;
 use super::AppState;
 use crate::error::ApiError;
 
+/// A JSON body kept both typed and raw (the raw value is the request's fingerprint for
+/// idempotency keys). Errors as for [`Json`].
+#[derive(Debug, Clone)]
+pub struct Body<T> {
+    pub value: T,
+    pub raw: serde_json::Value,
+}
+
+/// Like [`Body`], but an empty body is allowed (`value` is `None`, `raw` is `null`).
+#[derive(Debug, Clone)]
+pub struct OptionalBody<T> {
+    pub value: Option<T>,
+    pub raw: serde_json::Value,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let Json(raw) = Json::<serde_json::Value>::from_request(req, state).await?;
+        let value = typed(&raw)?;
+        Ok(Body { value, raw })
+    }
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OptionalBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let OptionalJson(raw) = OptionalJson::<serde_json::Value>::from_request(req, state).await?;
+        match raw {
+            None => Ok(OptionalBody { value: None, raw: serde_json::Value::Null }),
+            Some(raw) => Ok(OptionalBody { value: Some(typed(&raw)?), raw }),
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ApiError> {
+    T::deserialize(raw).map_err(|err| ApiError::Malformed(format!("the body has a field of the wrong type: {err}")))
+}
+
+/// The `Idempotency-Key` header: 1–255 printable ASCII characters, or absent.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b)));
+        match key {
+            Some(key) => Ok(IdempotencyKey(Some(key.to_owned()))),
+            None => Err(ApiError::field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")),
+        }
+    }
+}
+
 /// A JSON body. Wrong content type → 415, too large → 413, not JSON or wrong types → 400.
 #[derive(Debug, Clone)]
 pub struct Json<T>(pub T);
@@ -50,9 +113,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJson<T> {
 async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: state.config.body_limit,
-            }
+            ApiError::PayloadTooLarge { limit: state.config.body_limit }
         } else {
             ApiError::Malformed(format!("cannot read the request body: {rejection}"))
         }
@@ -63,12 +124,7 @@ fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mime = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 

@@ -17,13 +17,9 @@ pub async fn live() -> Json<Value> {
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&state.db)
-            .await?;
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&state.db).await?;
     if applied.unwrap_or(0) < expected {
-        return Err(ApiError::Unavailable(format!(
-            "migrations pending: at {applied:?}, need {expected}"
-        )));
+        return Err(ApiError::Unavailable(format!("migrations pending: at {applied:?}, need {expected}")));
     }
     Ok(Json(json!({"status": "ok", "migration": expected})))
 }

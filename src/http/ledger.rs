@@ -20,18 +20,10 @@ pub struct LedgerQuery {
     limit: Option<i64>,
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    Query(q): Query<LedgerQuery>,
-) -> Result<Response, ApiError> {
+pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
-    let page = EntryPage {
-        sku: q.sku,
-        warehouse: q.warehouse,
-        reference: q.reference,
-        after: q.after.or(q.cursor),
-        limit,
-    };
+    let page =
+        EntryPage { sku: q.sku, warehouse: q.warehouse, reference: q.reference, after: q.after.or(q.cursor), limit };
     let mut conn = state.db.acquire().await?;
     let (items, more) = ledger::page(&mut conn, &page).await?;
     let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();

@@ -4,8 +4,10 @@
 pub mod catalogue;
 pub mod extract;
 pub mod health;
+pub mod idempotency;
 pub mod ledger;
 pub mod request_id;
+pub mod reservations;
 pub mod stock;
 
 use std::sync::Arc;
@@ -35,14 +37,8 @@ pub fn app(state: AppState) -> Router {
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v1/warehouses", get(catalogue::list_warehouses))
-        .route(
-            "/v1/warehouses/{code}",
-            put(catalogue::put_warehouse).get(catalogue::get_warehouse),
-        )
-        .route(
-            "/v1/skus/{sku}",
-            put(catalogue::put_sku).get(catalogue::get_sku),
-        )
+        .route("/v1/warehouses/{code}", put(catalogue::put_warehouse).get(catalogue::get_warehouse))
+        .route("/v1/skus/{sku}", put(catalogue::put_sku).get(catalogue::get_sku))
         .route("/v1/stock", get(stock::list))
         .route("/v1/stock/receive", post(stock::receive))
         .route("/v1/stock/adjust", post(stock::adjust))
@@ -51,13 +47,17 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/stock/{sku}/{warehouse}", put(stock::put_replenishment))
         .route("/v1/availability", get(stock::availability))
         .route("/v1/ledger", get(ledger::list))
+        .route("/v1/reservations", post(reservations::create).get(reservations::list))
+        .route("/v1/reservations/plan", post(reservations::plan))
+        .route("/v1/reservations/{id}", get(reservations::get))
+        .route("/v1/reservations/{id}/fulfil", post(reservations::fulfil))
+        .route("/v1/reservations/{id}/release", post(reservations::release))
+        .route("/v1/reservations/{id}/extend", post(reservations::extend))
         .route_layer(middleware::from_fn(request_id::record_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            with_timeout(timeout, req, next)
-        }))
+        .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
@@ -75,9 +75,7 @@ async fn method_not_allowed() -> ApiError {
 async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => {
-            ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response()
-        }
+        Err(_) => ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response(),
     }
 }
 
@@ -86,9 +84,6 @@ pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiEr
     match requested {
         None => Ok(100.min(state.config.max_page_size)),
         Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::field(
-            "limit",
-            format!("must be between 1 and {}", state.config.max_page_size),
-        )),
+        Some(_) => Err(ApiError::field("limit", format!("must be between 1 and {}", state.config.max_page_size))),
     }
 }

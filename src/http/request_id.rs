@@ -22,24 +22,16 @@ pub fn current() -> Option<String> {
 
 fn usable(value: &HeaderValue) -> Option<String> {
     let s = value.to_str().ok()?;
-    (!s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic()))
-        .then(|| s.to_owned())
+    (!s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
 }
 
 /// Outermost middleware: assigns the id, opens the request span, logs the outcome.
 pub async fn layer(request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(HEADER)
-        .and_then(usable)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = request.method().clone();
-    let span =
-        tracing::info_span!("request", %method, route = tracing::field::Empty, request_id = %id);
+    let span = tracing::info_span!("request", %method, route = tracing::field::Empty, request_id = %id);
     let started = Instant::now();
-    let mut response = REQUEST_ID
-        .scope(id.clone(), next.run(request).instrument(span.clone()))
-        .await;
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
     span.in_scope(|| {
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;

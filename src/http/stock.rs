@@ -10,9 +10,7 @@ use super::catalogue::text;
 use super::extract::{Json, Path, Query};
 use super::{AppState, page_limit};
 use crate::db::transact;
-use crate::domain::{
-    AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode,
-};
+use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
 use crate::engine::stock::{self as ops, Adjust, Receive, Transfer};
 use crate::error::ApiError;
 use crate::store::catalogue;
@@ -29,23 +27,14 @@ pub struct ReceiveBody {
     reference: Option<String>,
 }
 
-pub async fn receive(
-    State(state): State<AppState>,
-    Json(body): Json<ReceiveBody>,
-) -> Result<Response, ApiError> {
+pub async fn receive(State(state): State<AppState>, Json(body): Json<ReceiveBody>) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let warehouse = v.required("warehouse", body.warehouse, WarehouseCode::parse);
     let quantity = v.required("quantity", body.quantity, Quantity::parse);
     let reference = v.optional("reference", body.reference, text);
-    let cmd = v.finish(|| {
-        Some(Receive {
-            sku: sku?,
-            warehouse: warehouse?,
-            quantity: quantity?,
-            reference: reference?,
-        })
-    })?;
+    let cmd =
+        v.finish(|| Some(Receive { sku: sku?, warehouse: warehouse?, quantity: quantity?, reference: reference? }))?;
     let level = transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::receive(tx, cmd))).await?;
     Ok(axum::Json(level).into_response())
 }
@@ -60,23 +49,21 @@ pub struct AdjustBody {
     expected_on_hand: Option<i64>,
 }
 
-pub async fn adjust(
-    State(state): State<AppState>,
-    Json(body): Json<AdjustBody>,
-) -> Result<Response, ApiError> {
+pub async fn adjust(State(state): State<AppState>, Json(body): Json<AdjustBody>) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let warehouse = v.required("warehouse", body.warehouse, WarehouseCode::parse);
     let delta = v.required("delta", body.delta, Delta::parse);
     let reason = v.required("reason", body.reason, |r| AdjustReason::parse(&r));
     let reference = v.optional("reference", body.reference, text);
-    let expected_on_hand = v.optional("expected_on_hand", body.expected_on_hand, |n| {
-        if n >= 0 {
-            Ok(n)
-        } else {
-            Err("must not be negative")
-        }
-    });
+    let expected_on_hand =
+        v.optional(
+            "expected_on_hand",
+            body.expected_on_hand,
+            |n| {
+                if n >= 0 { Ok(n) } else { Err("must not be negative") }
+            },
+        );
     let cmd = v.finish(|| {
         Some(Adjust {
             sku: sku?,
@@ -100,10 +87,7 @@ pub struct TransferBody {
     reference: Option<String>,
 }
 
-pub async fn transfer(
-    State(state): State<AppState>,
-    Json(body): Json<TransferBody>,
-) -> Result<Response, ApiError> {
+pub async fn transfer(State(state): State<AppState>, Json(body): Json<TransferBody>) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let from = v.required("from", body.from, WarehouseCode::parse);
@@ -115,19 +99,9 @@ pub async fn transfer(
     {
         v.fail("to", "must differ from `from`");
     }
-    let cmd = v.finish(|| {
-        Some(Transfer {
-            sku: sku?,
-            from: from?,
-            to: to?,
-            quantity: quantity?,
-            reference: reference?,
-        })
-    })?;
-    transact(&state.db, &cmd, |tx, cmd| {
-        Box::pin(ops::prepare_transfer(tx, cmd))
-    })
-    .await?;
+    let cmd =
+        v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
+    transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::prepare_transfer(tx, cmd))).await?;
     let moved = transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await?;
     Ok(axum::Json(moved).into_response())
 }
@@ -147,33 +121,20 @@ pub async fn put_replenishment(
     let sku = v.check("sku", Sku::parse(sku));
     let warehouse = v.check("warehouse", WarehouseCode::parse(warehouse));
     let in_range = |n: i64| {
-        if (0..=MAX_QUANTITY).contains(&n) {
-            Ok(n)
-        } else {
-            Err(format!("must be between 0 and {MAX_QUANTITY}"))
-        }
+        if (0..=MAX_QUANTITY).contains(&n) { Ok(n) } else { Err(format!("must be between 0 and {MAX_QUANTITY}")) }
     };
     let reorder_point = v.optional("reorder_point", body.reorder_point, in_range);
     let reorder_quantity = v.optional("reorder_quantity", body.reorder_quantity, in_range);
-    let (sku, warehouse, point, quantity) =
-        v.finish(|| Some((sku?, warehouse?, reorder_point?, reorder_quantity?)))?;
+    let (sku, warehouse, point, quantity) = v.finish(|| Some((sku?, warehouse?, reorder_point?, reorder_quantity?)))?;
     let settings = (sku, warehouse, point, quantity);
-    let (level, created) = transact(
-        &state.db,
-        &settings,
-        |tx, (sku, warehouse, point, quantity)| {
-            Box::pin(async move {
-                catalogue::require_sku_and_warehouses(tx, sku, &[warehouse]).await?;
-                stock::set_replenishment(tx, sku, warehouse, *point, *quantity).await
-            })
-        },
-    )
+    let (level, created) = transact(&state.db, &settings, |tx, (sku, warehouse, point, quantity)| {
+        Box::pin(async move {
+            catalogue::require_sku_and_warehouses(tx, sku, &[warehouse]).await?;
+            stock::set_replenishment(tx, sku, warehouse, *point, *quantity).await
+        })
+    })
     .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, axum::Json(level)).into_response())
 }
 
@@ -184,28 +145,18 @@ struct Totals {
     available: i64,
 }
 
-pub async fn get_sku_stock(
-    State(state): State<AppState>,
-    Path(sku): Path<String>,
-) -> Result<Response, ApiError> {
+pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(ApiError::not_found(format!("sku {sku} does not exist")));
     }
     let mut conn = state.db.acquire().await?;
     let record = catalogue::get_sku(&mut conn, &sku).await?;
     let levels = stock::levels_of_sku(&mut conn, &sku).await?;
-    let total = levels.iter().fold(
-        Totals {
-            on_hand: 0,
-            reserved: 0,
-            available: 0,
-        },
-        |t, l| Totals {
-            on_hand: t.on_hand + l.on_hand,
-            reserved: t.reserved + l.reserved,
-            available: t.available + l.available,
-        },
-    );
+    let total = levels.iter().fold(Totals { on_hand: 0, reserved: 0, available: 0 }, |t, l| Totals {
+        on_hand: t.on_hand + l.on_hand,
+        reserved: t.reserved + l.reserved,
+        available: t.available + l.available,
+    });
     Ok(axum::Json(json!({
         "sku": record.sku,
         "backorder_limit": record.backorder_limit,
@@ -224,16 +175,9 @@ pub async fn availability(
     let mut requested = Vec::new();
     for (key, value) in pairs {
         match key.as_str() {
-            "sku" => requested.extend(
-                value
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned),
-            ),
+            "sku" => requested.extend(value.split(',').filter(|s| !s.is_empty()).map(str::to_owned)),
             _ => {
-                return Err(ApiError::Malformed(format!(
-                    "unknown query parameter `{key}`"
-                )));
+                return Err(ApiError::Malformed(format!("unknown query parameter `{key}`")));
             }
         }
     }
@@ -241,10 +185,7 @@ pub async fn availability(
         return Err(ApiError::field("sku", "at least one sku is required"));
     }
     if requested.len() > MAX_AVAILABILITY_SKUS {
-        return Err(ApiError::field(
-            "sku",
-            format!("at most {MAX_AVAILABILITY_SKUS} skus per request"),
-        ));
+        return Err(ApiError::field("sku", format!("at most {MAX_AVAILABILITY_SKUS} skus per request")));
     }
     let mut unique = requested.clone();
     unique.sort_unstable();
@@ -274,37 +215,24 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> Result<Response, ApiError> {
+pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let page = LevelPage {
-        warehouse: q.warehouse,
-        below_reorder_point: q.below_reorder_point.unwrap_or(false),
-        after,
-        limit,
-    };
+    let page =
+        LevelPage { warehouse: q.warehouse, below_reorder_point: q.below_reorder_point.unwrap_or(false), after, limit };
     let mut conn = state.db.acquire().await?;
     let (items, more) = stock::page_levels(&mut conn, &page).await?;
-    let next_cursor = more
-        .then(|| items.last().map(|l| encode_cursor(&l.sku, &l.warehouse)))
-        .flatten();
+    let next_cursor = more.then(|| items.last().map(|l| encode_cursor(&l.sku, &l.warehouse))).flatten();
     Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
 }
 
 /// Cursors are opaque to clients: hex of `sku/warehouse` (`/` cannot occur in either code).
 fn encode_cursor(sku: &str, warehouse: &str) -> String {
-    format!("{sku}/{warehouse}")
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    format!("{sku}/{warehouse}").bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
-    let bad =
-        || ApiError::Malformed("bad cursor: pass back the next_cursor of the previous page".into());
+    let bad = || ApiError::Malformed("bad cursor: pass back the next_cursor of the previous page".into());
     if !cursor.len().is_multiple_of(2) || !cursor.is_ascii() {
         return Err(bad());
     }
@@ -325,10 +253,7 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let c = encode_cursor("SKU-1", "WH.2");
-        assert_eq!(
-            decode_cursor(&c).unwrap(),
-            ("SKU-1".to_owned(), "WH.2".to_owned())
-        );
+        assert_eq!(decode_cursor(&c).unwrap(), ("SKU-1".to_owned(), "WH.2".to_owned()));
         for bad in ["zz", "abc", "ä0", "6162"] {
             assert!(decode_cursor(bad).is_err(), "{bad}");
         }

@@ -45,10 +45,7 @@ pub struct SkuUpsert {
 }
 
 /// Creates or updates a warehouse; the flag tells whether it was created.
-pub async fn upsert_warehouse(
-    conn: &mut PgConnection,
-    w: &WarehouseUpsert,
-) -> Result<(Warehouse, bool), ApiError> {
+pub async fn upsert_warehouse(conn: &mut PgConnection, w: &WarehouseUpsert) -> Result<(Warehouse, bool), ApiError> {
     let row: (Warehouse, bool) = sqlx::query_as::<_, WarehouseWithFlag>(
         "INSERT INTO warehouses AS w (code, name, region, priority, active)
          VALUES ($1, $2, $3, COALESCE($4, 100), COALESCE($5, true))
@@ -85,11 +82,7 @@ impl From<WarehouseWithFlag> for (Warehouse, bool) {
 }
 
 pub async fn list_warehouses(conn: &mut PgConnection) -> Result<Vec<Warehouse>, ApiError> {
-    Ok(
-        sqlx::query_as("SELECT * FROM warehouses ORDER BY priority, code")
-            .fetch_all(conn)
-            .await?,
-    )
+    Ok(sqlx::query_as("SELECT * FROM warehouses ORDER BY priority, code").fetch_all(conn).await?)
 }
 
 pub async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Warehouse, ApiError> {
@@ -103,10 +96,7 @@ pub async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Wareho
 /// Creates or updates a SKU. A new `backorder_limit` is copied onto every stock level of the
 /// SKU in the same transaction (the levels' CHECK constraint enforces it); lowering it below
 /// what is already backordered is a 409.
-pub async fn upsert_sku(
-    conn: &mut PgConnection,
-    s: &SkuUpsert,
-) -> Result<(SkuRecord, bool), ApiError> {
+pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRecord, bool), ApiError> {
     let row: SkuWithFlag = sqlx::query_as(
         "INSERT INTO skus AS s (sku, name, backorder_limit)
          VALUES ($1, $2, COALESCE($3, 0))
@@ -131,26 +121,19 @@ pub async fn upsert_sku(
         .fetch_all(&mut *conn)
         .await?;
         let limit = row.sku.backorder_limit;
-        if let Some((warehouse, available)) =
-            floors.iter().find(|(_, available)| *available < -limit)
-        {
+        if let Some((warehouse, available)) = floors.iter().find(|(_, available)| *available < -limit) {
             return Err(ApiError::conflict(
                 "backorder_limit_in_use",
-                format!(
-                    "{warehouse} already has {} units backordered, more than the new limit {limit}",
-                    -available
-                ),
+                format!("{warehouse} already has {} units backordered, more than the new limit {limit}", -available),
             )
             .with("warehouse", warehouse.as_str())
             .with("available", *available));
         }
-        sqlx::query(
-            "UPDATE stock_levels SET backorder_limit = $2 WHERE sku = $1 AND backorder_limit <> $2",
-        )
-        .bind(s.sku.as_str())
-        .bind(limit)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query("UPDATE stock_levels SET backorder_limit = $2 WHERE sku = $1 AND backorder_limit <> $2")
+            .bind(s.sku.as_str())
+            .bind(limit)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok((row.sku, row.inserted))
 }
@@ -187,9 +170,7 @@ pub async fn require_sku_and_warehouses(
     .await?;
     let limit = limit.ok_or_else(|| ApiError::not_found(format!("sku {sku} does not exist")))?;
     if let Some(missing) = codes.iter().find(|c| !known.iter().any(|k| k == *c)) {
-        return Err(ApiError::not_found(format!(
-            "warehouse {missing} does not exist"
-        )));
+        return Err(ApiError::not_found(format!("warehouse {missing} does not exist")));
     }
     Ok(limit)
 }

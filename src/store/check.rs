@@ -16,11 +16,7 @@ pub struct Violation {
 
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}: {}: {}",
-            self.sku, self.warehouse, self.rule, self.detail
-        )
+        write!(f, "{}/{}: {}: {}", self.sku, self.warehouse, self.rule, self.detail)
     }
 }
 
@@ -51,6 +47,20 @@ pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, ApiEr
          SELECT m.sku, m.warehouse, 'ledger_matches_level', 'ledger entries for a level that does not exist'
            FROM sums m LEFT JOIN stock_levels l USING (sku, warehouse)
           WHERE l.sku IS NULL
+         UNION ALL
+         SELECT l.sku, l.warehouse, 'held_matches_reserved',
+                format('active reservations hold %s, level has reserved %s', coalesce(h.held, 0), l.reserved)
+           FROM stock_levels l
+           LEFT JOIN (SELECT a.sku, a.warehouse, sum(a.quantity - a.fulfilled - a.released) AS held
+                        FROM reservation_allocations a JOIN reservations r ON r.id = a.reservation_id
+                       WHERE r.status = 'active'
+                       GROUP BY a.sku, a.warehouse) h USING (sku, warehouse)
+          WHERE coalesce(h.held, 0) <> l.reserved
+         UNION ALL
+         SELECT a.sku, a.warehouse, 'finished_reservation_holds_nothing',
+                format('reservation %s is %s but holds %s', r.id, r.status, a.quantity - a.fulfilled - a.released)
+           FROM reservation_allocations a JOIN reservations r ON r.id = a.reservation_id
+          WHERE r.status <> 'active' AND a.quantity - a.fulfilled - a.released <> 0
          ORDER BY 1, 2, 3",
     )
     .fetch_all(conn)

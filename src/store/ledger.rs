@@ -32,10 +32,7 @@ pub struct EntryPage {
 }
 
 /// One page of entries, oldest first; the flag tells whether more follow.
-pub async fn page(
-    conn: &mut PgConnection,
-    page: &EntryPage,
-) -> Result<(Vec<Entry>, bool), ApiError> {
+pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<(Vec<Entry>, bool), ApiError> {
     let mut rows: Vec<Entry> = sqlx::query_as(
         "SELECT * FROM ledger
           WHERE ($1::text IS NULL OR sku = $1)

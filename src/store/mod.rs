@@ -7,4 +7,5 @@
 pub mod catalogue;
 pub mod check;
 pub mod ledger;
+pub mod reservations;
 pub mod stock;

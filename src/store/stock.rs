@@ -72,11 +72,7 @@ pub struct Change<'a> {
 }
 
 /// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit.
-pub async fn ensure_level(
-    conn: &mut PgConnection,
-    sku: &Sku,
-    warehouse: &WarehouseCode,
-) -> Result<(), ApiError> {
+pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), ApiError> {
     sqlx::query(
         "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
          SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1
@@ -139,12 +135,7 @@ pub async fn apply(conn: &mut PgConnection, change: &Change<'_>) -> Result<Level
     .bind(change.reason)
     .fetch_optional(conn)
     .await?
-    .ok_or_else(|| {
-        ApiError::Internal(format!(
-            "stock level {}/{} vanished while locked",
-            change.sku, change.warehouse
-        ))
-    })
+    .ok_or_else(|| ApiError::Internal(format!("stock level {}/{} vanished while locked", change.sku, change.warehouse)))
 }
 
 /// Sets the replenishment settings of a level, creating the level when needed.
@@ -185,14 +176,10 @@ struct LevelWithFlag {
 
 /// Every level of one SKU, by warehouse.
 pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, ApiError> {
-    Ok(sqlx::query_as(concat!(
-        "SELECT ",
-        level_columns!(),
-        " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"
-    ))
-    .bind(sku)
-    .fetch_all(conn)
-    .await?)
+    Ok(sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"))
+        .bind(sku)
+        .fetch_all(conn)
+        .await?)
 }
 
 /// One SKU's availability per active warehouse.
@@ -205,10 +192,7 @@ pub struct AvailableRow {
 
 /// Availability of many SKUs in active warehouses: the product-page read path. One statement,
 /// an index range scan per SKU on the primary key.
-pub async fn availability(
-    conn: &mut PgConnection,
-    skus: &[String],
-) -> Result<Vec<AvailableRow>, ApiError> {
+pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, ApiError> {
     Ok(sqlx::query_as(
         "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
            FROM stock_levels l
@@ -231,10 +215,7 @@ pub struct LevelPage {
 }
 
 /// One page of levels; fetches one row more than asked to know whether another page exists.
-pub async fn page_levels(
-    conn: &mut PgConnection,
-    page: &LevelPage,
-) -> Result<(Vec<Level>, bool), ApiError> {
+pub async fn page_levels(conn: &mut PgConnection, page: &LevelPage) -> Result<(Vec<Level>, bool), ApiError> {
     let (after_sku, after_wh) = page.after.clone().unwrap_or_default();
     let mut rows: Vec<Level> = sqlx::query_as(concat!(
         "SELECT ",

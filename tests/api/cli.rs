@@ -14,38 +14,18 @@ async fn check_passes_on_a_consistent_database_and_reports_a_corrupted_row() {
     app.sku("A").await;
     app.receive("A", "W1", 5).await;
 
-    let ok = Command::new(BIN)
-        .args(["check", "--database-url", &app.db_url])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let ok = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
-    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1 WHERE sku = 'A'")
-        .execute(&app.db)
-        .await
-        .unwrap();
-    let bad = Command::new(BIN)
-        .args(["check", "--database-url", &app.db_url])
-        .output()
-        .unwrap();
+    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1 WHERE sku = 'A'").execute(&app.db).await.unwrap();
+    let bad = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&bad.stdout);
-    assert!(
-        stdout.contains("VIOLATION A/W1: ledger_matches_level"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("VIOLATION A/W1: ledger_matches_level"), "{stdout}");
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn wait_ready(url: &str, deadline: Duration) -> bool {
@@ -69,13 +49,7 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
     let listen = format!("127.0.0.1:{port}");
     let start = || {
         Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--data-dir",
-                dir.to_str().unwrap(),
-            ])
+            .args(["serve", "--listen", &listen, "--data-dir", dir.to_str().unwrap()])
             .env_remove("DATABASE_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -87,10 +61,7 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
     let client = reqwest::Client::new();
 
     let mut child = start();
-    assert!(
-        wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await,
-        "service did not become ready"
-    );
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await, "service did not become ready");
     let res = client
         .put(format!("{base}/v1/warehouses/KEEP"))
         .json(&serde_json::json!({"name": "kept"}))
@@ -100,21 +71,11 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
     assert_eq!(res.status(), 201);
     stop(&mut child);
     let pid_file = dir.join("pg/postmaster.pid");
-    assert!(
-        !pid_file.exists(),
-        "the cluster is stopped with the service"
-    );
+    assert!(!pid_file.exists(), "the cluster is stopped with the service");
 
     let mut child = start();
-    assert!(
-        wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await,
-        "second start failed"
-    );
-    let res = client
-        .get(format!("{base}/v1/warehouses/KEEP"))
-        .send()
-        .await
-        .unwrap();
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await, "second start failed");
+    let res = client.get(format!("{base}/v1/warehouses/KEEP")).send().await.unwrap();
     assert_eq!(res.status(), 200, "the second start reuses the data");
     stop(&mut child);
     let _ = std::fs::remove_dir_all(&dir);
@@ -122,10 +83,7 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
 
 /// SIGTERM, then wait for a graceful exit.
 fn stop(child: &mut std::process::Child) {
-    let status = Command::new("kill")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    let status = Command::new("kill").arg(child.id().to_string()).status().unwrap();
     assert!(status.success());
     let started = Instant::now();
     loop {
@@ -133,10 +91,7 @@ fn stop(child: &mut std::process::Child) {
             assert!(status.success(), "graceful shutdown exits 0, got {status}");
             return;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "service did not stop"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "service did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -24,13 +24,17 @@ async fn concurrent_transfers_and_adjustments_conserve_units() {
                 0 => {
                     let delta = if i % 10 == 0 { 3 } else { -2 };
                     let (status, body) = app
-                        .post("/v1/stock/adjust", json!({"sku": "A", "warehouse": from, "delta": delta, "reason": "count"}))
+                        .post(
+                            "/v1/stock/adjust",
+                            json!({"sku": "A", "warehouse": from, "delta": delta, "reason": "count"}),
+                        )
                         .await;
                     (status, body, if status == StatusCode::OK { delta } else { 0 })
                 }
                 _ => {
-                    let (status, body) =
-                        app.post("/v1/stock/transfer", json!({"sku": "A", "from": from, "to": to, "quantity": 1 + i % 7})).await;
+                    let (status, body) = app
+                        .post("/v1/stock/transfer", json!({"sku": "A", "from": from, "to": to, "quantity": 1 + i % 7}))
+                        .await;
                     (status, body, 0)
                 }
             }
@@ -39,17 +43,11 @@ async fn concurrent_transfers_and_adjustments_conserve_units() {
     let results = join_all(requests).await;
     let mut expected_total = 200;
     for (status, body, delta) in &results {
-        assert!(
-            status == &StatusCode::OK || status == &StatusCode::CONFLICT,
-            "{status} {body}"
-        );
+        assert!(status == &StatusCode::OK || status == &StatusCode::CONFLICT, "{status} {body}");
         expected_total += delta;
     }
     let (east, west) = (app.level("A", "EAST").await, app.level("A", "WEST").await);
     assert_eq!(east.0 + west.0, expected_total, "units are conserved");
-    assert!(
-        results.iter().filter(|r| r.0 == StatusCode::OK).count() > 50,
-        "most operations succeed"
-    );
+    assert!(results.iter().filter(|r| r.0 == StatusCode::OK).count() > 50, "most operations succeed");
     app.assert_invariants().await;
 }

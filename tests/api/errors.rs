@@ -7,11 +7,7 @@ use serde_json::json;
 use crate::helpers::{TestApp, assert_problem};
 
 async fn app() -> TestApp {
-    let app = TestApp::spawn_with(ServerArgs {
-        body_limit: 4096,
-        ..ServerArgs::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(ServerArgs { body_limit: 4096, ..ServerArgs::default() }).await;
     app.warehouse("WH1", 1).await;
     app.sku("A").await;
     app
@@ -43,11 +39,7 @@ async fn wrong_types_are_400() {
         json!([1, 2]),
         json!({"quantity": 1.5}),
     ] {
-        let res = post(&app, "/v1/stock/receive")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let res = post(&app, "/v1/stock/receive").json(&body).send().await.unwrap();
         assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     }
     assert_eq!(app.ledger_count().await, 0);
@@ -57,18 +49,10 @@ async fn wrong_types_are_400() {
 async fn invalid_values_are_422_with_every_field() {
     let app = app().await;
     let body = json!({"sku": "bad sku", "warehouse": "WH1", "delta": 0, "reason": "theft"});
-    let res = post(&app, "/v1/stock/adjust")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = post(&app, "/v1/stock/adjust").json(&body).send().await.unwrap();
     let problem = assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
-    let fields: Vec<&str> = problem["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["field"].as_str().unwrap())
-        .collect();
+    let fields: Vec<&str> =
+        problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
     assert_eq!(fields, ["sku", "delta", "reason"]);
     let res = post(&app, "/v1/stock/receive")
         .json(&json!({"sku": "A", "warehouse": "WH1", "quantity": 1_000_000_001}))
@@ -88,12 +72,7 @@ async fn unknown_things_are_404() {
         .await
         .unwrap();
     assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
-    let res = app
-        .client
-        .get(app.url("/v1/no/such/route"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.client.get(app.url("/v1/no/such/route")).send().await.unwrap();
     assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
 }
 
@@ -111,13 +90,8 @@ async fn conflicts_are_409() {
 #[tokio::test]
 async fn an_oversized_body_is_413() {
     let app = app().await;
-    let body =
-        json!({"sku": "A", "warehouse": "WH1", "quantity": 1, "reference": "x".repeat(10_000)});
-    let res = post(&app, "/v1/stock/receive")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let body = json!({"sku": "A", "warehouse": "WH1", "quantity": 1, "reference": "x".repeat(10_000)});
+    let res = post(&app, "/v1/stock/receive").json(&body).send().await.unwrap();
     assert_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -126,21 +100,12 @@ async fn an_oversized_body_is_413() {
 async fn a_body_that_is_not_declared_json_is_415() {
     let app = app().await;
     let body = r#"{"sku": "A", "warehouse": "WH1", "quantity": 1}"#;
-    for content_type in [
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-        None,
-    ] {
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
         let mut req = post(&app, "/v1/stock/receive").body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        assert_problem(
-            req.send().await.unwrap(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-        )
-        .await;
+        assert_problem(req.send().await.unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
     }
     assert_eq!(app.ledger_count().await, 0);
 }
@@ -157,24 +122,14 @@ async fn bad_query_values_are_400() {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     }
-    let res = app
-        .client
-        .get(app.url("/v1/ledger?limit=0"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.client.get(app.url("/v1/ledger?limit=0")).send().await.unwrap();
     assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed").await;
 }
 
 #[tokio::test]
 async fn a_wrong_method_is_a_problem_too() {
     let app = app().await;
-    let res = app
-        .client
-        .delete(app.url("/v1/stock/receive"))
-        .send()
-        .await
-        .unwrap();
+    let res = app.client.delete(app.url("/v1/stock/receive")).send().await.unwrap();
     assert_problem(res, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
 }
 
@@ -187,16 +142,8 @@ async fn a_database_that_is_down_is_503_and_readiness_fails() {
         .await
         .unwrap();
     let problem = assert_problem(res, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
-    assert!(
-        !problem.to_string().contains("127.0.0.1"),
-        "no connection details leak: {problem}"
-    );
-    let res = app
-        .client
-        .get(app.url("/health/ready"))
-        .send()
-        .await
-        .unwrap();
+    assert!(!problem.to_string().contains("127.0.0.1"), "no connection details leak: {problem}");
+    let res = app.client.get(app.url("/health/ready")).send().await.unwrap();
     assert_problem(res, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
     let (status, _) = app.get("/health/live").await;
     assert_eq!(status, StatusCode::OK);
@@ -205,13 +152,7 @@ async fn a_database_that_is_down_is_503_and_readiness_fails() {
 #[tokio::test]
 async fn the_request_id_is_echoed_and_put_in_problems() {
     let app = app().await;
-    let res = app
-        .client
-        .get(app.url("/v1/skus/NOPE"))
-        .header("x-request-id", "trace-me-42")
-        .send()
-        .await
-        .unwrap();
+    let res = app.client.get(app.url("/v1/skus/NOPE")).header("x-request-id", "trace-me-42").send().await.unwrap();
     assert_eq!(res.headers()["x-request-id"], "trace-me-42");
     let problem = assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(problem["request_id"], "trace-me-42");

@@ -27,9 +27,7 @@ static NEXT_DB: AtomicUsize = AtomicUsize::new(0);
 
 /// Replaces the database name in a PostgreSQL URL.
 pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map_or(0, |i| i + 3);
     let base = match base[scheme_end..].find('/') {
         Some(slash) => &base[..scheme_end + slash],
@@ -44,11 +42,7 @@ pub fn with_database(url: &str, name: &str) -> String {
 fn server() -> &'static TestServer {
     // Started on a plain thread with its own runtime: tests each run their own runtime and
     // a runtime cannot be blocked on from inside another.
-    SERVER.get_or_init(|| {
-        std::thread::spawn(start_server)
-            .join()
-            .expect("test database setup panicked")
-    })
+    SERVER.get_or_init(|| std::thread::spawn(start_server).join().expect("test database setup panicked"))
 }
 
 fn start_server() -> TestServer {
@@ -64,39 +58,17 @@ fn start_server() -> TestServer {
         }
     };
     let template = format!("inventory_template_{pid}");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let admin = PgPool::connect(&admin_url)
-            .await
-            .expect("connect to the test server");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {template}"
-        )))
-        .execute(&admin)
-        .await
-        .unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {template}")))
-            .execute(&admin)
-            .await
-            .unwrap();
+        let admin = PgPool::connect(&admin_url).await.expect("connect to the test server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {template}"))).execute(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {template}"))).execute(&admin).await.unwrap();
         admin.close().await;
-        let pool = PgPool::connect(&with_database(&admin_url, &template))
-            .await
-            .unwrap();
-        inventory::db::MIGRATOR
-            .run(&pool)
-            .await
-            .expect("migrations apply to an empty database");
+        let pool = PgPool::connect(&with_database(&admin_url, &template)).await.unwrap();
+        inventory::db::MIGRATOR.run(&pool).await.expect("migrations apply to an empty database");
         pool.close().await;
     });
-    TestServer {
-        admin_url,
-        template,
-        _local: local,
-    }
+    TestServer { admin_url, template, _local: local }
 }
 
 /// The test process cannot run destructors for statics, so a detached watchdog stops the
@@ -132,21 +104,12 @@ pub fn database_args(url: Option<String>) -> DatabaseArgs {
 /// A fresh database copied from the migrated template; returns its URL.
 pub async fn fresh_database() -> String {
     let server = server();
-    let name = format!(
-        "inventory_test_{}_{}",
-        std::process::id(),
-        NEXT_DB.fetch_add(1, Ordering::Relaxed)
-    );
-    let admin = PgPool::connect(&server.admin_url)
-        .await
-        .expect("connect to the test server");
+    let name = format!("inventory_test_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let admin = PgPool::connect(&server.admin_url).await.expect("connect to the test server");
     let sql = format!("CREATE DATABASE {name} TEMPLATE {}", server.template);
     let mut tries = 0;
     // Concurrent copies of one template can collide briefly; try again.
-    while let Err(err) = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-        .execute(&admin)
-        .await
-    {
+    while let Err(err) = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).execute(&admin).await {
         tries += 1;
         assert!(tries < 20, "CREATE DATABASE keeps failing: {err}");
         tokio::time::sleep(Duration::from_millis(50 * tries)).await;
@@ -171,24 +134,16 @@ impl TestApp {
 
     pub async fn spawn_with(server: ServerArgs) -> Self {
         let db_url = fresh_database().await;
-        let db = inventory::db::connect(&db_url, &database_args(None))
-            .await
-            .expect("connect to the test database");
+        let db = inventory::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
         Self::serve(db, db_url, server).await
     }
 
     /// The service with a pool that points at nothing: the database is "down".
     pub async fn spawn_with_dead_database() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-        let db = sqlx::postgres::PgPoolOptions::new()
-            .acquire_timeout(Duration::from_secs(1))
-            .connect_lazy(&db_url)
-            .unwrap();
+        let db =
+            sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)).connect_lazy(&db_url).unwrap();
         Self::serve(db, db_url, ServerArgs::default()).await
     }
 
@@ -198,20 +153,10 @@ impl TestApp {
         let base = format!("http://{}", server.listen);
         let pool = db.clone();
         tokio::spawn(async move {
-            inventory::startup::serve(listener, pool, server, std::future::pending())
-                .await
-                .unwrap();
+            inventory::startup::serve(listener, pool, server, std::future::pending()).await.unwrap();
         });
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()
-            .unwrap();
-        Self {
-            base,
-            db,
-            db_url,
-            client,
-        }
+        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        Self { base, db, db_url, client }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -220,12 +165,7 @@ impl TestApp {
 
     /// Sends a request with an optional JSON body and returns status and parsed body
     /// (`Value::Null` for an empty body).
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let mut req = self.client.request(method, self.url(path));
         if let Some(body) = body {
             req = req.json(&body);
@@ -233,11 +173,7 @@ impl TestApp {
         let res = req.send().await.expect("request reaches the service");
         let status = res.status();
         let bytes = res.bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("a JSON body")
-        };
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("a JSON body") };
         (status, body)
     }
 
@@ -255,66 +191,46 @@ impl TestApp {
 
     /// Creates a warehouse (priority given) and asserts it worked.
     pub async fn warehouse(&self, code: &str, priority: i64) {
-        let (status, body) = self
-            .put(
-                &format!("/v1/warehouses/{code}"),
-                json!({"name": code, "priority": priority}),
-            )
-            .await;
+        let (status, body) =
+            self.put(&format!("/v1/warehouses/{code}"), json!({"name": code, "priority": priority})).await;
         assert!(status.is_success(), "{status} {body}");
     }
 
     pub async fn sku(&self, sku: &str) {
-        let (status, body) = self
-            .put(&format!("/v1/skus/{sku}"), json!({"name": sku}))
-            .await;
+        let (status, body) = self.put(&format!("/v1/skus/{sku}"), json!({"name": sku})).await;
         assert!(status.is_success(), "{status} {body}");
     }
 
     pub async fn receive(&self, sku: &str, warehouse: &str, quantity: i64) -> Value {
-        let (status, body) = self
-            .post(
-                "/v1/stock/receive",
-                json!({"sku": sku, "warehouse": warehouse, "quantity": quantity}),
-            )
-            .await;
+        let (status, body) =
+            self.post("/v1/stock/receive", json!({"sku": sku, "warehouse": warehouse, "quantity": quantity})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
 
     /// `(on_hand, reserved)` of a level straight from the database ((0, 0) when absent).
     pub async fn level(&self, sku: &str, warehouse: &str) -> (i64, i64) {
-        sqlx::query_as(
-            "SELECT on_hand, reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2",
-        )
-        .bind(sku)
-        .bind(warehouse)
-        .fetch_optional(&self.db)
-        .await
-        .unwrap()
-        .unwrap_or((0, 0))
+        sqlx::query_as("SELECT on_hand, reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2")
+            .bind(sku)
+            .bind(warehouse)
+            .fetch_optional(&self.db)
+            .await
+            .unwrap()
+            .unwrap_or((0, 0))
     }
 
     pub async fn ledger_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM ledger")
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
+        sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(&self.db).await.unwrap()
     }
 
     /// The contract's invariants over the whole test database: panics listing every violation.
     pub async fn assert_invariants(&self) {
         let mut conn = self.db.acquire().await.unwrap();
-        let violations = inventory::store::check::violations(&mut conn)
-            .await
-            .unwrap();
+        let violations = inventory::store::check::violations(&mut conn).await.unwrap();
         assert!(
             violations.is_empty(),
             "invariants broken:\n{}",
-            violations
-                .iter()
-                .map(|v| format!("  {v}\n"))
-                .collect::<String>()
+            violations.iter().map(|v| format!("  {v}\n")).collect::<String>()
         );
     }
 }
@@ -322,12 +238,7 @@ impl TestApp {
 /// Asserts a problem+json answer with the given status and code; returns the body.
 pub async fn assert_problem(res: reqwest::Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(res.status(), status);
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     assert_eq!(content_type, "application/problem+json");
     let body: Value = res.json().await.expect("a JSON problem body");
     assert_eq!(body["code"], code, "{body}");

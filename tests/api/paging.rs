@@ -37,15 +37,8 @@ async fn stock_pages_return_every_level_exactly_once() {
     }
     let items = all_pages(&app, "/v1/stock?limit=4", "cursor").await;
     assert_eq!(items.len(), 27);
-    let keys: HashSet<(String, String)> = items
-        .iter()
-        .map(|l| {
-            (
-                l["sku"].as_str().unwrap().into(),
-                l["warehouse"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let keys: HashSet<(String, String)> =
+        items.iter().map(|l| (l["sku"].as_str().unwrap().into(), l["warehouse"].as_str().unwrap().into())).collect();
     assert_eq!(keys.len(), 27);
     // A page size that divides the total exactly still ends without an empty page.
     let (_, body) = app.get("/v1/stock?limit=27").await;
@@ -59,14 +52,10 @@ async fn ledger_pages_return_every_entry_exactly_once_oldest_first() {
     app.sku("A").await;
     app.sku("B").await;
     for i in 1..=12 {
-        app.receive(if i % 3 == 0 { "B" } else { "A" }, "W1", i)
-            .await;
+        app.receive(if i % 3 == 0 { "B" } else { "A" }, "W1", i).await;
     }
     let items = all_pages(&app, "/v1/ledger?limit=5&sku=A", "after").await;
-    let deltas: Vec<i64> = items
-        .iter()
-        .map(|e| e["on_hand_delta"].as_i64().unwrap())
-        .collect();
+    let deltas: Vec<i64> = items.iter().map(|e| e["on_hand_delta"].as_i64().unwrap()).collect();
     assert_eq!(deltas, [1, 2, 4, 5, 7, 8, 10, 11]);
     let all = all_pages(&app, "/v1/ledger?limit=5", "after").await;
     assert_eq!(all.len(), 12);

@@ -16,11 +16,7 @@ async fn receiving_creates_the_level_and_a_ledger_entry() {
     let app = app_with_stock().await;
     let level = app.receive("A", "WH1", 10).await;
     assert_eq!(
-        (
-            level["on_hand"].clone(),
-            level["reserved"].clone(),
-            level["available"].clone()
-        ),
+        (level["on_hand"].clone(), level["reserved"].clone(), level["available"].clone()),
         (json!(10), json!(0), json!(10))
     );
     let level = app.receive("A", "WH1", 5).await;
@@ -30,13 +26,7 @@ async fn receiving_creates_the_level_and_a_ledger_entry() {
     let entries = ledger["items"].as_array().unwrap();
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[1]["kind"], "receive");
-    assert_eq!(
-        (
-            entries[1]["on_hand_delta"].clone(),
-            entries[1]["on_hand_after"].clone()
-        ),
-        (json!(5), json!(15))
-    );
+    assert_eq!((entries[1]["on_hand_delta"].clone(), entries[1]["on_hand_after"].clone()), (json!(5), json!(15)));
     app.assert_invariants().await;
 }
 
@@ -44,12 +34,8 @@ async fn receiving_creates_the_level_and_a_ledger_entry() {
 async fn receiving_into_unknown_sku_or_warehouse_is_404_and_changes_nothing() {
     let app = app_with_stock().await;
     for (sku, warehouse) in [("NOPE", "WH1"), ("A", "NOPE")] {
-        let (status, body) = app
-            .post(
-                "/v1/stock/receive",
-                json!({"sku": sku, "warehouse": warehouse, "quantity": 1}),
-            )
-            .await;
+        let (status, body) =
+            app.post("/v1/stock/receive", json!({"sku": sku, "warehouse": warehouse, "quantity": 1})).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         assert!(body["detail"].as_str().unwrap().contains("NOPE"));
     }
@@ -60,23 +46,20 @@ async fn receiving_into_unknown_sku_or_warehouse_is_404_and_changes_nothing() {
 async fn adjusting_below_zero_is_refused_and_changes_nothing() {
     let app = app_with_stock().await;
     app.receive("A", "WH1", 3).await;
-    let (status, body) = app
-        .post(
-            "/v1/stock/adjust",
-            json!({"sku": "A", "warehouse": "WH1", "delta": -4, "reason": "damage"}),
-        )
-        .await;
+    let (status, body) =
+        app.post("/v1/stock/adjust", json!({"sku": "A", "warehouse": "WH1", "delta": -4, "reason": "damage"})).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "insufficient_stock");
-    assert_eq!(
-        body["lines"][0],
-        json!({"sku": "A", "requested": 4, "available": 3})
-    );
+    assert_eq!(body["lines"][0], json!({"sku": "A", "requested": 4, "available": 3}));
     assert_eq!(app.level("A", "WH1").await, (3, 0));
     assert_eq!(app.ledger_count().await, 1);
 
-    let (status, body) =
-        app.post("/v1/stock/adjust", json!({"sku": "A", "warehouse": "WH1", "delta": -3, "reason": "damage", "reference": "RMA-1"})).await;
+    let (status, body) = app
+        .post(
+            "/v1/stock/adjust",
+            json!({"sku": "A", "warehouse": "WH1", "delta": -3, "reason": "damage", "reference": "RMA-1"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["on_hand"], 0);
     let (_, ledger) = app.get("/v1/ledger?reference=RMA-1").await;
@@ -105,19 +88,11 @@ async fn compare_and_set_adjust_answers_stale_quantity_with_the_current_value() 
 #[tokio::test]
 async fn adjusting_a_level_that_never_existed_can_add_but_not_remove() {
     let app = app_with_stock().await;
-    let (status, _) = app
-        .post(
-            "/v1/stock/adjust",
-            json!({"sku": "A", "warehouse": "WH2", "delta": -1, "reason": "loss"}),
-        )
-        .await;
+    let (status, _) =
+        app.post("/v1/stock/adjust", json!({"sku": "A", "warehouse": "WH2", "delta": -1, "reason": "loss"})).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, body) = app
-        .post(
-            "/v1/stock/adjust",
-            json!({"sku": "A", "warehouse": "WH2", "delta": 4, "reason": "found"}),
-        )
-        .await;
+    let (status, body) =
+        app.post("/v1/stock/adjust", json!({"sku": "A", "warehouse": "WH2", "delta": 4, "reason": "found"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(app.level("A", "WH2").await, (4, 0));
     app.assert_invariants().await;
@@ -128,47 +103,22 @@ async fn transfers_move_units_atomically_or_not_at_all() {
     let app = app_with_stock().await;
     app.receive("A", "WH1", 10).await;
     let (status, body) = app
-        .post(
-            "/v1/stock/transfer",
-            json!({"sku": "A", "from": "WH1", "to": "WH2", "quantity": 4, "reference": "T-1"}),
-        )
+        .post("/v1/stock/transfer", json!({"sku": "A", "from": "WH1", "to": "WH2", "quantity": 4, "reference": "T-1"}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        (
-            body["from"]["on_hand"].clone(),
-            body["to"]["on_hand"].clone()
-        ),
-        (json!(6), json!(4))
-    );
+    assert_eq!((body["from"]["on_hand"].clone(), body["to"]["on_hand"].clone()), (json!(6), json!(4)));
     let (_, ledger) = app.get("/v1/ledger?reference=T-1").await;
-    let kinds: Vec<&str> = ledger["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["kind"].as_str().unwrap())
-        .collect();
+    let kinds: Vec<&str> = ledger["items"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["transfer_out", "transfer_in"]);
 
-    let (status, body) = app
-        .post(
-            "/v1/stock/transfer",
-            json!({"sku": "A", "from": "WH2", "to": "WH1", "quantity": 5}),
-        )
-        .await;
+    let (status, body) =
+        app.post("/v1/stock/transfer", json!({"sku": "A", "from": "WH2", "to": "WH1", "quantity": 5})).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "insufficient_stock");
-    assert_eq!(
-        (app.level("A", "WH1").await, app.level("A", "WH2").await),
-        ((6, 0), (4, 0))
-    );
+    assert_eq!((app.level("A", "WH1").await, app.level("A", "WH2").await), ((6, 0), (4, 0)));
 
-    let (status, body) = app
-        .post(
-            "/v1/stock/transfer",
-            json!({"sku": "A", "from": "WH1", "to": "WH1", "quantity": 1}),
-        )
-        .await;
+    let (status, body) =
+        app.post("/v1/stock/transfer", json!({"sku": "A", "from": "WH1", "to": "WH1", "quantity": 1})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["errors"][0]["field"], "to");
     app.assert_invariants().await;
@@ -182,19 +132,13 @@ async fn stock_view_sums_the_warehouses() {
     app.receive("A", "WH2", 3).await;
     let (status, body) = app.get("/v1/stock/A").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        body["total"],
-        json!({"on_hand": 10, "reserved": 0, "available": 10})
-    );
+    assert_eq!(body["total"], json!({"on_hand": 10, "reserved": 0, "available": 10}));
     assert_eq!(body["warehouses"].as_array().unwrap().len(), 2);
     assert_eq!(body["warehouses"][0]["warehouse"], "WH1");
 
     let (status, body) = app.get("/v1/stock/EMPTY").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        body["total"],
-        json!({"on_hand": 0, "reserved": 0, "available": 0})
-    );
+    assert_eq!(body["total"], json!({"on_hand": 0, "reserved": 0, "available": 0}));
     assert_eq!(body["warehouses"], json!([]));
 }
 
@@ -205,11 +149,7 @@ async fn availability_answers_in_request_order_and_skips_inactive_warehouses() {
     app.receive("A", "WH1", 7).await;
     app.receive("A", "WH2", 3).await;
     app.receive("B", "WH2", 2).await;
-    app.put(
-        "/v1/warehouses/WH2",
-        json!({"name": "WH2", "active": false}),
-    )
-    .await;
+    app.put("/v1/warehouses/WH2", json!({"name": "WH2", "active": false})).await;
     let (status, body) = app.get("/v1/availability?sku=B&sku=UNKNOWN&sku=A").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -228,17 +168,10 @@ async fn replenishment_settings_drive_the_low_stock_report() {
     app.sku("B").await;
     app.receive("A", "WH1", 5).await;
     app.receive("B", "WH1", 50).await;
-    let (status, body) = app
-        .put(
-            "/v1/stock/A/WH1",
-            json!({"reorder_point": 5, "reorder_quantity": 20}),
-        )
-        .await;
+    let (status, body) = app.put("/v1/stock/A/WH1", json!({"reorder_point": 5, "reorder_quantity": 20})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["reorder_point"], 5);
-    let (status, body) = app
-        .put("/v1/stock/B/WH2", json!({"reorder_point": 1}))
-        .await;
+    let (status, body) = app.put("/v1/stock/B/WH2", json!({"reorder_point": 1})).await;
     assert_eq!(status, StatusCode::CREATED, "a new level: {body}");
 
     let (status, body) = app.get("/v1/stock?below_reorder_point=true").await;
@@ -247,30 +180,15 @@ async fn replenishment_settings_drive_the_low_stock_report() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| {
-            (
-                l["sku"].as_str().unwrap().to_owned(),
-                l["warehouse"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|l| (l["sku"].as_str().unwrap().to_owned(), l["warehouse"].as_str().unwrap().to_owned()))
         .collect();
-    assert_eq!(
-        low,
-        [
-            ("A".to_owned(), "WH1".to_owned()),
-            ("B".to_owned(), "WH2".to_owned())
-        ]
-    );
+    assert_eq!(low, [("A".to_owned(), "WH1".to_owned()), ("B".to_owned(), "WH2".to_owned())]);
     let (_, body) = app.get("/v1/stock?warehouse=WH1").await;
     assert_eq!(body["items"].as_array().unwrap().len(), 2);
 
-    let (status, _) = app
-        .put("/v1/stock/A/NOPE", json!({"reorder_point": 1}))
-        .await;
+    let (status, _) = app.put("/v1/stock/A/NOPE", json!({"reorder_point": 1})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = app
-        .put("/v1/stock/A/WH1", json!({"reorder_point": -1}))
-        .await;
+    let (status, _) = app.put("/v1/stock/A/WH1", json!({"reorder_point": -1})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -284,17 +202,11 @@ async fn lowering_a_backorder_limit_keeps_the_level_floor_in_the_database() {
         .fetch_one(&app.db)
         .await
         .unwrap();
-    assert_eq!(
-        floor, 5,
-        "the level carries the SKU's limit for its CHECK constraint"
-    );
+    assert_eq!(floor, 5, "the level carries the SKU's limit for its CHECK constraint");
     // The database itself refuses a level below its floor, whatever the application does.
     let err = sqlx::query("UPDATE stock_levels SET reserved = reserved + 7 WHERE sku = 'A'")
         .execute(&app.db)
         .await
         .unwrap_err();
-    assert!(
-        err.to_string().contains("stock_available_above_floor"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("stock_available_above_floor"), "{err}");
 }

@@ -1,0 +1,321 @@
+//! The reservation engine: reserve, plan, fulfil, release, extend, expire. Each function is
+//! one transaction body: lock (reservation rows first, then stock levels in (sku, warehouse)
+//! order), decide in Rust, write set-based.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::book::{Book, Refused};
+use crate::domain::allocation::{self, Allocation as Planned, Line, Strategy};
+use crate::error::{ApiError, ShortLine};
+use crate::store::reservations::{self as store, Allocation, Header, Reservation};
+use crate::store::stock::EntryKind;
+
+/// A validated request to hold stock for one order.
+#[derive(Debug, Clone)]
+pub struct NewReservation {
+    pub order_id: String,
+    pub lines: Vec<Line>,
+    pub ttl_seconds: i64,
+    pub strategy: Strategy,
+}
+
+/// A validated `{sku, warehouse, quantity}` of a partial fulfil or release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartLine {
+    pub sku: String,
+    pub warehouse: String,
+    pub quantity: i64,
+}
+
+/// What a plan answers: the allocation the service would make right now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub order_id: String,
+    pub strategy: &'static str,
+    pub lines: Vec<PlanLine>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanLine {
+    pub sku: String,
+    pub quantity: i64,
+    pub allocations: Vec<PlanAllocation>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanAllocation {
+    pub warehouse: String,
+    pub quantity: i64,
+}
+
+fn duplicate(order_id: &str, existing: Uuid) -> ApiError {
+    ApiError::conflict("duplicate_order", format!("order {order_id} already has reservation {existing}"))
+        .with("reservation_id", existing.to_string())
+        .with("order_id", order_id)
+}
+
+fn short(shortages: Vec<allocation::Shortage>) -> ApiError {
+    let detail = shortages
+        .iter()
+        .map(|s| format!("{}: requested {}, available {}", s.sku, s.requested, s.available))
+        .collect::<Vec<_>>()
+        .join("; ");
+    ApiError::InsufficientStock {
+        detail: format!("not enough stock: {detail}"),
+        lines: shortages
+            .into_iter()
+            .map(|s| ShortLine { sku: s.sku, requested: s.requested, available: s.available })
+            .collect(),
+    }
+}
+
+/// 404 for SKUs (and pinned warehouses) that do not exist at all. Only asked when the locked
+/// levels do not already prove existence, so the common path costs no extra round trip.
+async fn require_known(conn: &mut PgConnection, req: &NewReservation, book: &Book) -> Result<(), ApiError> {
+    let mut skus: Vec<&str> = req.lines.iter().map(|l| l.sku.as_str()).filter(|s| !book.has_sku(s)).collect();
+    let mut warehouses: Vec<&str> =
+        req.lines.iter().filter_map(|l| l.warehouse.as_deref().filter(|w| !book.has_level(&l.sku, w))).collect();
+    if skus.is_empty() && warehouses.is_empty() {
+        return Ok(());
+    }
+    skus.sort_unstable();
+    skus.dedup();
+    warehouses.sort_unstable();
+    warehouses.dedup();
+    let (known_skus, known_warehouses): (Vec<String>, Vec<String>) = sqlx::query_as(
+        "SELECT ARRAY(SELECT sku FROM skus WHERE sku = ANY($1)), ARRAY(SELECT code FROM warehouses WHERE code = ANY($2))",
+    )
+    .bind(&skus)
+    .bind(&warehouses)
+    .fetch_one(conn)
+    .await?;
+    if let Some(sku) = skus.iter().find(|s| !known_skus.iter().any(|k| k == *s)) {
+        return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+    }
+    if let Some(w) = warehouses.iter().find(|w| !known_warehouses.iter().any(|k| k == *w)) {
+        return Err(ApiError::not_found(format!("warehouse {w} does not exist")));
+    }
+    Ok(())
+}
+
+/// The SKUs of an order in first-appearance order.
+fn sku_order(lines: &[Line]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for l in lines {
+        if !out.contains(&l.sku.as_str()) {
+            out.push(&l.sku);
+        }
+    }
+    out
+}
+
+/// Holds stock for one order, all or nothing.
+pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation, ApiError> {
+    let id = Uuid::now_v7();
+    let Some(header) = store::insert(conn, id, &req.order_id, req.strategy.as_str(), req.ttl_seconds).await? else {
+        let existing = store::id_of_order(conn, &req.order_id).await?.unwrap_or_default();
+        return Err(duplicate(&req.order_id, existing));
+    };
+    let skus = sku_order(&req.lines);
+    let mut book = Book::lock_skus(conn, &skus).await?;
+    require_known(conn, req, &book).await?;
+    let planned = allocation::allocate(&req.lines, &book.candidates(), req.strategy).map_err(short)?;
+
+    let reference = id.to_string();
+    let mut rows = Vec::with_capacity(planned.len());
+    let mut seq = 0;
+    for (i, p) in planned.iter().enumerate() {
+        seq = if i > 0 && planned[i - 1].sku == p.sku { seq + 1 } else { 0 };
+        book.apply(&p.sku, &p.warehouse, EntryKind::Reserve, 0, p.quantity, Some(&reference))
+            .map_err(|_| ApiError::Internal(format!("allocation exceeded {}/{}", p.sku, p.warehouse)))?;
+        rows.push(Allocation {
+            reservation_id: id,
+            sku: p.sku.clone(),
+            warehouse: p.warehouse.clone(),
+            line_no: skus.iter().position(|s| *s == p.sku).unwrap_or(0) as i32,
+            seq,
+            quantity: p.quantity,
+            fulfilled: 0,
+            released: 0,
+        });
+    }
+    book.flush(conn).await?;
+    store::insert_allocations(conn, &rows).await?;
+    Ok(store::assemble(header, rows))
+}
+
+/// The allocation `reserve` would make right now, holding nothing.
+pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan, ApiError> {
+    if let Some(existing) = store::id_of_order(conn, &req.order_id).await? {
+        return Err(duplicate(&req.order_id, existing));
+    }
+    let skus = sku_order(&req.lines);
+    let book = Book::read_skus(conn, &skus).await?;
+    require_known(conn, req, &book).await?;
+    let planned = allocation::allocate(&req.lines, &book.candidates(), req.strategy).map_err(short)?;
+    let mut lines: Vec<PlanLine> = Vec::new();
+    for Planned { sku, warehouse, quantity } in planned {
+        let allocation = PlanAllocation { warehouse, quantity };
+        match lines.last_mut() {
+            Some(line) if line.sku == sku => {
+                line.quantity += quantity;
+                line.allocations.push(allocation);
+            }
+            _ => lines.push(PlanLine { sku, quantity, allocations: vec![allocation] }),
+        }
+    }
+    Ok(Plan { order_id: req.order_id.clone(), strategy: req.strategy.as_str(), lines })
+}
+
+/// Locks a reservation that must still be active (and not past its deadline).
+async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<Header, ApiError> {
+    let header =
+        store::lock(conn, id).await?.ok_or_else(|| ApiError::not_found(format!("reservation {id} does not exist")))?;
+    // Past its deadline it is expired even if the sweep has not reached it yet: the expiry
+    // wins, so a late fulfil can never take units that are about to be given back.
+    let status = if header.status == "active" && header.overdue { "expired" } else { header.status.as_str() };
+    if status != "active" {
+        return Err(ApiError::conflict("reservation_not_active", format!("reservation {id} is {status}"))
+            .with("status", status)
+            .with("reservation_id", id.to_string()));
+    }
+    Ok(header)
+}
+
+/// Which of fulfil and release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    Fulfil,
+    Release,
+}
+
+/// Fulfils (deducts) or releases (gives back) held units: everything still held when `parts`
+/// is `None`, else the listed quantities.
+pub async fn settle(
+    conn: &mut PgConnection,
+    id: Uuid,
+    kind: Settle,
+    parts: Option<&[PartLine]>,
+) -> Result<Reservation, ApiError> {
+    let mut header = lock_active(conn, id).await?;
+    let mut allocations = store::allocations(conn, &[id]).await?;
+
+    // How much to take from each allocation.
+    let mut amounts: BTreeMap<(String, String), i64> = BTreeMap::new();
+    match parts {
+        None => {
+            for a in allocations.iter().filter(|a| a.held() > 0) {
+                amounts.insert((a.sku.clone(), a.warehouse.clone()), a.held());
+            }
+        }
+        Some(parts) => {
+            for p in parts {
+                *amounts.entry((p.sku.clone(), p.warehouse.clone())).or_default() += p.quantity;
+            }
+        }
+    }
+    for ((sku, warehouse), quantity) in &amounts {
+        let held = allocations.iter().find(|a| &a.sku == sku && &a.warehouse == warehouse).map_or(0, Allocation::held);
+        if *quantity > held {
+            let (code, verb) = match kind {
+                Settle::Fulfil => ("over_fulfilment", "fulfil"),
+                Settle::Release => ("over_release", "release"),
+            };
+            return Err(ApiError::conflict(
+                code,
+                format!("cannot {verb} {quantity} of {sku} at {warehouse}: {held} held"),
+            )
+            .with("sku", sku.as_str())
+            .with("warehouse", warehouse.as_str())
+            .with("requested", *quantity)
+            .with("held", held));
+        }
+    }
+
+    let keys: Vec<(&str, &str)> = amounts.keys().map(|(s, w)| (s.as_str(), w.as_str())).collect();
+    let mut book = Book::lock_levels(conn, &keys).await?;
+    let reference = id.to_string();
+    let mut shortages = Vec::new();
+    for ((sku, warehouse), &quantity) in &amounts {
+        let (entry, on_hand_delta) = match kind {
+            Settle::Fulfil => (EntryKind::Fulfil, -quantity),
+            Settle::Release => (EntryKind::Release, 0),
+        };
+        match book.apply(sku, warehouse, entry, on_hand_delta, -quantity, Some(&reference)) {
+            Ok(()) => {}
+            // A backordered hold: the warehouse lacks the physical units to ship.
+            Err(Refused::Floor { on_hand, .. }) => {
+                shortages.push(ShortLine { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })
+            }
+            Err(Refused::Unknown) => return Err(ApiError::Internal(format!("level {sku}/{warehouse} not locked"))),
+        }
+    }
+    if !shortages.is_empty() {
+        return Err(ApiError::InsufficientStock {
+            detail: "the warehouse lacks the physical units to fulfil a backordered hold".into(),
+            lines: shortages,
+        });
+    }
+
+    for a in allocations.iter_mut() {
+        if let Some(q) = amounts.get(&(a.sku.clone(), a.warehouse.clone())) {
+            match kind {
+                Settle::Fulfil => a.fulfilled += q,
+                Settle::Release => a.released += q,
+            }
+        }
+    }
+    book.flush(conn).await?;
+    let changed: Vec<&Allocation> =
+        allocations.iter().filter(|a| amounts.contains_key(&(a.sku.clone(), a.warehouse.clone()))).collect();
+    store::update_allocations(conn, &changed).await?;
+    let status = store::status_of(&allocations, false);
+    if status != header.status {
+        store::set_statuses(conn, &[id], &[status]).await?;
+        header.status = status.to_owned();
+    }
+    Ok(store::assemble(header, allocations))
+}
+
+/// Moves the deadline of an active reservation to now + ttl.
+pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation, ApiError> {
+    let mut header = lock_active(conn, id).await?;
+    header.expires_at = store::extend(conn, id, ttl_seconds).await?;
+    let allocations = store::allocations(conn, &[id]).await?;
+    Ok(store::assemble(header, allocations))
+}
+
+/// Releases up to `batch` overdue reservations in one transaction; returns how many.
+pub async fn expire_due(conn: &mut PgConnection, batch: i64) -> Result<usize, ApiError> {
+    let due = store::lock_overdue(conn, batch).await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = due.iter().map(|h| h.id).collect();
+    let mut allocations = store::allocations(conn, &ids).await?;
+    let keys: Vec<(&str, &str)> =
+        allocations.iter().filter(|a| a.held() > 0).map(|a| (a.sku.as_str(), a.warehouse.as_str())).collect();
+    let mut book = Book::lock_levels(conn, &keys).await?;
+    for a in allocations.iter_mut().filter(|a| a.held() > 0) {
+        let held = a.held();
+        book.apply(&a.sku, &a.warehouse, EntryKind::Expire, 0, -held, Some(&a.reservation_id.to_string()))
+            .map_err(|_| ApiError::Internal(format!("cannot expire {}/{}", a.sku, a.warehouse)))?;
+        a.released += held;
+    }
+    book.flush(conn).await?;
+    let all: Vec<&Allocation> = allocations.iter().collect();
+    store::update_allocations(conn, &all).await?;
+    let statuses: Vec<&str> = ids
+        .iter()
+        .map(|id| {
+            let mine: Vec<Allocation> = allocations.iter().filter(|a| a.reservation_id == *id).cloned().collect();
+            store::status_of(&mine, true)
+        })
+        .collect();
+    store::set_statuses(conn, &ids, &statuses).await?;
+    Ok(ids.len())
+}

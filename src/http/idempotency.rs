@@ -1,0 +1,162 @@
+//! `Idempotency-Key` for every POST: the first execution's status and body are stored in the
+//! same transaction as its effect; a retry with the same key and body replays them; the same
+//! key with another body is 422; a retry while the first still runs is 409.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+
+use super::AppState;
+use crate::db::{TxFuture, transact};
+use crate::error::ApiError;
+
+/// The request as far as idempotency is concerned.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub key: Option<&'a str>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: &'a Value,
+    /// Status of a successful answer.
+    pub success: StatusCode,
+}
+
+enum Outcome {
+    Fresh(StatusCode, String),
+    Replay(StatusCode, String),
+    Refused(ApiError),
+}
+
+/// Everything one attempt needs, passed by reference into the transaction body.
+struct Attempt<'a, C: ?Sized, F> {
+    req: &'a Request<'a>,
+    key: &'a str,
+    ctx: &'a C,
+    op: &'a F,
+}
+
+/// Runs `op` once per idempotency key (or plainly, without a key) and renders the answer.
+pub async fn run<C, T, F>(state: &AppState, req: Request<'_>, ctx: &C, op: F) -> Result<Response, ApiError>
+where
+    C: Sync + ?Sized,
+    T: Serialize + Send,
+    F: for<'c> Fn(&'c mut PgConnection, &'c C) -> TxFuture<'c, T> + Sync,
+{
+    let Some(key) = req.key else {
+        let value = transact(&state.db, ctx, op).await?;
+        return Ok(json_response(req.success, serde_json::to_string(&value).unwrap_or_default(), false));
+    };
+    let attempt = Attempt { req: &req, key, ctx, op: &op };
+    let outcome = transact(&state.db, &attempt, |conn, a| Box::pin(once(conn, a))).await?;
+    Ok(match outcome {
+        Outcome::Fresh(status, body) => json_response(status, body, false),
+        Outcome::Replay(status, body) => json_response(status, with_current_request_id(status, body), true),
+        Outcome::Refused(err) => err.into_response(),
+    })
+}
+
+async fn once<C, T, F>(conn: &mut PgConnection, attempt: &Attempt<'_, C, F>) -> Result<Outcome, ApiError>
+where
+    C: Sync + ?Sized,
+    T: Serialize + Send,
+    F: for<'c> Fn(&'c mut PgConnection, &'c C) -> TxFuture<'c, T> + Sync,
+{
+    let Attempt { req, key, ctx, op } = attempt;
+    // Held until commit: a concurrent request with the same key is told to wait, not run twice.
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7041))")
+        .bind(*key)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Err(ApiError::conflict(
+            "idempotency_in_progress",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        ));
+    }
+    let stored: Option<(String, String, Value, i16, String)> =
+        sqlx::query_as("SELECT method, path, request, status, response FROM idempotency_keys WHERE key = $1")
+            .bind(*key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some((method, path, request, status, response)) = stored {
+        if method == req.method && path == req.path && &request == req.body {
+            let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
+            return Ok(Outcome::Replay(status, response));
+        }
+        return Err(ApiError::Conflict {
+            code: "idempotency_key_reused",
+            detail: "this Idempotency-Key was used with a different request".into(),
+            extra: Default::default(),
+        });
+    }
+
+    // The effect runs in a savepoint, so a refused request can still store its answer.
+    let mut savepoint = conn.begin().await?;
+    let (status, body, outcome) = match op(&mut savepoint, ctx).await {
+        Ok(value) => {
+            savepoint.commit().await?;
+            let body = serde_json::to_string(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
+            (req.success, body.clone(), Outcome::Fresh(req.success, body))
+        }
+        // Client errors are answers too: a retry replays them. Server errors are not stored,
+        // so a retry runs again.
+        Err(err) if err.status().is_client_error() => {
+            savepoint.rollback().await?;
+            (err.status(), err.to_problem().to_string(), Outcome::Refused(err))
+        }
+        Err(err) => return Err(err),
+    };
+    sqlx::query(
+        "INSERT INTO idempotency_keys (key, method, path, request, status, response) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(*key)
+    .bind(req.method)
+    .bind(req.path)
+    .bind(req.body)
+    .bind(status.as_u16() as i16)
+    .bind(body)
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcome)
+}
+
+fn json_response(status: StatusCode, body: String, replayed: bool) -> Response {
+    let content_type = if status.is_success() { "application/json" } else { "application/problem+json" };
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// A replayed problem names the request being answered now, not the first one.
+fn with_current_request_id(status: StatusCode, body: String) -> String {
+    if status.is_success() {
+        return body;
+    }
+    match (serde_json::from_str::<Value>(&body), super::request_id::current()) {
+        (Ok(Value::Object(mut map)), Some(id)) => {
+            map.insert("request_id".into(), Value::String(id));
+            Value::Object(map).to_string()
+        }
+        _ => body,
+    }
+}
+
+/// Deletes keys older than the retention, a bounded batch at a time; returns how many.
+pub async fn purge_expired(db: &sqlx::PgPool, retention_secs: i64, batch: i64) -> Result<u64, ApiError> {
+    let done = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE key IN (
+             SELECT key FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)
+              ORDER BY created_at LIMIT $2)",
+    )
+    .bind(retention_secs as f64)
+    .bind(batch)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}

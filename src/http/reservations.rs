@@ -1,0 +1,234 @@
+//! The order service's API: reservations.
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::AppState;
+use super::catalogue::text;
+use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
+use super::idempotency::{self, Request};
+use crate::domain::allocation::{Line, Strategy};
+use crate::domain::{Quantity, Sku, Validator, WarehouseCode};
+use crate::engine::reservations::{self as engine, NewReservation, PartLine, Settle};
+use crate::error::ApiError;
+use crate::store::reservations as store;
+
+/// Default and bounds of `ttl_seconds`.
+pub const DEFAULT_TTL: i64 = 900;
+pub const MAX_TTL: i64 = 604_800;
+
+#[derive(Debug, Deserialize)]
+pub struct ReserveBody {
+    order_id: Option<String>,
+    lines: Option<Vec<LineBody>>,
+    ttl_seconds: Option<i64>,
+    strategy: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LineBody {
+    sku: Option<String>,
+    quantity: Option<i64>,
+    warehouse: Option<String>,
+}
+
+fn ttl(raw: i64) -> Result<i64, String> {
+    if (1..=MAX_TTL).contains(&raw) { Ok(raw) } else { Err(format!("must be between 1 and {MAX_TTL}")) }
+}
+
+fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservation, ApiError> {
+    let mut v = Validator::new();
+    let order_id = v.required("order_id", body.order_id, |id| {
+        let id = text(id)?;
+        if id.is_empty() { Err("must not be empty".to_owned()) } else { Ok(id) }
+    });
+    let ttl_seconds = v.optional("ttl_seconds", body.ttl_seconds, ttl);
+    let strategy = v.optional("strategy", body.strategy, |s| Strategy::parse(&s));
+    let mut lines = Vec::new();
+    match body.lines {
+        None => v.fail("lines", "is required"),
+        Some(raw) if raw.is_empty() => v.fail("lines", "must not be empty"),
+        Some(raw) if raw.len() > state.config.max_reservation_lines => {
+            v.fail("lines", format!("at most {} lines per reservation", state.config.max_reservation_lines))
+        }
+        Some(raw) => {
+            for (i, line) in raw.into_iter().enumerate() {
+                let sku = v.required(&format!("lines[{i}].sku"), line.sku, Sku::parse);
+                let quantity = v.required(&format!("lines[{i}].quantity"), line.quantity, Quantity::parse);
+                let warehouse = v.optional(&format!("lines[{i}].warehouse"), line.warehouse, WarehouseCode::parse);
+                if let (Some(sku), Some(quantity), Some(warehouse)) = (sku, quantity, warehouse) {
+                    lines.push(Line {
+                        sku: sku.into_string(),
+                        quantity: quantity.get(),
+                        warehouse: warehouse.map(WarehouseCode::into_string),
+                    });
+                }
+            }
+        }
+    }
+    Ok(v.finish(|| {
+        Some(NewReservation {
+            order_id: order_id?,
+            lines,
+            ttl_seconds: ttl_seconds?.unwrap_or(DEFAULT_TTL),
+            strategy: strategy?.unwrap_or_default(),
+        })
+    })?)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    body: Body<ReserveBody>,
+) -> Result<Response, ApiError> {
+    let req = parse_reservation(body.value, &state)?;
+    let meta = Request {
+        key: key.as_deref(),
+        method: "POST",
+        path: uri.path(),
+        body: &body.raw,
+        success: StatusCode::CREATED,
+    };
+    idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req))).await
+}
+
+pub async fn plan(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    body: Body<ReserveBody>,
+) -> Result<Response, ApiError> {
+    let req = parse_reservation(body.value, &state)?;
+    let meta =
+        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
+    idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::plan(tx, req))).await
+}
+
+fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("reservation {raw} does not exist")))
+}
+
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = reservation_id(&id)?;
+    let mut conn = state.db.acquire().await?;
+    let reservation = store::get(&mut conn, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("reservation {id} does not exist")))?;
+    Ok(axum::Json(reservation).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ByOrder {
+    order_id: Option<String>,
+}
+
+pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+    let order_id = q.order_id.ok_or_else(|| ApiError::field("order_id", "is required"))?;
+    let mut conn = state.db.acquire().await?;
+    let mut items = Vec::new();
+    if let Some(id) = store::id_of_order(&mut conn, &order_id).await?
+        && let Some(reservation) = store::get(&mut conn, id).await?
+    {
+        items.push(reservation);
+    }
+    Ok(axum::Json(json!({ "items": items })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SettleBody {
+    lines: Option<Vec<PartBody>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PartBody {
+    sku: Option<String>,
+    warehouse: Option<String>,
+    quantity: Option<i64>,
+}
+
+fn parse_parts(body: Option<SettleBody>) -> Result<Option<Vec<PartLine>>, ApiError> {
+    let Some(raw) = body.and_then(|b| b.lines) else { return Ok(None) };
+    let mut v = Validator::new();
+    if raw.is_empty() {
+        v.fail("lines", "must not be empty (omit it to settle everything)");
+    }
+    let mut parts = Vec::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let sku = v.required(&format!("lines[{i}].sku"), p.sku, Sku::parse);
+        let warehouse = v.required(&format!("lines[{i}].warehouse"), p.warehouse, WarehouseCode::parse);
+        let quantity = v.required(&format!("lines[{i}].quantity"), p.quantity, Quantity::parse);
+        if let (Some(sku), Some(warehouse), Some(quantity)) = (sku, warehouse, quantity) {
+            parts.push(PartLine {
+                sku: sku.into_string(),
+                warehouse: warehouse.into_string(),
+                quantity: quantity.get(),
+            });
+        }
+    }
+    Ok(Some(v.finish(|| Some(parts))?))
+}
+
+async fn settle(
+    state: AppState,
+    key: Option<String>,
+    uri: Uri,
+    id: String,
+    body: OptionalBody<SettleBody>,
+    kind: Settle,
+) -> Result<Response, ApiError> {
+    let id = reservation_id(&id)?;
+    let parts = parse_parts(body.value)?;
+    let meta =
+        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
+    let ctx = (id, kind, parts);
+    idempotency::run(&state, meta, &ctx, |tx, (id, kind, parts)| {
+        Box::pin(engine::settle(tx, *id, *kind, parts.as_deref()))
+    })
+    .await
+}
+
+pub async fn fulfil(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Path(id): Path<String>,
+    body: OptionalBody<SettleBody>,
+) -> Result<Response, ApiError> {
+    settle(state, key, uri, id, body, Settle::Fulfil).await
+}
+
+pub async fn release(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Path(id): Path<String>,
+    body: OptionalBody<SettleBody>,
+) -> Result<Response, ApiError> {
+    settle(state, key, uri, id, body, Settle::Release).await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExtendBody {
+    ttl_seconds: Option<i64>,
+}
+
+pub async fn extend(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Path(id): Path<String>,
+    body: Body<ExtendBody>,
+) -> Result<Response, ApiError> {
+    let id = reservation_id(&id)?;
+    let mut v = Validator::new();
+    let ttl_seconds = v.required("ttl_seconds", body.value.ttl_seconds, ttl);
+    let ttl_seconds = v.finish(|| ttl_seconds)?;
+    let meta =
+        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
+    idempotency::run(&state, meta, &(id, ttl_seconds), |tx, (id, ttl)| Box::pin(engine::extend(tx, *id, *ttl))).await
+}

@@ -1,0 +1,256 @@
+//! Reservations and their allocations.
+//!
+//! Locking rule: a transaction locks reservation rows before stock levels, never after, so
+//! reservations and levels cannot deadlock each other.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// A reservation as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub order_id: String,
+    pub status: String,
+    pub strategy: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub lines: Vec<Line>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: i64,
+    pub allocations: Vec<AllocationView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocationView {
+    pub warehouse: String,
+    pub quantity: i64,
+    pub fulfilled: i64,
+    pub released: i64,
+    pub held: i64,
+}
+
+/// A reservation row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Header {
+    pub id: Uuid,
+    pub order_id: String,
+    pub status: String,
+    pub strategy: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// `expires_at` has passed by the database's clock.
+    pub overdue: bool,
+}
+
+/// An allocation row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Allocation {
+    pub reservation_id: Uuid,
+    pub sku: String,
+    pub warehouse: String,
+    pub line_no: i32,
+    pub seq: i32,
+    pub quantity: i64,
+    pub fulfilled: i64,
+    pub released: i64,
+}
+
+impl Allocation {
+    pub fn held(&self) -> i64 {
+        self.quantity - self.fulfilled - self.released
+    }
+}
+
+/// The status a reservation has once its allocations look like this (contract's end-state rule).
+pub fn status_of(allocations: &[Allocation], by_expiry: bool) -> &'static str {
+    if allocations.iter().any(|a| a.held() > 0) {
+        "active"
+    } else if allocations.iter().any(|a| a.fulfilled > 0) {
+        "fulfilled"
+    } else if by_expiry {
+        "expired"
+    } else {
+        "released"
+    }
+}
+
+/// Builds the client view from a header and its allocations (in any order).
+pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation {
+    allocations.sort_by_key(|a| (a.line_no, a.seq));
+    let mut lines: Vec<Line> = Vec::new();
+    for a in allocations {
+        let view = AllocationView {
+            warehouse: a.warehouse.clone(),
+            quantity: a.quantity,
+            fulfilled: a.fulfilled,
+            released: a.released,
+            held: a.held(),
+        };
+        match lines.last_mut() {
+            Some(line) if line.sku == a.sku => {
+                line.quantity += a.quantity;
+                line.allocations.push(view);
+            }
+            _ => lines.push(Line { sku: a.sku, quantity: a.quantity, allocations: vec![view] }),
+        }
+    }
+    Reservation {
+        id: header.id,
+        order_id: header.order_id,
+        status: header.status,
+        strategy: header.strategy,
+        created_at: header.created_at,
+        expires_at: header.expires_at,
+        lines,
+    }
+}
+
+/// Inserts a new active reservation; `None` when the order id is taken. Waits for a
+/// concurrent insert of the same order id to finish, so exactly one wins.
+pub async fn insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    order_id: &str,
+    strategy: &str,
+    ttl_seconds: i64,
+) -> Result<Option<Header>, ApiError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO reservations (id, order_id, strategy, expires_at)
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+         ON CONFLICT (order_id) DO NOTHING
+         RETURNING id, order_id, status, strategy, created_at, expires_at, false AS overdue",
+    )
+    .bind(id)
+    .bind(order_id)
+    .bind(strategy)
+    .bind(ttl_seconds as f64)
+    .fetch_optional(conn)
+    .await?)
+}
+
+pub async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, ApiError> {
+    Ok(sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Locks one reservation row.
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
+           FROM reservations WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Locks up to `limit` active reservations whose deadline has passed (database clock),
+/// skipping rows another transaction holds, so several instances can sweep side by side.
+pub async fn lock_overdue(conn: &mut PgConnection, limit: i64) -> Result<Vec<Header>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT id, order_id, status, strategy, created_at, expires_at, true AS overdue
+           FROM reservations
+          WHERE status = 'active' AND expires_at <= now()
+          ORDER BY expires_at, id
+          LIMIT $1
+            FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Allocation>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT reservation_id, sku, warehouse, line_no, seq, quantity, fulfilled, released
+           FROM reservation_allocations WHERE reservation_id = ANY($1)
+          ORDER BY reservation_id, line_no, seq",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::int8[])",
+    )
+    .bind(rows.iter().map(|r| r.reservation_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.warehouse.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.line_no).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.quantity).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes back the fulfilled/released counters of the given allocations.
+pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE reservation_allocations a SET fulfilled = d.fulfilled, released = d.released
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])
+                AS d(reservation_id, sku, warehouse, fulfilled, released)
+          WHERE a.reservation_id = d.reservation_id AND a.sku = d.sku AND a.warehouse = d.warehouse",
+    )
+    .bind(rows.iter().map(|r| r.reservation_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.warehouse.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.fulfilled).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.released).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[&str]) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE reservations r SET status = d.status, updated_at = now()
+           FROM unnest($1::uuid[], $2::text[]) AS d(id, status)
+          WHERE r.id = d.id AND r.status <> d.status",
+    )
+    .bind(ids)
+    .bind(statuses)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves the deadline to `now + ttl` by the database's clock; returns the new deadline.
+pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<DateTime<Utc>, ApiError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE reservations SET expires_at = now() + make_interval(secs => $2), updated_at = now()
+          WHERE id = $1 RETURNING expires_at",
+    )
+    .bind(id)
+    .bind(ttl_seconds as f64)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Reads one reservation with its allocations.
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, ApiError> {
+    let header: Option<Header> = sqlx::query_as(
+        "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
+           FROM reservations WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(header) = header else { return Ok(None) };
+    let allocations = allocations(conn, &[id]).await?;
+    Ok(Some(assemble(header, allocations)))
+}
