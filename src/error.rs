@@ -34,6 +34,9 @@ pub enum ApiError {
     /// Any other conflict with current state, with its stable code and extra members.
     #[error("{detail}")]
     Conflict { code: &'static str, detail: String, extra: Map<String, Value> },
+    /// An Idempotency-Key sent again with a different request.
+    #[error("this Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReused,
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the request body must be JSON (Content-Type: application/json)")]
@@ -93,7 +96,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
-            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Validation(_) | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::InsufficientStock { .. } | Self::StaleQuantity { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -111,6 +114,7 @@ impl ApiError {
         match self {
             Self::Malformed(_) => "malformed_request",
             Self::Validation(_) => "validation_failed",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::NotFound(_) => "not_found",
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::StaleQuantity { .. } => "stale_quantity",

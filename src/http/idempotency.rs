@@ -85,11 +85,7 @@ where
             let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
             return Ok(Outcome::Replay(status, response));
         }
-        return Err(ApiError::Conflict {
-            code: "idempotency_key_reused",
-            detail: "this Idempotency-Key was used with a different request".into(),
-            extra: Default::default(),
-        });
+        return Err(ApiError::IdempotencyKeyReused);
     }
 
     // The effect runs in a savepoint, so a refused request can still store its answer.

@@ -1,13 +1,14 @@
 //! Ops stock operations and stock reads.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::catalogue::text;
-use super::extract::{Json, Path, Query};
+use super::extract::{Body, IdempotencyKey, Json, Path, Query};
+use super::idempotency::{self, Request};
 use super::{AppState, page_limit};
 use crate::db::transact;
 use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
@@ -27,7 +28,12 @@ pub struct ReceiveBody {
     reference: Option<String>,
 }
 
-pub async fn receive(State(state): State<AppState>, Json(body): Json<ReceiveBody>) -> Result<Response, ApiError> {
+pub async fn receive(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Body { value: body, raw }: Body<ReceiveBody>,
+) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let warehouse = v.required("warehouse", body.warehouse, WarehouseCode::parse);
@@ -35,8 +41,8 @@ pub async fn receive(State(state): State<AppState>, Json(body): Json<ReceiveBody
     let reference = v.optional("reference", body.reference, text);
     let cmd =
         v.finish(|| Some(Receive { sku: sku?, warehouse: warehouse?, quantity: quantity?, reference: reference? }))?;
-    let level = transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::receive(tx, cmd))).await?;
-    Ok(axum::Json(level).into_response())
+    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
+    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::receive(tx, cmd))).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,7 +55,12 @@ pub struct AdjustBody {
     expected_on_hand: Option<i64>,
 }
 
-pub async fn adjust(State(state): State<AppState>, Json(body): Json<AdjustBody>) -> Result<Response, ApiError> {
+pub async fn adjust(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Body { value: body, raw }: Body<AdjustBody>,
+) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let warehouse = v.required("warehouse", body.warehouse, WarehouseCode::parse);
@@ -74,8 +85,8 @@ pub async fn adjust(State(state): State<AppState>, Json(body): Json<AdjustBody>)
             expected_on_hand: expected_on_hand?,
         })
     })?;
-    let level = transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::adjust(tx, cmd))).await?;
-    Ok(axum::Json(level).into_response())
+    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
+    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::adjust(tx, cmd))).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,7 +98,12 @@ pub struct TransferBody {
     reference: Option<String>,
 }
 
-pub async fn transfer(State(state): State<AppState>, Json(body): Json<TransferBody>) -> Result<Response, ApiError> {
+pub async fn transfer(
+    State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
+    Body { value: body, raw }: Body<TransferBody>,
+) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let sku = v.required("sku", body.sku, Sku::parse);
     let from = v.required("from", body.from, WarehouseCode::parse);
@@ -102,8 +118,8 @@ pub async fn transfer(State(state): State<AppState>, Json(body): Json<TransferBo
     let cmd =
         v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
     transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::prepare_transfer(tx, cmd))).await?;
-    let moved = transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await?;
-    Ok(axum::Json(moved).into_response())
+    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
+    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,119 @@
+//! Holds expire on time; extend moves the deadline; fulfil racing expiry has one winner.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use inventory::config::ServerArgs;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+async fn fast_expiry_shop() -> TestApp {
+    let app = TestApp::spawn_with(ServerArgs { expiry_interval_ms: 200, ..ServerArgs::default() }).await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 100).await;
+    app
+}
+
+async fn status_of(app: &TestApp, id: &str) -> String {
+    let (_, r) = app.get(&format!("/v1/reservations/{id}")).await;
+    r["status"].as_str().unwrap().to_owned()
+}
+
+async fn wait_for_status(app: &TestApp, id: &str, want: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if status_of(app, id).await == want {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("reservation {id} did not become {want} within {limit:?}");
+}
+
+#[tokio::test]
+async fn an_expired_hold_gives_its_units_back_with_expire_entries() {
+    let app = fast_expiry_shop().await;
+    let (status, r) = app
+        .post("/v1/reservations", json!({"order_id": "o", "ttl_seconds": 1, "lines": [{"sku": "A", "quantity": 7}]}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{r}");
+    let id = r["id"].as_str().unwrap();
+    assert_eq!(app.level("A", "W1").await, (100, 7));
+    // The contract allows 5 seconds after the deadline.
+    wait_for_status(&app, id, "expired", Duration::from_secs(6)).await;
+    assert_eq!(app.level("A", "W1").await, (100, 0));
+    let (_, ledger) = app.get(&format!("/v1/ledger?reference={id}")).await;
+    assert_eq!(ledger["items"][1]["kind"], "expire");
+    assert_eq!(ledger["items"][1]["reserved_delta"], -7);
+    let (status, body) = app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/fulfil"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["status"], "expired");
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn extending_a_hold_prevents_its_expiry() {
+    let app = fast_expiry_shop().await;
+    let (_, r) = app
+        .post("/v1/reservations", json!({"order_id": "o", "ttl_seconds": 1, "lines": [{"sku": "A", "quantity": 1}]}))
+        .await;
+    let id = r["id"].as_str().unwrap();
+    let (status, extended) = app.post(&format!("/v1/reservations/{id}/extend"), json!({"ttl_seconds": 120})).await;
+    assert_eq!(status, StatusCode::OK, "{extended}");
+    assert!(extended["expires_at"].as_str().unwrap() > r["expires_at"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(status_of(&app, id).await, "active");
+    assert_eq!(app.level("A", "W1").await, (100, 1));
+}
+
+#[tokio::test]
+async fn fulfil_racing_expiry_has_exactly_one_winner_per_reservation() {
+    let app = fast_expiry_shop().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let (status, r) = app
+            .post(
+                "/v1/reservations",
+                json!({"order_id": format!("o-{i}"), "ttl_seconds": 1, "lines": [{"sku": "A", "quantity": 2}]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    // Fire the fulfils around the deadline so that some land before and some after the sweep.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let results: Vec<(StatusCode, Value)> = join_all(ids.iter().enumerate().map(|(i, id)| {
+        let app = &app;
+        async move {
+            tokio::time::sleep(Duration::from_millis(15 * i as u64)).await;
+            app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/fulfil"), None).await
+        }
+    }))
+    .await;
+    for id in &ids {
+        let status = status_of(&app, id).await;
+        if status == "active" {
+            wait_for_status(&app, id, "expired", Duration::from_secs(6)).await;
+        }
+    }
+    let mut fulfilled = 0;
+    for ((status, body), id) in results.iter().zip(&ids) {
+        let final_status = status_of(&app, id).await;
+        match *status {
+            StatusCode::OK => {
+                fulfilled += 1;
+                assert_eq!(final_status, "fulfilled", "a fulfil that won is not expired afterwards");
+            }
+            StatusCode::CONFLICT => {
+                assert_eq!(body["code"], "reservation_not_active");
+                assert_eq!(final_status, "expired", "a fulfil that lost leaves the expiry's result");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(app.level("A", "W1").await, (100 - 2 * fulfilled, 0), "levels are exact");
+    app.assert_invariants().await;
+}

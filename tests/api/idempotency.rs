@@ -1,0 +1,98 @@
+//! Idempotency-Key: one effect per key, replays, misuse.
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+async fn shop() -> TestApp {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 10).await;
+    app
+}
+
+async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> (StatusCode, Option<String>, Value) {
+    let res = app.client.post(app.url(path)).header("idempotency-key", key).json(body).send().await.unwrap();
+    let status = res.status();
+    let replayed = res.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());
+    (status, replayed, res.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_key_and_body_replays_the_first_answer() {
+    let app = shop().await;
+    let body = json!({"order_id": "o", "lines": [{"sku": "A", "quantity": 3}]});
+    let (status, replayed, first) = post_with_key(&app, "/v1/reservations", "key-1", &body).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, None));
+    let (status, replayed, second) = post_with_key(&app, "/v1/reservations", "key-1", &body).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("true")));
+    assert_eq!(first, second);
+    assert_eq!(app.level("A", "W1").await, (10, 3), "one effect");
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn the_same_key_with_another_body_is_422() {
+    let app = shop().await;
+    let body = json!({"sku": "A", "warehouse": "W1", "quantity": 1});
+    let (status, _, _) = post_with_key(&app, "/v1/stock/receive", "k", &body).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, problem) =
+        post_with_key(&app, "/v1/stock/receive", "k", &json!({"sku": "A", "warehouse": "W1", "quantity": 2})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    let (status, _, _) = post_with_key(&app, "/v1/stock/adjust", "k", &body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "another endpoint under the same key");
+    assert_eq!(app.level("A", "W1").await, (11, 0));
+}
+
+#[tokio::test]
+async fn concurrent_identical_requests_under_one_key_have_one_effect() {
+    let app = shop().await;
+    let body = json!({"sku": "A", "warehouse": "W1", "quantity": 5});
+    let results = join_all((0..8).map(|_| post_with_key(&app, "/v1/stock/receive", "burst", &body))).await;
+    for (status, _, answer) in &results {
+        match *status {
+            StatusCode::OK => assert_eq!(answer["on_hand"], 15),
+            StatusCode::CONFLICT => assert_eq!(answer["code"], "idempotency_in_progress"),
+            other => panic!("unexpected {other}: {answer}"),
+        }
+    }
+    assert_eq!(app.level("A", "W1").await, (15, 0), "exactly one receipt");
+    let (status, replayed, _) = post_with_key(&app, "/v1/stock/receive", "burst", &body).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::OK, Some("true")));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_refused_request_is_replayed_as_refused() {
+    let app = shop().await;
+    let body = json!({"order_id": "big", "lines": [{"sku": "A", "quantity": 11}]});
+    let (status, _, first) = post_with_key(&app, "/v1/reservations", "k409", &body).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    app.receive("A", "W1", 5).await;
+    // Stock arrived meanwhile, but the key's answer stays what it was.
+    let (status, replayed, second) = post_with_key(&app, "/v1/reservations", "k409", &body).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::CONFLICT, Some("true")));
+    assert_eq!(first["lines"], second["lines"]);
+    assert_eq!(second["code"], "insufficient_stock");
+    assert_eq!(app.level("A", "W1").await, (15, 0));
+}
+
+#[tokio::test]
+async fn a_bad_key_is_rejected() {
+    let app = shop().await;
+    let res = app
+        .client
+        .post(app.url("/v1/stock/receive"))
+        .header("idempotency-key", "x".repeat(256))
+        .json(&json!({"sku": "A", "warehouse": "W1", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(app.level("A", "W1").await, (10, 0));
+}
