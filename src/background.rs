@@ -11,18 +11,31 @@ use crate::config::ServerArgs;
 use crate::db::transact;
 use crate::engine::reservations::expire_due;
 use crate::http::idempotency::purge_expired;
+use crate::store::events;
 
 /// Starts every background task; they end when `stop` becomes `true`.
 pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let interval = Duration::from_millis(config.expiry_interval_ms.max(10));
     let batch = config.expiry_batch_size.max(1);
     let retention = config.idempotency_retention_secs.max(0);
+    let event_retention = config.event_retention_secs.max(0);
     vec![
         tokio::spawn(every(interval, stop.clone(), {
             let pool = pool.clone();
             move || {
                 let pool = pool.clone();
                 async move { sweep_expired(&pool, batch).await }
+            }
+        })),
+        tokio::spawn(every(Duration::from_millis(100), stop.clone(), {
+            let pool = pool.clone();
+            move || {
+                let pool = pool.clone();
+                async move {
+                    if let Err(err) = events::relay(&pool).await {
+                        tracing::warn!(error = %err, "event relay failed; will retry");
+                    }
+                }
             }
         })),
         tokio::spawn(every(Duration::from_secs(60), stop, move || {
@@ -32,6 +45,11 @@ pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> 
                     Ok(0) => {}
                     Ok(n) => tracing::info!(purged = n, "idempotency keys purged"),
                     Err(err) => tracing::warn!(error = %err, "idempotency purge failed"),
+                }
+                match events::purge(&pool, event_retention, 10_000).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "events purged"),
+                    Err(err) => tracing::warn!(error = %err, "event purge failed"),
                 }
             }
         })),

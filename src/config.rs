@@ -125,6 +125,10 @@ pub struct ServerArgs {
     /// Seconds an Idempotency-Key is kept (at least 24 hours by contract).
     #[arg(long, env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
     pub idempotency_retention_secs: i64,
+
+    /// Seconds events are kept in the feed.
+    #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, global = true)]
+    pub event_retention_secs: i64,
 }
 
 impl ServerArgs {
@@ -144,6 +148,7 @@ impl Default for ServerArgs {
             expiry_interval_ms: 1000,
             expiry_batch_size: 100,
             idempotency_retention_secs: 86_400,
+            event_retention_secs: 604_800,
         }
     }
 }

@@ -87,11 +87,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = crate::background::spawn(pool.clone(), &server, stop_rx);
-    let state = AppState { db: pool, config: Arc::new(server) };
+    let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
+    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx };
     let app = http::app(state);
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(RunError::Serve);
-    let _ = stop_tx.send(true);
+    // Draining starts with the signal: background tasks and event streams stop, requests finish.
+    let drain = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let result = axum::serve(listener, app).with_graceful_shutdown(drain).await.map_err(RunError::Serve);
     for task in tasks {
         let _ = task.await;
     }

@@ -22,6 +22,7 @@ pub struct Level {
     pub backorder_limit: i64,
     pub priority: i32,
     pub active: bool,
+    pub reorder_point: i64,
 }
 
 impl Level {
@@ -43,6 +44,7 @@ struct Entry {
     on_hand_after: i64,
     reserved_after: i64,
     reference: Option<String>,
+    reason: Option<&'static str>,
 }
 
 /// Why a change was refused; nothing was changed.
@@ -59,6 +61,17 @@ pub struct Book {
     levels: BTreeMap<Key, Level>,
     locked: BTreeMap<Key, (i64, i64)>,
     entries: Vec<Entry>,
+    events: Vec<Event>,
+}
+
+/// An event for the outbox, written by [`Book::flush`] in the same transaction.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: &'static str,
+    pub sku: Option<String>,
+    pub warehouse: Option<String>,
+    pub reservation_id: Option<Uuid>,
+    pub data: serde_json::Value,
 }
 
 #[derive(sqlx::FromRow)]
@@ -70,6 +83,7 @@ struct Row {
     backorder_limit: i64,
     priority: i32,
     active: bool,
+    reorder_point: i64,
 }
 
 impl Book {
@@ -79,7 +93,7 @@ impl Book {
         skus.sort_unstable();
         skus.dedup();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active
+            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
                FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
               WHERE l.sku = ANY($1)
               ORDER BY l.sku, l.warehouse
@@ -98,7 +112,7 @@ impl Book {
         keys.dedup();
         let (skus, warehouses): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active
+            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
                FROM stock_levels l
                JOIN warehouses w ON w.code = l.warehouse
                JOIN unnest($1::text[], $2::text[]) AS k(sku, warehouse)
@@ -116,7 +130,7 @@ impl Book {
     /// Reads levels without locking them (for plans, which change nothing).
     pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self, ApiError> {
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active
+            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
                FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
               WHERE l.sku = ANY($1)",
         )
@@ -137,6 +151,7 @@ impl Book {
                 backorder_limit: r.backorder_limit,
                 priority: r.priority,
                 active: r.active,
+                reorder_point: r.reorder_point,
             };
             book.levels.insert(key, level);
         }
@@ -191,6 +206,26 @@ impl Book {
         reserved_delta: i64,
         reference: Option<&str>,
     ) -> Result<(), Refused> {
+        self.apply_with_reason(sku, warehouse, kind, on_hand_delta, reserved_delta, reference, None)
+    }
+
+    /// Records an event for the outbox.
+    pub fn event(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// [`Book::apply`] with the reason of a manual adjustment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_with_reason(
+        &mut self,
+        sku: &str,
+        warehouse: &str,
+        kind: EntryKind,
+        on_hand_delta: i64,
+        reserved_delta: i64,
+        reference: Option<&str>,
+        reason: Option<&'static str>,
+    ) -> Result<(), Refused> {
         self.check(sku, warehouse, on_hand_delta, reserved_delta)?;
         let level = self.levels.get_mut(&(sku.to_owned(), warehouse.to_owned())).ok_or(Refused::Unknown)?;
         level.on_hand += on_hand_delta;
@@ -205,13 +240,18 @@ impl Book {
             on_hand_after: level.on_hand,
             reserved_after: level.reserved,
             reference: reference.map(str::to_owned),
+            reason,
         });
         Ok(())
     }
 
     /// Writes every changed level and every ledger entry in one statement, then verifies that
     /// the database arrived at the values computed here.
-    pub async fn flush(self, conn: &mut PgConnection) -> Result<(), ApiError> {
+    pub async fn flush(mut self, conn: &mut PgConnection) -> Result<(), ApiError> {
+        self.stock_events();
+        if !self.events.is_empty() {
+            insert_events(conn, &self.events).await?;
+        }
         if self.entries.is_empty() {
             return Ok(());
         }
@@ -238,9 +278,9 @@ impl Book {
               RETURNING l.sku, l.warehouse, l.on_hand, l.reserved
              ), entries AS (
                  INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
-                                     on_hand_after, reserved_after, reference)
+                                     on_hand_after, reserved_after, reference, reason)
                  SELECT * FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
-                                      $11::int8[], $12::int8[], $13::text[])
+                                      $11::int8[], $12::int8[], $13::text[], $14::text[])
              )
              SELECT sku, warehouse, on_hand, reserved FROM upd",
         )
@@ -257,6 +297,7 @@ impl Book {
         .bind(e.iter().map(|e| e.on_hand_after).collect::<Vec<_>>())
         .bind(e.iter().map(|e| e.reserved_after).collect::<Vec<_>>())
         .bind(e.iter().map(|e| e.reference.as_deref()).collect::<Vec<_>>())
+        .bind(e.iter().map(|e| e.reason).collect::<Vec<_>>())
         .fetch_all(conn)
         .await?;
         // The rows were locked by this transaction, so anything else is a bug: roll back.
@@ -268,6 +309,58 @@ impl Book {
             });
         if consistent { Ok(()) } else { Err(ApiError::Internal("stock levels changed under a row lock".into())) }
     }
+}
+
+impl Book {
+    /// Availability crossings of every changed level, computed once per transaction on the
+    /// transition from the locked value to the final one (not on every intermediate change).
+    fn stock_events(&mut self) {
+        for (key, level) in &self.levels {
+            let (on_hand0, reserved0) = self.locked[key];
+            let before = on_hand0 - reserved0;
+            let after = level.available();
+            let mut kinds = Vec::new();
+            if before > 0 && after <= 0 {
+                kinds.push("stock.out_of_stock");
+            }
+            if before <= 0 && after > 0 {
+                kinds.push("stock.back_in_stock");
+            }
+            if level.reorder_point > 0 && before > level.reorder_point && after <= level.reorder_point {
+                kinds.push("stock.low");
+            }
+            for kind in kinds {
+                self.events.push(Event {
+                    kind,
+                    sku: Some(key.0.clone()),
+                    warehouse: Some(key.1.clone()),
+                    reservation_id: None,
+                    data: serde_json::json!({
+                        "available_before": before,
+                        "available": after,
+                        "on_hand": level.on_hand,
+                        "reserved": level.reserved,
+                        "reorder_point": level.reorder_point,
+                    }),
+                });
+            }
+        }
+    }
+}
+
+async fn insert_events(conn: &mut PgConnection, events: &[Event]) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO events (type, sku, warehouse, reservation_id, data)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])",
+    )
+    .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.sku.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.warehouse.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.reservation_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -283,6 +376,7 @@ mod tests {
             backorder_limit,
             priority: 1,
             active: true,
+            reorder_point: 0,
         }])
     }
 

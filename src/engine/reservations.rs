@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::book::{Book, Refused};
+use super::book::{Book, Event, Refused};
 use crate::domain::allocation::{self, Allocation as Planned, Line, Strategy};
 use crate::error::{ApiError, ShortLine};
 use crate::store::reservations::{self as store, Allocation, Header, Reservation};
@@ -102,6 +102,23 @@ async fn require_known(conn: &mut PgConnection, req: &NewReservation, book: &Boo
     Ok(())
 }
 
+/// The outbox event of a reservation reaching `status` (`active` means just created).
+fn lifecycle_event(id: Uuid, order_id: &str, status: &'static str) -> Event {
+    let kind = match status {
+        "active" => "reservation.created",
+        "fulfilled" => "reservation.fulfilled",
+        "expired" => "reservation.expired",
+        _ => "reservation.released",
+    };
+    Event {
+        kind,
+        sku: None,
+        warehouse: None,
+        reservation_id: Some(id),
+        data: serde_json::json!({ "order_id": order_id, "status": status }),
+    }
+}
+
 /// The SKUs of an order in first-appearance order.
 fn sku_order(lines: &[Line]) -> Vec<&str> {
     let mut out: Vec<&str> = Vec::new();
@@ -143,6 +160,7 @@ pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Re
             released: 0,
         });
     }
+    book.event(lifecycle_event(id, &req.order_id, "active"));
     book.flush(conn).await?;
     store::insert_allocations(conn, &rows).await?;
     Ok(store::assemble(header, rows))
@@ -269,11 +287,14 @@ pub async fn settle(
             }
         }
     }
+    let status = store::status_of(&allocations, false);
+    if status != header.status {
+        book.event(lifecycle_event(id, &header.order_id, status));
+    }
     book.flush(conn).await?;
     let changed: Vec<&Allocation> =
         allocations.iter().filter(|a| amounts.contains_key(&(a.sku.clone(), a.warehouse.clone()))).collect();
     store::update_allocations(conn, &changed).await?;
-    let status = store::status_of(&allocations, false);
     if status != header.status {
         store::set_statuses(conn, &[id], &[status]).await?;
         header.status = status.to_owned();
@@ -306,9 +327,6 @@ pub async fn expire_due(conn: &mut PgConnection, batch: i64) -> Result<usize, Ap
             .map_err(|_| ApiError::Internal(format!("cannot expire {}/{}", a.sku, a.warehouse)))?;
         a.released += held;
     }
-    book.flush(conn).await?;
-    let all: Vec<&Allocation> = allocations.iter().collect();
-    store::update_allocations(conn, &all).await?;
     let statuses: Vec<&str> = ids
         .iter()
         .map(|id| {
@@ -316,6 +334,12 @@ pub async fn expire_due(conn: &mut PgConnection, batch: i64) -> Result<usize, Ap
             store::status_of(&mine, true)
         })
         .collect();
+    for (header, status) in due.iter().zip(&statuses) {
+        book.event(lifecycle_event(header.id, &header.order_id, status));
+    }
+    book.flush(conn).await?;
+    let all: Vec<&Allocation> = allocations.iter().collect();
+    store::update_allocations(conn, &all).await?;
     store::set_statuses(conn, &ids, &statuses).await?;
     Ok(ids.len())
 }

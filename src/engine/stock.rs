@@ -6,7 +6,8 @@ use sqlx::PgConnection;
 use crate::domain::{AdjustReason, Delta, Quantity, Sku, WarehouseCode};
 use crate::error::{ApiError, ShortLine};
 use crate::store::catalogue::require_sku_and_warehouses;
-use crate::store::stock::{self, Change, EntryKind, Level};
+use super::book::Book;
+use crate::store::stock::{self, EntryKind, Level};
 
 #[derive(Debug, Clone)]
 pub struct Receive {
@@ -44,23 +45,29 @@ pub struct Transferred {
     pub to: Level,
 }
 
+/// Locks one level, applies one change through the book (ledger entry and events included)
+/// and returns the level as it is now.
+async fn change_one(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    warehouse: &WarehouseCode,
+    decide: impl FnOnce(&mut Book) -> Result<(), ApiError>,
+) -> Result<Level, ApiError> {
+    let mut book = Book::lock_levels(conn, &[(sku.as_str(), warehouse.as_str())]).await?;
+    decide(&mut book)?;
+    book.flush(conn).await?;
+    stock::read_level(conn, sku.as_str(), warehouse.as_str()).await
+}
+
 /// Goods arrived: `on_hand += quantity`, creating the level on first receive.
 pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level, ApiError> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
-    stock::lock_levels(conn, &cmd.sku, &[&cmd.warehouse]).await?;
-    stock::apply(
-        conn,
-        &Change {
-            sku: cmd.sku.as_str(),
-            warehouse: cmd.warehouse.as_str(),
-            kind: EntryKind::Receive,
-            on_hand_delta: cmd.quantity.get(),
-            reserved_delta: 0,
-            reference: cmd.reference.as_deref(),
-            reason: None,
-        },
-    )
+    change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
+        let (sku, wh) = (cmd.sku.as_str(), cmd.warehouse.as_str());
+        book.apply(sku, wh, EntryKind::Receive, cmd.quantity.get(), 0, cmd.reference.as_deref())
+            .map_err(|_| ApiError::Internal(format!("cannot receive into {sku}/{wh}")))
+    })
     .await
 }
 
@@ -68,40 +75,22 @@ pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level, Ap
 pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiError> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
-    let level = stock::lock_levels(conn, &cmd.sku, &[&cmd.warehouse])
-        .await?
-        .pop()
-        .ok_or_else(|| ApiError::Internal("stock level missing after ensure_level".into()))?;
-    if let Some(expected) = cmd.expected_on_hand
-        && expected != level.on_hand
-    {
-        return Err(ApiError::StaleQuantity { current_on_hand: level.on_hand });
-    }
-    let delta = cmd.delta.get();
-    let on_hand = level.on_hand + delta;
-    let available = level.available + delta;
-    if on_hand < 0 || available < -level.backorder_limit {
-        let requested = -delta;
-        return Err(ApiError::InsufficientStock {
-            detail: format!(
-                "removing {requested} units from {}/{} would leave on_hand {on_hand}, available {available}",
-                cmd.sku, cmd.warehouse
-            ),
-            lines: vec![ShortLine { sku: cmd.sku.to_string(), requested, available: level.available.max(0) }],
-        });
-    }
-    stock::apply(
-        conn,
-        &Change {
-            sku: cmd.sku.as_str(),
-            warehouse: cmd.warehouse.as_str(),
-            kind: EntryKind::Adjust,
-            on_hand_delta: delta,
-            reserved_delta: 0,
-            reference: cmd.reference.as_deref(),
-            reason: Some(cmd.reason.as_str()),
-        },
-    )
+    change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
+        let (sku, wh) = (cmd.sku.as_str(), cmd.warehouse.as_str());
+        let level = book.get(sku, wh).ok_or_else(|| ApiError::Internal("level missing after ensure_level".into()))?;
+        if let Some(expected) = cmd.expected_on_hand
+            && expected != level.on_hand
+        {
+            return Err(ApiError::StaleQuantity { current_on_hand: level.on_hand });
+        }
+        let delta = cmd.delta.get();
+        let available = level.available();
+        book.apply_with_reason(sku, wh, EntryKind::Adjust, delta, 0, cmd.reference.as_deref(), Some(cmd.reason.as_str()))
+            .map_err(|_| ApiError::InsufficientStock {
+                detail: format!("removing {} units from {sku}/{wh} would break its floor (available {available})", -delta),
+                lines: vec![ShortLine { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
+            })
+    })
     .await
 }
 
@@ -109,34 +98,25 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
 /// before this transaction starts (see [`prepare_transfer`]), so both rows are only ever locked
 /// in warehouse order.
 pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred, ApiError> {
-    let levels = stock::lock_levels(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
-    let find = |w: &WarehouseCode| levels.iter().find(|l| l.warehouse == w.as_str());
+    let (sku, from, to) = (cmd.sku.as_str(), cmd.from.as_str(), cmd.to.as_str());
+    let mut book = Book::lock_levels(conn, &[(sku, from), (sku, to)]).await?;
     let quantity = cmd.quantity.get();
-    let from_available = find(&cmd.from).map_or(0, |l| l.available);
-    if from_available < quantity || find(&cmd.to).is_none() {
-        return Err(ApiError::InsufficientStock {
-            detail: format!("{} has {from_available} units of {} available, {quantity} requested", cmd.from, cmd.sku),
-            lines: vec![ShortLine { sku: cmd.sku.to_string(), requested: quantity, available: from_available.max(0) }],
-        });
+    let from_available = book.get(sku, from).map_or(0, |l| l.available());
+    let short = || ApiError::InsufficientStock {
+        detail: format!("{from} has {from_available} units of {sku} available, {quantity} requested"),
+        lines: vec![ShortLine { sku: sku.to_owned(), requested: quantity, available: from_available.max(0) }],
+    };
+    // A transfer moves available units only: never reserved ones, never backorder capacity.
+    if from_available < quantity || !book.has_level(sku, to) {
+        return Err(short());
     }
     let reference = cmd.reference.as_deref();
-    let out = Change {
-        sku: cmd.sku.as_str(),
-        warehouse: cmd.from.as_str(),
-        kind: EntryKind::TransferOut,
-        on_hand_delta: -quantity,
-        reserved_delta: 0,
-        reference,
-        reason: None,
-    };
-    let into =
-        Change { warehouse: cmd.to.as_str(), kind: EntryKind::TransferIn, on_hand_delta: quantity, ..out.clone() };
-    // Write in lock order too, to keep row access patterns uniform.
-    let (first, second) = if cmd.from < cmd.to { (out, into) } else { (into, out) };
-    let a = stock::apply(conn, &first).await?;
-    let b = stock::apply(conn, &second).await?;
-    let (from, to) = if a.warehouse == cmd.from.as_str() { (a, b) } else { (b, a) };
-    Ok(Transferred { sku: cmd.sku.to_string(), quantity, from, to })
+    book.apply(sku, from, EntryKind::TransferOut, -quantity, 0, reference).map_err(|_| short())?;
+    book.apply(sku, to, EntryKind::TransferIn, quantity, 0, reference).map_err(|_| short())?;
+    book.flush(conn).await?;
+    let from = stock::read_level(conn, sku, from).await?;
+    let to = stock::read_level(conn, sku, to).await?;
+    Ok(Transferred { sku: sku.to_owned(), quantity, from, to })
 }
 
 /// Checks a transfer's SKU and warehouses and creates the destination level if needed, in its

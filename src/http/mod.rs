@@ -2,6 +2,7 @@
 //! parse into domain types, call the engine inside a transaction, render.
 
 pub mod catalogue;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod idempotency;
@@ -27,6 +28,8 @@ use crate::error::ApiError;
 pub struct AppState {
     pub db: PgPool,
     pub config: Arc<ServerArgs>,
+    /// Flips to `true` when the server starts draining; long-lived streams end on it.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The whole API, ready to serve.
@@ -47,6 +50,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/stock/{sku}/{warehouse}", put(stock::put_replenishment))
         .route("/v1/availability", get(stock::availability))
         .route("/v1/ledger", get(ledger::list))
+        .route("/v1/events", get(events::list))
+        .route("/v1/events/stream", get(events::stream))
         .route("/v1/reservations", post(reservations::create).get(reservations::list))
         .route("/v1/reservations/plan", post(reservations::plan))
         .route("/v1/reservations/{id}", get(reservations::get))

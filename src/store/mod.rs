@@ -5,6 +5,7 @@
 //! transactions touching the same rows always queue instead of deadlocking.
 
 pub mod catalogue;
+pub mod events;
 pub mod check;
 pub mod ledger;
 pub mod reservations;

@@ -3,7 +3,6 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::domain::{Sku, WarehouseCode};
 use crate::error::ApiError;
@@ -59,18 +58,6 @@ impl EntryKind {
     }
 }
 
-/// One change of one stock level, recorded in the ledger by the same statement.
-#[derive(Debug, Clone)]
-pub struct Change<'a> {
-    pub sku: &'a str,
-    pub warehouse: &'a str,
-    pub kind: EntryKind,
-    pub on_hand_delta: i64,
-    pub reserved_delta: i64,
-    pub reference: Option<&'a str>,
-    pub reason: Option<&'a str>,
-}
-
 /// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit.
 pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), ApiError> {
     sqlx::query(
@@ -85,57 +72,14 @@ pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &Wareho
     Ok(())
 }
 
-/// Locks the SKU's levels in the given warehouses, in warehouse order (the service-wide lock
-/// order), and returns them in that order. Missing levels are absent from the result.
-pub async fn lock_levels(
-    conn: &mut PgConnection,
-    sku: &Sku,
-    warehouses: &[&WarehouseCode],
-) -> Result<Vec<Level>, ApiError> {
-    let mut codes: Vec<&str> = warehouses.iter().map(|w| w.as_str()).collect();
-    codes.sort_unstable();
-    codes.dedup();
-    Ok(sqlx::query_as(concat!(
-        "SELECT ",
-        level_columns!(),
-        " FROM stock_levels WHERE sku = $1 AND warehouse = ANY($2) ORDER BY warehouse FOR UPDATE"
-    ))
-    .bind(sku.as_str())
-    .bind(&codes)
-    .fetch_all(conn)
-    .await?)
-}
-
-/// Applies one change to a level the caller has locked and appends its ledger entry, in one
-/// statement, so a level never changes without its entry. The CHECK constraints on
-/// `stock_levels` are the last line of defence for invariants 1 and 2.
-pub async fn apply(conn: &mut PgConnection, change: &Change<'_>) -> Result<Level, ApiError> {
-    sqlx::query_as(concat!(
-        "WITH lvl AS (
-             UPDATE stock_levels
-                SET on_hand = on_hand + $3, reserved = reserved + $4, updated_at = now()
-              WHERE sku = $1 AND warehouse = $2
-          RETURNING *
-         ), entry AS (
-             INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
-                                 on_hand_after, reserved_after, reference, reason)
-             SELECT $5, sku, warehouse, $6, $3, $4, on_hand, reserved, $7, $8 FROM lvl
-         )
-         SELECT ",
-        level_columns!(),
-        " FROM lvl"
-    ))
-    .bind(change.sku)
-    .bind(change.warehouse)
-    .bind(change.on_hand_delta)
-    .bind(change.reserved_delta)
-    .bind(Uuid::now_v7())
-    .bind(change.kind.as_str())
-    .bind(change.reference)
-    .bind(change.reason)
-    .fetch_optional(conn)
-    .await?
-    .ok_or_else(|| ApiError::Internal(format!("stock level {}/{} vanished while locked", change.sku, change.warehouse)))
+/// One level as it is now.
+pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Result<Level, ApiError> {
+    sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 AND warehouse = $2"))
+        .bind(sku)
+        .bind(warehouse)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no stock level {sku}/{warehouse}")))
 }
 
 /// Sets the replenishment settings of a level, creating the level when needed.

@@ -1,0 +1,95 @@
+//! The outbox: relaying committed events into the public, gap-free order, and reading them.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Every event type of the contract.
+pub const TYPES: [&str; 7] = [
+    "stock.out_of_stock",
+    "stock.back_in_stock",
+    "stock.low",
+    "reservation.created",
+    "reservation.fulfilled",
+    "reservation.released",
+    "reservation.expired",
+];
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Event {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warehouse: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reservation_id: Option<Uuid>,
+    pub data: serde_json::Value,
+}
+
+/// Gives the next public ids to committed events, in one short transaction; returns how many.
+///
+/// Only events of transactions older than the oldest running one are numbered: every event
+/// that could still appear belongs to a younger transaction, so it can only get a larger id,
+/// and a reader paging with `after` never misses one. One relay at a time (advisory lock), so
+/// several service instances can run it.
+pub async fn relay(pool: &PgPool) -> Result<u64, ApiError> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
+    if !locked {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "WITH ready AS (
+             SELECT seq, row_number() OVER (ORDER BY seq) AS n
+               FROM (SELECT seq FROM events
+                      WHERE id IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
+                      ORDER BY seq LIMIT 10000) s
+         ), top AS (SELECT coalesce(max(id), 0) AS id FROM events)
+         UPDATE events e SET id = top.id + ready.n
+           FROM ready, top
+          WHERE e.seq = ready.seq",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
+}
+
+/// Relayed events after `after`, oldest first, optionally of some types only.
+pub async fn page(conn: &mut PgConnection, after: i64, limit: i64, types: &[String]) -> Result<Vec<Event>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT id, at, type, sku, warehouse, reservation_id, data FROM events
+          WHERE id > $1 AND (cardinality($3::text[]) = 0 OR type = ANY($3))
+          ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .bind(types)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Deletes relayed events older than the retention, but never the newest one: it carries the
+/// counter the next ids continue from.
+pub async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, ApiError> {
+    let done = sqlx::query(
+        "DELETE FROM events WHERE seq IN (
+             SELECT seq FROM events
+              WHERE at < now() - make_interval(secs => $1)
+                AND id IS NOT NULL AND id < (SELECT max(id) FROM events)
+              ORDER BY at LIMIT $2)",
+    )
+    .bind(retention_secs as f64)
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
