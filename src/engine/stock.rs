@@ -3,10 +3,10 @@
 use serde::Serialize;
 use sqlx::PgConnection;
 
+use super::book::Book;
 use crate::domain::{AdjustReason, Delta, Quantity, Sku, WarehouseCode};
 use crate::error::{ApiError, ShortLine};
 use crate::store::catalogue::require_sku_and_warehouses;
-use super::book::Book;
 use crate::store::stock::{self, EntryKind, Level};
 
 #[derive(Debug, Clone)]
@@ -85,11 +85,19 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
         }
         let delta = cmd.delta.get();
         let available = level.available();
-        book.apply_with_reason(sku, wh, EntryKind::Adjust, delta, 0, cmd.reference.as_deref(), Some(cmd.reason.as_str()))
-            .map_err(|_| ApiError::InsufficientStock {
-                detail: format!("removing {} units from {sku}/{wh} would break its floor (available {available})", -delta),
-                lines: vec![ShortLine { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
-            })
+        book.apply_with_reason(
+            sku,
+            wh,
+            EntryKind::Adjust,
+            delta,
+            0,
+            cmd.reference.as_deref(),
+            Some(cmd.reason.as_str()),
+        )
+        .map_err(|_| ApiError::InsufficientStock {
+            detail: format!("removing {} units from {sku}/{wh} would break its floor (available {available})", -delta),
+            lines: vec![ShortLine { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
+        })
     })
     .await
 }

@@ -5,8 +5,8 @@
 //! transactions touching the same rows always queue instead of deadlocking.
 
 pub mod catalogue;
-pub mod events;
 pub mod check;
+pub mod events;
 pub mod ledger;
 pub mod reservations;
 pub mod stock;

@@ -4,6 +4,7 @@ mod catalogue;
 mod cli;
 mod concurrency;
 mod errors;
+mod events;
 mod expiry;
 mod helpers;
 mod idempotency;

@@ -1,0 +1,209 @@
+//! The event feed: crossings and lifecycle events, gap-free paging, SSE resume.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+/// Every event after `after`, following `next_cursor`.
+async fn events_after(app: &TestApp, after: i64) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = after;
+    loop {
+        let (status, page) = app.get(&format!("/v1/events?after={cursor}&limit=100")).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().unwrap().clone();
+        if items.is_empty() {
+            return out;
+        }
+        cursor = page["next_cursor"].as_i64().unwrap();
+        out.extend(items);
+    }
+}
+
+fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn availability_crossings_and_lifecycle_changes_are_events() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 5).await;
+    app.put("/v1/stock/A/W1", json!({"reorder_point": 3})).await;
+    let (_, r) = app.post("/v1/reservations", json!({"order_id": "o1", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    let (_, r2) = app.post("/v1/reservations", json!({"order_id": "o2", "lines": [{"sku": "A", "quantity": 4}]})).await;
+    let (status, _) =
+        app.post("/v1/reservations", json!({"order_id": "o3", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "refused: no events");
+    app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/release", r2["id"].as_str().unwrap()), None).await;
+    app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/fulfil", r["id"].as_str().unwrap()), None).await;
+
+    let events = events_after(&app, 0).await;
+    assert_eq!(
+        types(&events),
+        [
+            "stock.back_in_stock",  // receive: 0 → 5
+            "reservation.created",  // o1: 5 → 4, still above the reorder point
+            "reservation.created",  // o2: 4 → 0 ...
+            "stock.out_of_stock",   // ... is out of stock ...
+            "stock.low",            // ... and crosses the reorder point 3
+            "reservation.released", // release o2: 0 → 4
+            "stock.back_in_stock",
+            "reservation.fulfilled", // fulfil o1: available stays 4
+        ]
+    );
+    let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>(), "ids are gap-free from 1");
+    assert_eq!(events[3]["sku"], "A");
+    assert_eq!(events[3]["warehouse"], "W1");
+    assert_eq!(events[3]["data"]["available"], 0);
+    assert_eq!(events[2]["reservation_id"], r2["id"]);
+    let (_, only) = app.get("/v1/events?type=reservation.created").await;
+    assert_eq!(only["items"].as_array().unwrap().len(), 2);
+    let (status, _) = app.get("/v1/events?type=stock.exploded").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_reader_following_the_feed_during_200_concurrent_operations_sees_every_event_once_in_order() {
+    let app = TestApp::spawn().await;
+    for w in ["W1", "W2"] {
+        app.warehouse(w, 1).await;
+    }
+    let skus: Vec<String> = (0..5).map(|i| format!("S{i}")).collect();
+    for sku in &skus {
+        app.sku(sku).await;
+        app.receive(sku, "W1", 20).await;
+    }
+    let baseline = events_after(&app, 0).await.len() as i64;
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // The reader polls the feed with `after` while the writers run.
+    let reader = async {
+        let mut seen: Vec<i64> = Vec::new();
+        let mut cursor = baseline;
+        let started = Instant::now();
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            let (_, page) = app.get(&format!("/v1/events?after={cursor}&limit=50")).await;
+            for e in page["items"].as_array().unwrap() {
+                seen.push(e["id"].as_i64().unwrap());
+            }
+            cursor = page["next_cursor"].as_i64().unwrap();
+            if finished && page["items"].as_array().unwrap().is_empty() {
+                // Give the relay one more turn for the last commits.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (_, page) = app.get(&format!("/v1/events?after={cursor}&limit=1000")).await;
+                seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()));
+                return seen;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "reader never caught up");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let writers = async {
+        let results = join_all((0..200usize).map(|i| {
+            let app = &app;
+            let skus = &skus;
+            async move {
+                let sku = &skus[i % skus.len()];
+                match i % 4 {
+                    0 => {
+                        app.post("/v1/stock/transfer", json!({"sku": sku, "from": "W1", "to": "W2", "quantity": 1}))
+                            .await
+                    }
+                    1 => {
+                        app.post(
+                            "/v1/stock/adjust",
+                            json!({"sku": sku, "warehouse": "W1", "delta": -1, "reason": "count"}),
+                        )
+                        .await
+                    }
+                    _ => {
+                        let (s, r) = app
+                            .post(
+                                "/v1/reservations",
+                                json!({"order_id": format!("o{i}"), "lines": [{"sku": sku, "quantity": 1 + i % 3}]}),
+                            )
+                            .await;
+                        if s == StatusCode::CREATED && i % 3 == 0 {
+                            let id = r["id"].as_str().unwrap();
+                            return app
+                                .call(reqwest::Method::POST, &format!("/v1/reservations/{id}/release"), None)
+                                .await;
+                        }
+                        (s, r)
+                    }
+                }
+            }
+        }))
+        .await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        results
+    };
+    let (seen, results) = tokio::join!(reader, writers);
+    assert!(results.iter().all(|(s, _)| s.is_success() || *s == StatusCode::CONFLICT), "no 5xx");
+
+    let all = events_after(&app, baseline).await;
+    let ids: Vec<i64> = all.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, ((baseline + 1)..=(baseline + all.len() as i64)).collect::<Vec<_>>(), "gap-free");
+    assert_eq!(seen, ids, "the live reader saw every event exactly once, in order");
+
+    // Every committed change has exactly its events, none for refused ones.
+    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(&app.db).await.unwrap();
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = 'released'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let count = |t: &str| all.iter().filter(|e| e["type"] == t).count() as i64;
+    assert_eq!(count("reservation.created"), created);
+    assert_eq!(count("reservation.released"), released);
+    app.assert_invariants().await;
+}
+
+/// Reads SSE frames from a streaming response until `n` events arrived; returns their ids.
+async fn read_sse_ids(res: &mut reqwest::Response, n: usize) -> Vec<i64> {
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ids: Vec<i64> = text.lines().filter_map(|l| l.strip_prefix("id: ")).map(|v| v.parse().unwrap()).collect();
+        if ids.len() >= n {
+            return ids[..n].to_vec();
+        }
+        assert!(Instant::now() < deadline, "stream too slow: {text}");
+        let chunk = tokio::time::timeout(Duration::from_secs(20), res.chunk()).await.unwrap().unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test]
+async fn the_stream_is_live_and_resumes_after_last_event_id() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    for i in 0..3 {
+        app.post("/v1/reservations", json!({"order_id": format!("o{i}"), "lines": [{"sku": "A", "quantity": 1}]}))
+            .await;
+    }
+    // 3 refused reservations (no stock) emit nothing; receipts and later holds do.
+    app.receive("A", "W1", 10).await;
+    let mut res = app.client.get(app.url("/v1/events/stream")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let first = read_sse_ids(&mut res, 1).await;
+    assert_eq!(first, [1]);
+    // Live: an event committed after connecting arrives on the open stream.
+    app.post("/v1/reservations", json!({"order_id": "live", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    app.post("/v1/reservations", json!({"order_id": "live2", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    let ids = read_sse_ids(&mut res, 2).await;
+    assert_eq!(ids, [2, 3]);
+    drop(res);
+
+    let mut resumed = app.client.get(app.url("/v1/events/stream")).header("last-event-id", "2").send().await.unwrap();
+    assert_eq!(read_sse_ids(&mut resumed, 1).await, [3], "resumes right after the last seen id");
+}
