@@ -36,7 +36,7 @@ CREATE TABLE idempotency_keys (
     key         text        PRIMARY KEY,
     method      text        NOT NULL,
     path        text        NOT NULL,
-    request     jsonb       NOT NULL,
+    request     text        NOT NULL,   -- the body as canonical JSON (sorted keys)
     status      smallint    NOT NULL,
     response    text        NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()

@@ -68,6 +68,20 @@ pub async fn sweep_expired(pool: &PgPool, batch: i64) {
                     return;
                 }
             }
+            // One stuck reservation must not hold back the whole batch: go on one at a time.
+            Err(err) if batch > 1 => {
+                tracing::warn!(error = %err, "expiry batch failed; expiring one at a time");
+                for _ in 0..batch {
+                    match transact(pool, &1, |tx, one| Box::pin(expire_due(tx, *one))).await {
+                        Ok(1) => {}
+                        Ok(_) => return,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "expiry sweep failed; will retry");
+                            return;
+                        }
+                    }
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "expiry sweep failed; will retry");
                 return;

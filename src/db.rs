@@ -129,6 +129,10 @@ where
                 tracing::debug!(%sqlstate, tries, "retrying transaction");
                 backoff(tries).await;
             }
+            Err(err) if err.is_retryable() => {
+                tracing::warn!(error = %err, tries, "transaction kept conflicting; giving up");
+                return Err(ApiError::Unavailable(format!("gave up after {tries} conflicting attempts")));
+            }
             other => return other,
         }
     }

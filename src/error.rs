@@ -50,6 +50,9 @@ pub enum ApiError {
     /// The database cannot be reached, or a lock/statement timeout fired; nothing changed.
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The request ran out of time; it may or may not have committed.
+    #[error("the request took longer than {0:?}")]
+    Timeout(std::time::Duration),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("internal error: {0}")]
@@ -105,6 +108,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Database(err) => database_class(err).status(),
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -125,6 +129,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",
+            Self::Timeout(_) => "timeout",
             Self::Database(err) => database_class(err).code(),
             Self::Internal(_) => "internal_error",
         }
@@ -142,6 +147,10 @@ impl ApiError {
             },
             Self::Internal(_) => "an unexpected error occurred; the request changed nothing".into(),
             Self::Unavailable(_) => "the service is unavailable; the request changed nothing".into(),
+            Self::Timeout(limit) => format!(
+                "the request took longer than {limit:?}; it may or may not have taken effect: \
+                 retry with the same Idempotency-Key"
+            ),
             Self::Validation(errors) => format!("{} field(s) are invalid", errors.len()),
             other => other.to_string(),
         }

@@ -87,14 +87,15 @@ struct Row {
 }
 
 impl Book {
-    /// Locks every level of the given SKUs, in (sku, warehouse) order.
+    /// Locks every level of the given SKUs in active warehouses (the only ones that take new
+    /// reservations), in (sku, warehouse) order.
     pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self, ApiError> {
         let mut skus = skus.to_vec();
         skus.sort_unstable();
         skus.dedup();
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
-               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
+               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
               WHERE l.sku = ANY($1)
               ORDER BY l.sku, l.warehouse
                 FOR UPDATE OF l",
@@ -131,7 +132,7 @@ impl Book {
     pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self, ApiError> {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
-               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
+               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
               WHERE l.sku = ANY($1)",
         )
         .bind(skus)

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use super::extract::{Json, Path};
+use super::extract::{OptionalJson, Path};
 use crate::db::transact;
 use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode};
 use crate::error::ApiError;
@@ -30,7 +30,7 @@ fn created_or_ok(created: bool) -> StatusCode {
     if created { StatusCode::CREATED } else { StatusCode::OK }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct WarehouseBody {
     name: Option<String>,
     region: Option<String>,
@@ -41,8 +41,9 @@ pub struct WarehouseBody {
 pub async fn put_warehouse(
     State(state): State<AppState>,
     Path(code): Path<String>,
-    Json(body): Json<WarehouseBody>,
+    OptionalJson(body): OptionalJson<WarehouseBody>,
 ) -> Result<Response, ApiError> {
+    let body = body.unwrap_or_default();
     let mut v = Validator::new();
     let code = v.check("code", WarehouseCode::parse(code));
     let name = v.required("name", body.name, |n| {
@@ -73,7 +74,7 @@ pub async fn list_warehouses(State(state): State<AppState>) -> Result<Response, 
     Ok(axum::Json(json!({ "items": items })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct SkuBody {
     name: Option<String>,
     backorder_limit: Option<i64>,
@@ -82,8 +83,9 @@ pub struct SkuBody {
 pub async fn put_sku(
     State(state): State<AppState>,
     Path(sku): Path<String>,
-    Json(body): Json<SkuBody>,
+    OptionalJson(body): OptionalJson<SkuBody>,
 ) -> Result<Response, ApiError> {
+    let body = body.unwrap_or_default();
     let mut v = Validator::new();
     let sku = v.check("sku", Sku::parse(sku));
     let name = v.optional("name", body.name, text);

@@ -16,8 +16,14 @@ pub async fn live() -> Json<Value> {
 /// The database is reachable and every migration this binary knows is applied.
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&state.db).await?;
+    let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&state.db)
+        .await
+        .map_err(|err| match ApiError::from(err) {
+            // Reachable but not migrated (no table yet) is "not ready", not a server error.
+            ApiError::Database(sqlx::Error::Database(db)) => ApiError::Unavailable(format!("database not ready: {db}")),
+            other => other,
+        })?;
     if applied.unwrap_or(0) < expected {
         return Err(ApiError::Unavailable(format!("migrations pending: at {applied:?}, need {expected}")));
     }

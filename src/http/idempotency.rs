@@ -75,13 +75,15 @@ where
             "a request with this Idempotency-Key is still being processed; retry shortly",
         ));
     }
-    let stored: Option<(String, String, Value, i16, String)> =
+    // serde_json's maps are sorted, so this text is the same for the same JSON body.
+    let fingerprint = req.body.to_string();
+    let stored: Option<(String, String, String, i16, String)> =
         sqlx::query_as("SELECT method, path, request, status, response FROM idempotency_keys WHERE key = $1")
             .bind(*key)
             .fetch_optional(&mut *conn)
             .await?;
     if let Some((method, path, request, status, response)) = stored {
-        if method == req.method && path == req.path && &request == req.body {
+        if method == req.method && path == req.path && request == fingerprint {
             let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
             return Ok(Outcome::Replay(status, response));
         }
@@ -110,7 +112,7 @@ where
     .bind(*key)
     .bind(req.method)
     .bind(req.path)
-    .bind(req.body)
+    .bind(&fingerprint)
     .bind(status.as_u16() as i16)
     .bind(body)
     .execute(&mut *conn)

@@ -62,6 +62,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // A panic answers a problem+json 500 (inside the request-id scope) instead of a dropped connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Internal("handler panicked".into()).into_response()
+        }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
@@ -80,7 +84,7 @@ async fn method_not_allowed() -> ApiError {
 async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response(),
+        Err(_) => ApiError::Timeout(limit).into_response(),
     }
 }
 

@@ -70,6 +70,14 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
             }
         }
     }
+    if let Some(Some(Strategy::Single)) = strategy {
+        let mut pins: Vec<&str> = lines.iter().filter_map(|l| l.warehouse.as_deref()).collect();
+        pins.sort_unstable();
+        pins.dedup();
+        if pins.len() > 1 {
+            v.fail("lines", "strategy single cannot honour lines pinned to different warehouses");
+        }
+    }
     Ok(v.finish(|| {
         Some(NewReservation {
             order_id: order_id?,
@@ -139,12 +147,15 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Re
     Ok(axum::Json(json!({ "items": items })).into_response())
 }
 
+/// Unknown fields are refused: a misspelt `lines` must not turn a partial fulfil into a full one.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SettleBody {
     lines: Option<Vec<PartBody>>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PartBody {
     sku: Option<String>,
     warehouse: Option<String>,

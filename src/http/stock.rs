@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::catalogue::text;
-use super::extract::{Body, IdempotencyKey, Json, Path, Query};
+use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query};
 use super::idempotency::{self, Request};
 use super::{AppState, page_limit};
 use crate::db::transact;
@@ -122,7 +122,7 @@ pub async fn transfer(
     idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ReplenishmentBody {
     reorder_point: Option<i64>,
     reorder_quantity: Option<i64>,
@@ -131,8 +131,9 @@ pub struct ReplenishmentBody {
 pub async fn put_replenishment(
     State(state): State<AppState>,
     Path((sku, warehouse)): Path<(String, String)>,
-    Json(body): Json<ReplenishmentBody>,
+    OptionalJson(body): OptionalJson<ReplenishmentBody>,
 ) -> Result<Response, ApiError> {
+    let body = body.unwrap_or_default();
     let mut v = Validator::new();
     let sku = v.check("sku", Sku::parse(sku));
     let warehouse = v.check("warehouse", WarehouseCode::parse(warehouse));
@@ -189,12 +190,10 @@ pub async fn availability(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let mut requested = Vec::new();
+    // Other parameters (cache busters and the like) are ignored: a product page never breaks.
     for (key, value) in pairs {
-        match key.as_str() {
-            "sku" => requested.extend(value.split(',').filter(|s| !s.is_empty()).map(str::to_owned)),
-            _ => {
-                return Err(ApiError::Malformed(format!("unknown query parameter `{key}`")));
-            }
+        if key == "sku" {
+            requested.extend(value.split(',').filter(|s| !s.is_empty()).map(str::to_owned));
         }
     }
     if requested.is_empty() {

@@ -58,11 +58,13 @@ impl EntryKind {
     }
 }
 
-/// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit.
+/// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit. The SKU
+/// row is share-locked meanwhile, so a concurrent change of the limit either sees the new level
+/// or is seen by it (locks: SKU row, then level).
 pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), ApiError> {
     sqlx::query(
         "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
-         SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1
+         SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1 FOR SHARE
          ON CONFLICT (sku, warehouse) DO NOTHING",
     )
     .bind(sku.as_str())
@@ -93,7 +95,7 @@ pub async fn set_replenishment(
 ) -> Result<(Level, bool), ApiError> {
     let row: LevelWithFlag = sqlx::query_as(concat!(
         "INSERT INTO stock_levels AS s (sku, warehouse, backorder_limit, reorder_point, reorder_quantity)
-         SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1
+         SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1 FOR SHARE
          ON CONFLICT (sku, warehouse) DO UPDATE SET
              reorder_point = COALESCE($3, s.reorder_point),
              reorder_quantity = COALESCE($4, s.reorder_quantity),

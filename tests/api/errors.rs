@@ -117,7 +117,7 @@ async fn bad_query_values_are_400() {
         "/v1/stock?below_reorder_point=maybe",
         "/v1/stock?cursor=zz",
         "/v1/ledger?after=not-a-uuid",
-        "/v1/availability?color=red",
+        "/v1/events?after=x",
     ] {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;

@@ -385,3 +385,29 @@ async fn unknown_reservations_are_404_and_bad_requests_422() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.ledger_count().await, 0);
 }
+
+#[tokio::test]
+async fn a_misspelt_partial_fulfilment_is_refused_rather_than_fulfilling_everything() {
+    let app = shop().await;
+    app.receive("A", "W1", 10).await;
+    let (_, r) = reserve(&app, json!({"order_id": "o", "lines": [{"sku": "A", "quantity": 4}]})).await;
+    let id = r["id"].as_str().unwrap();
+    let (status, body) = app
+        .post(
+            &format!("/v1/reservations/{id}/fulfil"),
+            json!({"line": [{"sku": "A", "warehouse": "W1", "quantity": 1}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(app.level("A", "W1").await, (10, 4), "nothing fulfilled");
+}
+
+#[tokio::test]
+async fn single_with_lines_pinned_to_different_warehouses_is_422() {
+    let app = shop().await;
+    let body = json!({"order_id": "o", "strategy": "single", "lines": [
+        {"sku": "A", "quantity": 1, "warehouse": "W1"}, {"sku": "B", "quantity": 1, "warehouse": "W2"}]});
+    let (status, r) = reserve(&app, body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
+    assert_eq!(r["errors"][0]["field"], "lines");
+}
