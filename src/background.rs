@@ -32,8 +32,9 @@ pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> 
             move || {
                 let pool = pool.clone();
                 async move {
-                    if let Err(err) = events::relay(&pool).await {
-                        tracing::warn!(error = %err, "event relay failed; will retry");
+                    match events::relay(&pool).await {
+                        Ok(n) => metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(n),
+                        Err(err) => tracing::warn!(error = %err, "event relay failed; will retry"),
                     }
                 }
             }
@@ -58,11 +59,23 @@ pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> 
 
 /// Expires overdue reservations batch by batch until none is left.
 pub async fn sweep_expired(pool: &PgPool, batch: i64) {
+    metrics::counter!(crate::metrics::EXPIRY_SWEEPS).increment(1);
+    // How far behind the sweep is: the oldest deadline still unhandled (0 when none).
+    let lag: Result<f64, sqlx::Error> = sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(expires_at))::float8, 0)
+           FROM reservations WHERE status = 'active' AND expires_at <= now()",
+    )
+    .fetch_one(pool)
+    .await;
+    if let Ok(lag) = lag {
+        metrics::gauge!(crate::metrics::EXPIRY_LAG).set(lag);
+    }
     loop {
         match transact(pool, &batch, |tx, batch| Box::pin(expire_due(tx, *batch))).await {
             Ok(n) => {
                 if n > 0 {
                     tracing::info!(expired = n, "reservations expired");
+                    metrics::counter!(crate::metrics::EXPIRED).increment(n as u64);
                 }
                 if (n as i64) < batch {
                     return;

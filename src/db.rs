@@ -127,6 +127,7 @@ where
             Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
                 let sqlstate = err.sqlstate().unwrap_or_default();
                 tracing::debug!(%sqlstate, tries, "retrying transaction");
+                metrics::counter!(crate::metrics::TX_RETRIES, "sqlstate" => sqlstate).increment(1);
                 backoff(tries).await;
             }
             Err(err) if err.is_retryable() => {

@@ -17,6 +17,10 @@ pub struct ShortLine {
     pub available: i64,
 }
 
+/// The `code` of an error answer, left in the response's extensions for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The body is not valid JSON, has wrong types, or a query parameter has a bad value.
@@ -250,6 +254,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&self.to_problem()).unwrap_or_default();
         let mut response = (status, body).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.extensions_mut().insert(ErrorCode(self.code()));
         response
     }
 }

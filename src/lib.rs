@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod http;
 pub mod local_pg;
+pub mod metrics;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

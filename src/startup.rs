@@ -86,6 +86,7 @@ pub async fn serve(
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
     let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx };

@@ -270,6 +270,13 @@ impl Book {
             }
         }
         let e = &self.entries;
+        for entry in e {
+            let units = match entry.kind {
+                EntryKind::Reserve | EntryKind::Release | EntryKind::Expire => entry.reserved_delta,
+                _ => entry.on_hand_delta,
+            };
+            metrics::counter!(crate::metrics::UNITS, "kind" => entry.kind.as_str()).increment(units.unsigned_abs());
+        }
         let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
             "WITH upd AS (
                  UPDATE stock_levels l

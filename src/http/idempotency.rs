@@ -52,7 +52,10 @@ where
     let outcome = transact(&state.db, &attempt, |conn, a| Box::pin(once(conn, a))).await?;
     Ok(match outcome {
         Outcome::Fresh(status, body) => json_response(status, body, false),
-        Outcome::Replay(status, body) => json_response(status, with_current_request_id(status, body), true),
+        Outcome::Replay(status, body) => {
+            metrics::counter!(crate::metrics::IDEMPOTENT_REPLAYS).increment(1);
+            json_response(status, with_current_request_id(status, body), true)
+        }
         Outcome::Refused(err) => err.into_response(),
     })
 }

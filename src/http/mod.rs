@@ -39,6 +39,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
+        .route("/metrics", get(crate::metrics::render))
         .route("/v1/warehouses", get(catalogue::list_warehouses))
         .route("/v1/warehouses/{code}", put(catalogue::put_warehouse).get(catalogue::get_warehouse))
         .route("/v1/skus/{sku}", put(catalogue::put_sku).get(catalogue::get_sku))

@@ -33,8 +33,13 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
+    let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str()).to_owned();
+    let elapsed = started.elapsed();
+    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(crate::metrics::HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
         if status >= 500 {
             tracing::warn!(status, latency_ms, "request finished");
         } else {
@@ -47,10 +52,20 @@ pub async fn layer(request: Request, next: Next) -> Response {
     response
 }
 
-/// Route-level middleware: records the matched route template (never the raw path) in the span.
+/// The matched route template of a request, carried out on its response.
+#[derive(Debug, Clone)]
+struct Route(String);
+
+/// Route-level middleware: records the matched route template (never the raw path) in the span
+/// and hands it to the outer layer for metrics.
 pub async fn record_route(request: Request, next: Next) -> Response {
-    if let Some(path) = request.extensions().get::<MatchedPath>() {
-        tracing::Span::current().record("route", path.as_str());
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    if let Some(route) = &route {
+        tracing::Span::current().record("route", route.as_str());
     }
-    next.run(request).await
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(Route(route));
+    }
+    response
 }

@@ -14,7 +14,7 @@ use super::idempotency::{self, Request};
 use crate::domain::allocation::{Line, Strategy};
 use crate::domain::{Quantity, Sku, Validator, WarehouseCode};
 use crate::engine::reservations::{self as engine, NewReservation, PartLine, Settle};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::store::reservations as store;
 
 /// Default and bounds of `ttl_seconds`.
@@ -102,7 +102,18 @@ pub async fn create(
         body: &body.raw,
         success: StatusCode::CREATED,
     };
-    idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req))).await
+    let response = idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req)))
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let outcome = if response.headers().contains_key("idempotent-replayed") {
+        "replayed"
+    } else if response.status() == StatusCode::CREATED {
+        "created"
+    } else {
+        response.extensions().get::<ErrorCode>().map_or("error", |c| c.0)
+    };
+    metrics::counter!(crate::metrics::RESERVATIONS, "outcome" => outcome).increment(1);
+    Ok(response)
 }
 
 pub async fn plan(

@@ -8,6 +8,7 @@ mod events;
 mod expiry;
 mod helpers;
 mod idempotency;
+mod operability;
 mod paging;
 mod reservations;
 mod stock;

@@ -1,0 +1,53 @@
+//! Prometheus metrics: the recorder, the `/metrics` endpoint, and the names used across the
+//! service (kept here so they stay consistent).
+
+use std::sync::OnceLock;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::http::AppState;
+
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+pub const RESERVATIONS: &str = "reservations_total";
+pub const UNITS: &str = "stock_units_total";
+pub const EXPIRY_SWEEPS: &str = "expiry_sweeps_total";
+pub const EXPIRED: &str = "reservations_expired_total";
+pub const EXPIRY_LAG: &str = "expiry_lag_seconds";
+pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
+pub const TX_RETRIES: &str = "db_transaction_retries_total";
+pub const EVENTS_RELAYED: &str = "events_relayed_total";
+pub const POOL_SIZE: &str = "db_pool_connections";
+pub const POOL_IDLE: &str = "db_pool_idle_connections";
+pub const POOL_MAX: &str = "db_pool_max_connections";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once per process and returns its handle.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let builder = PrometheusBuilder::new().set_buckets(&buckets).unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        handle
+    })
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn render(State(state): State<AppState>) -> Response {
+    metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
+    metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);
+    metrics::gauge!(POOL_MAX).set(state.db.options().get_max_connections() as f64);
+    let handle = handle();
+    handle.run_upkeep();
+    let mut response = handle.render().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}

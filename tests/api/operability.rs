@@ -1,0 +1,64 @@
+//! Metrics and request ids.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::TestApp;
+
+/// The value of the first sample whose line starts with `name{` and contains every label.
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics(app: &TestApp) -> String {
+    let res = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    res.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn metrics_move_with_real_requests() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 2).await;
+    // Counters are process-wide (tests share the recorder), so compare before and after.
+    let before = metrics(&app).await;
+    let route = r#"route="/v1/reservations""#;
+    let (status, r) =
+        app.post("/v1/reservations", json!({"order_id": "m1", "lines": [{"sku": "A", "quantity": 2}]})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) =
+        app.post("/v1/reservations", json!({"order_id": "m2", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/fulfil", r["id"].as_str().unwrap()), None).await;
+    let after = metrics(&app).await;
+
+    let delta = |name: &str, labels: &[&str]| sample(&after, name, labels) - sample(&before, name, labels);
+    assert!(delta("http_requests_total", &[route, r#"status="201""#]) >= 1.0, "{after}");
+    assert!(delta("http_requests_total", &[route, r#"status="409""#]) >= 1.0);
+    assert!(delta("reservations_total", &[r#"outcome="created""#]) >= 1.0);
+    assert!(delta("reservations_total", &[r#"outcome="insufficient_stock""#]) >= 1.0);
+    assert!(delta("stock_units_total", &[r#"kind="reserve""#]) >= 2.0);
+    assert!(delta("stock_units_total", &[r#"kind="fulfil""#]) >= 2.0);
+    assert!(after.contains("http_request_duration_seconds_bucket"), "latency histogram");
+    assert!(after.contains("db_pool_max_connections"));
+    assert!(!after.contains("/v1/reservations/0"), "route templates, never raw paths");
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let app = TestApp::spawn().await;
+    let res = app.client.get(app.url("/health/live")).send().await.unwrap();
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "generated ids are UUIDs: {id}");
+    let res =
+        app.client.post(app.url("/v1/stock/receive")).header("x-request-id", "abc-1").body("{").send().await.unwrap();
+    assert_eq!(res.headers()["x-request-id"], "abc-1");
+}
