@@ -35,6 +35,22 @@ pub enum Command {
     Migrate,
     /// Verify the contract's invariants over the whole database; exit 1 on any violation.
     Check,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Mint a new API key: prints the key (once) and the line to add to the key configuration.
+    New {
+        /// What the key may do: read, orders (reservations + read), ops (catalogue and stock + read), admin.
+        #[arg(long)]
+        role: String,
+        /// A name for the key, shown in logs (never the key itself).
+        #[arg(long, default_value = "key")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -126,12 +142,39 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
     pub idempotency_retention_secs: i64,
 
+    /// API keys as `name:role:sha256hex` entries, comma-separated (see `inventory keys new`).
+    #[arg(long, env = "INVENTORY_API_KEYS", global = true, hide_env_values = true)]
+    pub api_keys: Option<String>,
+
+    /// A file of API key entries, one `name:role:sha256hex` per line.
+    #[arg(long, env = "INVENTORY_API_KEYS_FILE", global = true)]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
+    /// Serve without API keys on a non-loopback address (never do this in production).
+    #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Whether /metrics is open without a key (otherwise it needs the read role).
+    #[arg(long, env = "INVENTORY_METRICS_PUBLIC", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub metrics_public: bool,
+
     /// Seconds events are kept in the feed.
     #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, global = true)]
     pub event_retention_secs: i64,
 }
 
 impl ServerArgs {
+    /// The configured API keys (from `--api-keys` and `--api-keys-file`).
+    pub fn keys(&self) -> Result<crate::auth::Keys, String> {
+        let mut text = self.api_keys.clone().unwrap_or_default();
+        if let Some(path) = &self.api_keys_file {
+            let file = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            text.push('\n');
+            text.push_str(&file);
+        }
+        crate::auth::Keys::parse(&text)
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }
@@ -149,6 +192,10 @@ impl Default for ServerArgs {
             expiry_batch_size: 100,
             idempotency_retention_secs: 86_400,
             event_retention_secs: 604_800,
+            api_keys: None,
+            api_keys_file: None,
+            insecure_no_auth: false,
+            metrics_public: true,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! Data flows one way: `http` (parse, validate) → `domain` (decide) → `engine`/`store`
 //! (lock, persist) → `http` (render).
 
+pub mod auth;
 pub mod background;
 pub mod config;
 pub mod db;

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Cli, Command, DatabaseArgs, ServerArgs};
+use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, ServerArgs};
 use crate::db::{self, Database, MIGRATOR, SetupError};
 use crate::http::{self, AppState};
 
@@ -22,21 +22,45 @@ pub enum RunError {
     Violations(usize),
     #[error("database error: {0}")]
     Database(#[from] crate::error::ApiError),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Runs the subcommand the command line asked for.
 pub async fn run(cli: Cli) -> Result<(), RunError> {
+    if let Some(Command::Keys(KeysCommand::New { role, name })) = &cli.command {
+        let role = crate::auth::Role::parse(role).map_err(RunError::Config)?;
+        let (secret, line) = crate::auth::mint(name, role);
+        println!("key (shown once, give it to the client): {secret}");
+        println!("config entry (add to INVENTORY_API_KEYS or --api-keys-file): {line}");
+        return Ok(());
+    }
     let database = Database::locate(&cli.database).await?;
     let result = match cli.command.clone().unwrap_or(Command::Serve) {
         Command::Serve => serve_command(&cli, &database).await,
         Command::Migrate => migrate_command(&cli.database, &database).await,
         Command::Check => check_command(&cli.database, &database).await,
+        Command::Keys(_) => Ok(()),
     };
     database.shutdown().await;
     result
 }
 
 async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
+    let keys = cli.server.keys().map_err(RunError::Config)?;
+    if keys.is_empty() {
+        if cli.server.listen.ip().is_loopback() {
+            tracing::warn!("NO API KEYS CONFIGURED: every caller may do everything; allowed on loopback only");
+        } else if cli.server.insecure_no_auth {
+            tracing::warn!(addr = %cli.server.listen, "NO API KEYS on a non-loopback address (--insecure-no-auth)");
+        } else {
+            return Err(RunError::Config(format!(
+                "refusing to serve {} without API keys: configure keys (inventory keys new --role orders) \
+                 or pass --insecure-no-auth",
+                cli.server.listen
+            )));
+        }
+    }
     let pool = db::connect(&database.url, &cli.database).await?;
     MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
     let listener = TcpListener::bind(cli.server.listen)
@@ -86,10 +110,11 @@ pub async fn serve(
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let keys = server.keys().map_err(RunError::Config)?;
     crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
-    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx };
+    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys) };
     let app = http::app(state);
     // Draining starts with the signal: background tasks and event streams stop, requests finish.
     let drain = async move {

@@ -30,6 +30,8 @@ pub struct AppState {
     pub config: Arc<ServerArgs>,
     /// Flips to `true` when the server starts draining; long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// API keys; empty means no authentication (loopback only, see startup).
+    pub keys: Arc<crate::auth::Keys>,
 }
 
 /// The whole API, ready to serve.
@@ -68,6 +70,7 @@ pub fn app(state: AppState) -> Router {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::auth::layer))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }

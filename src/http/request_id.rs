@@ -29,7 +29,13 @@ fn usable(value: &HeaderValue) -> Option<String> {
 pub async fn layer(request: Request, next: Next) -> Response {
     let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = request.method().clone();
-    let span = tracing::info_span!("request", %method, route = tracing::field::Empty, request_id = %id);
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        route = tracing::field::Empty,
+        request_id = %id,
+        api_key = tracing::field::Empty
+    );
     let started = Instant::now();
     let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();

@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL, real HTTP on port 0.
 
+mod auth;
 mod catalogue;
 mod cli;
 mod concurrency;
