@@ -24,6 +24,22 @@ async fn events_after(app: &TestApp, after: i64) -> Vec<Value> {
     }
 }
 
+/// Waits until every committed event has its public id (the relay lags behind any transaction
+/// still running on the server, including other tests').
+async fn wait_relayed(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        app.get("/v1/events?limit=1").await;
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE id IS NULL").fetch_one(&app.db).await.unwrap();
+        if pending == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pending} events never relayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn types(events: &[Value]) -> Vec<&str> {
     events.iter().map(|e| e["type"].as_str().unwrap()).collect()
 }
@@ -43,6 +59,7 @@ async fn availability_crossings_and_lifecycle_changes_are_events() {
     app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/release", r2["id"].as_str().unwrap()), None).await;
     app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/fulfil", r["id"].as_str().unwrap()), None).await;
 
+    wait_relayed(&app).await;
     let events = events_after(&app, 0).await;
     assert_eq!(
         types(&events),
@@ -80,6 +97,7 @@ async fn a_reader_following_the_feed_during_200_concurrent_operations_sees_every
         app.sku(sku).await;
         app.receive(sku, "W1", 20).await;
     }
+    wait_relayed(&app).await;
     let baseline = events_after(&app, 0).await.len() as i64;
 
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -96,8 +114,8 @@ async fn a_reader_following_the_feed_during_200_concurrent_operations_sees_every
             }
             cursor = page["next_cursor"].as_i64().unwrap();
             if finished && page["items"].as_array().unwrap().is_empty() {
-                // Give the relay one more turn for the last commits.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Everything committed is numbered: read the rest.
+                wait_relayed(&app).await;
                 let (_, page) = app.get(&format!("/v1/events?after={cursor}&limit=1000")).await;
                 seen.extend(page["items"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()));
                 return seen;
@@ -149,6 +167,7 @@ async fn a_reader_following_the_feed_during_200_concurrent_operations_sees_every
     let (seen, results) = tokio::join!(reader, writers);
     assert!(results.iter().all(|(s, _)| s.is_success() || *s == StatusCode::CONFLICT), "no 5xx");
 
+    wait_relayed(&app).await;
     let all = events_after(&app, baseline).await;
     let ids: Vec<i64> = all.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, ((baseline + 1)..=(baseline + all.len() as i64)).collect::<Vec<_>>(), "gap-free");
