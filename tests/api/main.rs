@@ -3,6 +3,7 @@
 mod catalogue;
 mod cli;
 mod concurrency;
+mod drills;
 mod errors;
 mod events;
 mod expiry;
