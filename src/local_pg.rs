@@ -1,9 +1,11 @@
 //! Starts and stops a private PostgreSQL cluster from the local PostgreSQL binaries.
 //!
 //! Used by the service when no `DATABASE_URL` is given and by the integration tests. The cluster
-//! listens on 127.0.0.1 only, on a free port chosen at start. PostgreSQL refuses to run as root,
-//! so as root every PostgreSQL command runs as the unprivileged `postgres` OS user (via `setpriv`
-//! or `runuser`; `sudo` is often absent).
+//! listens on 127.0.0.1 only, on a free port chosen at its first start; the port is remembered in
+//! `<data dir>/pg.port` and a later start takes it again when it is free, so clients holding the
+//! old URL (a service whose database was restarted) reconnect by themselves. PostgreSQL refuses
+//! to run as root, so as root every PostgreSQL command runs as the unprivileged `postgres` OS user
+//! (via `setpriv` or `runuser`; `sudo` is often absent).
 
 use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
@@ -179,9 +181,14 @@ impl LocalPostgres {
 
     fn launch(&mut self, durability: Durability) -> Result<(), LocalPgError> {
         let mut last_error = None;
+        // The previous start's port first, if nobody took it meanwhile.
+        let mut preferred = self.remembered_port().filter(|&port| port_is_free(port));
         // A free port can be taken by someone else between choosing and binding it: try again.
         for _ in 0..5 {
-            let port = free_port().map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?;
+            let port = match preferred.take() {
+                Some(port) => port,
+                None => free_port().map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?,
+            };
             let mut options = format!(
                 "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300"
             );
@@ -194,12 +201,29 @@ impl LocalPostgres {
                 self.pg_command("pg_ctl", &["start", "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options])?;
             if out.status.success() {
                 self.port = port;
+                self.remember_port();
                 tracing::info!(port, dir = %dir, "local PostgreSQL started");
                 return Ok(());
             }
             last_error = Some(command_error(&format!("pg_ctl start (log: {log})"), &out));
         }
         Err(last_error.unwrap_or(LocalPgError::NoBinaries))
+    }
+
+    /// `<data dir>/pg.port`: the port of the last start, taken again by the next one when free.
+    fn port_file(&self) -> PathBuf {
+        self.cluster_dir.with_file_name("pg.port")
+    }
+
+    fn remembered_port(&self) -> Option<u16> {
+        std::fs::read_to_string(self.port_file()).ok()?.trim().parse().ok().filter(|&port| port != 0)
+    }
+
+    /// Best effort: without the file the next start merely picks another free port.
+    fn remember_port(&self) {
+        if let Err(err) = std::fs::write(self.port_file(), format!("{}\n", self.port)) {
+            tracing::warn!(error = %err, file = %self.port_file().display(), "cannot remember the PostgreSQL port");
+        }
     }
 
     fn prefix(&self) -> Vec<String> {
@@ -309,6 +333,10 @@ fn passwd_home(user: &str) -> Option<String> {
 
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 fn command_error(what: &str, out: &Output) -> LocalPgError {

@@ -133,8 +133,14 @@ impl TestApp {
     }
 
     pub async fn spawn_with(server: ServerArgs) -> Self {
+        Self::spawn_with_database_args(server, database_args(None)).await
+    }
+
+    /// Like [`TestApp::spawn_with`], with the pool built from `database` (lock timeout, pool
+    /// size, …); its `database_url` is ignored in favour of a fresh database.
+    pub async fn spawn_with_database_args(server: ServerArgs, database: DatabaseArgs) -> Self {
         let db_url = fresh_database().await;
-        let db = inventory::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
+        let db = inventory::db::connect(&db_url, &database).await.expect("connect to the test database");
         Self::serve(db, db_url, server).await
     }
 

@@ -4,6 +4,7 @@ mod auth;
 mod catalogue;
 mod cli;
 mod concurrency;
+mod drills;
 mod errors;
 mod events;
 mod expiry;
