@@ -192,7 +192,10 @@ impl ApiError {
         if let Some(id) = crate::http::request_id::current() {
             body.insert("request_id".into(), json!(id));
         }
-        body.extend(self.extension_members());
+        // Extension members never replace the RFC 9457 ones.
+        for (key, value) in self.extension_members() {
+            body.entry(key).or_insert(value);
+        }
         Value::Object(body)
     }
 }

@@ -41,6 +41,14 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// `GET /metrics`: Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
+    )
+)]
 pub async fn render(State(state): State<AppState>) -> Response {
     metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
     metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);

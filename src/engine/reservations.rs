@@ -32,21 +32,21 @@ pub struct PartLine {
 }
 
 /// What a plan answers: the allocation the service would make right now.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Plan {
     pub order_id: String,
     pub strategy: &'static str,
     pub lines: Vec<PlanLine>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PlanLine {
     pub sku: String,
     pub quantity: i64,
     pub allocations: Vec<PlanAllocation>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PlanAllocation {
     pub warehouse: String,
     pub quantity: i64,
@@ -198,7 +198,7 @@ async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<Header, ApiErr
     let status = if header.status == "active" && header.overdue { "expired" } else { header.status.as_str() };
     if status != "active" {
         return Err(ApiError::conflict("reservation_not_active", format!("reservation {id} is {status}"))
-            .with("status", status)
+            .with("reservation_status", status)
             .with("reservation_id", id.to_string()));
     }
     Ok(header)

@@ -37,7 +37,7 @@ pub struct Transfer {
 }
 
 /// Both sides of a transfer after it happened.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Transferred {
     pub sku: String,
     pub quantity: i64,

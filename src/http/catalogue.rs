@@ -30,7 +30,7 @@ fn created_or_ok(created: bool) -> StatusCode {
     if created { StatusCode::CREATED } else { StatusCode::OK }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct WarehouseBody {
     name: Option<String>,
     region: Option<String>,
@@ -38,6 +38,21 @@ pub struct WarehouseBody {
     active: Option<bool>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/warehouses/{code}",
+    tag = "catalogue",
+    params(("code" = String, Path, description = "warehouse code")),
+    request_body = WarehouseBody,
+    responses(
+        (status = 201, description = "created", body = crate::store::catalogue::Warehouse),
+        (status = 200, description = "updated", body = crate::store::catalogue::Warehouse),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn put_warehouse(
     State(state): State<AppState>,
     Path(code): Path<String>,
@@ -62,24 +77,58 @@ pub async fn put_warehouse(
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/warehouses/{code}",
+    tag = "catalogue",
+    params(("code" = String, Path, description = "warehouse code")),
+    responses(
+        (status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
+        (status = 404, description = "unknown warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let warehouse = catalogue::get_warehouse(&mut conn, &code).await?;
     Ok(axum::Json(warehouse).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/warehouses",
+    tag = "catalogue",
+    responses(
+        (status = 200, description = "every warehouse, by priority", body = crate::http::openapi::WarehouseList)
+    )
+)]
 pub async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let items = catalogue::list_warehouses(&mut conn).await?;
     Ok(axum::Json(json!({ "items": items })).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct SkuBody {
     name: Option<String>,
     backorder_limit: Option<i64>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/skus/{sku}",
+    tag = "catalogue",
+    params(("sku" = String, Path, description = "the SKU")),
+    request_body = SkuBody,
+    responses(
+        (status = 201, description = "created", body = crate::store::catalogue::SkuRecord),
+        (status = 200, description = "updated", body = crate::store::catalogue::SkuRecord),
+        (status = 409, description = "backorder_limit_in_use: lowering the limit below what is backordered", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn put_sku(
     State(state): State<AppState>,
     Path(sku): Path<String>,
@@ -97,6 +146,16 @@ pub async fn put_sku(
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/skus/{sku}",
+    tag = "catalogue",
+    params(("sku" = String, Path, description = "the SKU")),
+    responses(
+        (status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
+        (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(ApiError::not_found(format!("sku {sku} does not exist")));

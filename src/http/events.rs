@@ -16,7 +16,8 @@ use super::{AppState, page_limit};
 use crate::error::ApiError;
 use crate::store::events::{self, Event, TYPES};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
     after: Option<i64>,
     limit: Option<i64>,
@@ -40,6 +41,16 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 
 /// `GET /v1/events?after=&limit=&type=`: `next_cursor` is the last id returned (or `after`
 /// when nothing is new), so a reader can keep polling with it.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    params(EventQuery),
+    responses(
+        (status = 200, description = "events after `after`, by id", body = crate::http::openapi::EventPage),
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let types = types(q.kind.as_deref())?;
@@ -52,7 +63,8 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) ->
     Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
     after: Option<i64>,
     #[serde(rename = "type")]
@@ -61,6 +73,15 @@ pub struct StreamQuery {
 
 /// `GET /v1/events/stream?after=`: the same events, live, as SSE with `id:` lines. A client
 /// resumes with `Last-Event-ID` (which wins over `after`). Ends when the service shuts down.
+#[utoipa::path(
+    get,
+    path = "/v1/events/stream",
+    tag = "events",
+    params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
+    responses(
+        (status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream")
+    )
+)]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,

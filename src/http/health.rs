@@ -9,11 +9,28 @@ use crate::db::MIGRATOR;
 use crate::error::ApiError;
 
 /// The process is up.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    responses(
+        (status = 200, description = "the process is up", body = crate::http::openapi::Health)
+    )
+)]
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// The database is reachable and every migration this binary knows is applied.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "database reachable, migrations applied", body = crate::http::openapi::Health),
+        (status = 503, description = "not ready", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")

@@ -10,7 +10,8 @@ use super::{AppState, page_limit};
 use crate::error::ApiError;
 use crate::store::ledger::{self, EntryPage};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     sku: Option<String>,
     warehouse: Option<String>,
@@ -20,6 +21,16 @@ pub struct LedgerQuery {
     limit: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/ledger",
+    tag = "ledger",
+    params(LedgerQuery),
+    responses(
+        (status = 200, description = "a page of entries, oldest first", body = crate::http::openapi::LedgerPage),
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let page =

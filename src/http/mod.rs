@@ -7,6 +7,7 @@ pub mod extract;
 pub mod health;
 pub mod idempotency;
 pub mod ledger;
+pub mod openapi;
 pub mod request_id;
 pub mod reservations;
 pub mod stock;
@@ -17,8 +18,11 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::ServerArgs;
 use crate::error::ApiError;
@@ -38,29 +42,33 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout();
-    Router::new()
-        .route("/health/live", get(health::live))
-        .route("/health/ready", get(health::ready))
-        .route("/metrics", get(crate::metrics::render))
-        .route("/v1/warehouses", get(catalogue::list_warehouses))
-        .route("/v1/warehouses/{code}", put(catalogue::put_warehouse).get(catalogue::get_warehouse))
-        .route("/v1/skus/{sku}", put(catalogue::put_sku).get(catalogue::get_sku))
-        .route("/v1/stock", get(stock::list))
-        .route("/v1/stock/receive", post(stock::receive))
-        .route("/v1/stock/adjust", post(stock::adjust))
-        .route("/v1/stock/transfer", post(stock::transfer))
-        .route("/v1/stock/{sku}", get(stock::get_sku_stock))
-        .route("/v1/stock/{sku}/{warehouse}", put(stock::put_replenishment))
-        .route("/v1/availability", get(stock::availability))
-        .route("/v1/ledger", get(ledger::list))
-        .route("/v1/events", get(events::list))
-        .route("/v1/events/stream", get(events::stream))
-        .route("/v1/reservations", post(reservations::create).get(reservations::list))
-        .route("/v1/reservations/plan", post(reservations::plan))
-        .route("/v1/reservations/{id}", get(reservations::get))
-        .route("/v1/reservations/{id}/fulfil", post(reservations::fulfil))
-        .route("/v1/reservations/{id}/release", post(reservations::release))
-        .route("/v1/reservations/{id}/extend", post(reservations::extend))
+    let (router, openapi) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .routes(routes!(crate::metrics::render))
+        .routes(routes!(catalogue::list_warehouses))
+        .routes(routes!(catalogue::put_warehouse, catalogue::get_warehouse))
+        .routes(routes!(catalogue::put_sku, catalogue::get_sku))
+        .routes(routes!(stock::list))
+        .routes(routes!(stock::receive))
+        .routes(routes!(stock::adjust))
+        .routes(routes!(stock::transfer))
+        .routes(routes!(stock::get_sku_stock))
+        .routes(routes!(stock::put_replenishment))
+        .routes(routes!(stock::availability))
+        .routes(routes!(ledger::list))
+        .routes(routes!(events::list))
+        .routes(routes!(events::stream))
+        .routes(routes!(reservations::create, reservations::list))
+        .routes(routes!(reservations::plan))
+        .routes(routes!(reservations::get))
+        .routes(routes!(reservations::fulfil))
+        .routes(routes!(reservations::release))
+        .routes(routes!(reservations::extend))
+        .split_for_parts();
+    router
+        // `/docs` (Swagger UI, served from the binary: no CDN) and `/openapi.json`.
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .route_layer(middleware::from_fn(request_id::record_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

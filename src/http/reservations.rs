@@ -21,7 +21,7 @@ use crate::store::reservations as store;
 pub const DEFAULT_TTL: i64 = 900;
 pub const MAX_TTL: i64 = 604_800;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ReserveBody {
     order_id: Option<String>,
     lines: Option<Vec<LineBody>>,
@@ -29,7 +29,7 @@ pub struct ReserveBody {
     strategy: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LineBody {
     sku: Option<String>,
     quantity: Option<i64>,
@@ -88,6 +88,22 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     })?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations",
+    tag = "reservations",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = ReserveBody,
+    responses(
+        (status = 201, description = "held", body = crate::store::reservations::Reservation),
+        (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU or pinned warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -116,6 +132,18 @@ pub async fn create(
     Ok(response)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/plan",
+    tag = "reservations",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = ReserveBody,
+    responses(
+        (status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
+        (status = 409, description = "insufficient_stock or duplicate_order", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn plan(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -132,6 +160,16 @@ fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("reservation {raw} does not exist")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/reservations/{id}",
+    tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)")),
+    responses(
+        (status = 200, description = "the reservation", body = crate::store::reservations::Reservation),
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = reservation_id(&id)?;
     let mut conn = state.db.acquire().await?;
@@ -141,11 +179,21 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(axum::Json(reservation).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ByOrder {
     order_id: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/reservations",
+    tag = "reservations",
+    params(ByOrder),
+    responses(
+        (status = 200, description = "the reservation of the order (or none)", body = crate::http::openapi::ReservationList)
+    )
+)]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let order_id = q.order_id.ok_or_else(|| ApiError::field("order_id", "is required"))?;
     let mut conn = state.db.acquire().await?;
@@ -159,13 +207,13 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Re
 }
 
 /// Unknown fields are refused: a misspelt `lines` must not turn a partial fulfil into a full one.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleBody {
     lines: Option<Vec<PartBody>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PartBody {
     sku: Option<String>,
@@ -214,6 +262,18 @@ async fn settle(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/{id}/fulfil",
+    tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = Option<SettleBody>,
+    responses(
+        (status = 200, description = "after deducting", body = crate::store::reservations::Reservation),
+        (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn fulfil(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -224,6 +284,18 @@ pub async fn fulfil(
     settle(state, key, uri, id, body, Settle::Fulfil).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/{id}/release",
+    tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = Option<SettleBody>,
+    responses(
+        (status = 200, description = "after giving units back", body = crate::store::reservations::Reservation),
+        (status = 409, description = "over_release or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn release(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -234,11 +306,23 @@ pub async fn release(
     settle(state, key, uri, id, body, Settle::Release).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ExtendBody {
     ttl_seconds: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reservations/{id}/extend",
+    tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = ExtendBody,
+    responses(
+        (status = 200, description = "with the new expires_at", body = crate::store::reservations::Reservation),
+        (status = 409, description = "reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn extend(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,

@@ -20,7 +20,7 @@ use crate::store::stock::{self, LevelPage};
 /// Most SKUs one availability request may ask for.
 pub const MAX_AVAILABILITY_SKUS: usize = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ReceiveBody {
     sku: Option<String>,
     warehouse: Option<String>,
@@ -28,6 +28,21 @@ pub struct ReceiveBody {
     reference: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/stock/receive",
+    tag = "stock",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = ReceiveBody,
+    responses(
+        (status = 200, description = "the level after the receipt", body = crate::store::stock::Level),
+        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn receive(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -45,7 +60,7 @@ pub async fn receive(
     idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::receive(tx, cmd))).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct AdjustBody {
     sku: Option<String>,
     warehouse: Option<String>,
@@ -55,6 +70,22 @@ pub struct AdjustBody {
     expected_on_hand: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/stock/adjust",
+    tag = "stock",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = AdjustBody,
+    responses(
+        (status = 200, description = "the level after the adjustment", body = crate::store::stock::Level),
+        (status = 409, description = "insufficient_stock or stale_quantity", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn adjust(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -89,7 +120,7 @@ pub async fn adjust(
     idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::adjust(tx, cmd))).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TransferBody {
     sku: Option<String>,
     from: Option<String>,
@@ -98,6 +129,22 @@ pub struct TransferBody {
     reference: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/stock/transfer",
+    tag = "stock",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+    request_body = TransferBody,
+    responses(
+        (status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
+        (status = 409, description = "insufficient_stock", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn transfer(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -122,12 +169,25 @@ pub async fn transfer(
     idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct ReplenishmentBody {
     reorder_point: Option<i64>,
     reorder_quantity: Option<i64>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/stock/{sku}/{warehouse}",
+    tag = "stock",
+    params(("sku" = String, Path, description = "the SKU"), ("warehouse" = String, Path, description = "warehouse code")),
+    request_body = ReplenishmentBody,
+    responses(
+        (status = 200, description = "updated", body = crate::store::stock::Level),
+        (status = 201, description = "the level was created", body = crate::store::stock::Level),
+        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn put_replenishment(
     State(state): State<AppState>,
     Path((sku, warehouse)): Path<(String, String)>,
@@ -162,6 +222,16 @@ struct Totals {
     available: i64,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/stock/{sku}",
+    tag = "stock",
+    params(("sku" = String, Path, description = "the SKU")),
+    responses(
+        (status = 200, description = "per warehouse and in total", body = crate::http::openapi::StockView),
+        (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(ApiError::not_found(format!("sku {sku} does not exist")));
@@ -185,6 +255,16 @@ pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String
 
 /// `GET /v1/availability?sku=A&sku=B` (also `sku=A,B`): one item per requested SKU, in request
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
+#[utoipa::path(
+    get,
+    path = "/v1/availability",
+    tag = "stock",
+    params(("sku" = Vec<String>, Query, description = "repeat for each SKU (or comma-separate), up to 1000")),
+    responses(
+        (status = 200, description = "one item per requested SKU, in request order", body = crate::http::openapi::Availability),
+        (status = 422, description = "no SKU, or too many", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn availability(
     State(state): State<AppState>,
     Query(pairs): Query<Vec<(String, String)>>,
@@ -222,7 +302,8 @@ pub async fn availability(
     Ok(axum::Json(json!({ "items": items })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     warehouse: Option<String>,
     below_reorder_point: Option<bool>,
@@ -230,6 +311,16 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/stock",
+    tag = "stock",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "a page of levels", body = crate::http::openapi::LevelPage),
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+    )
+)]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;

@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 use crate::domain::{Sku, WarehouseCode};
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Warehouse {
     pub code: String,
     pub name: String,
@@ -28,7 +28,7 @@ pub struct WarehouseUpsert {
     pub active: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct SkuRecord {
     pub sku: String,
     pub name: Option<String>,

@@ -18,7 +18,7 @@ pub const TYPES: [&str; 7] = [
     "reservation.expired",
 ];
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub id: i64,
     pub at: DateTime<Utc>,
@@ -31,6 +31,7 @@ pub struct Event {
     pub warehouse: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<Uuid>,
+    #[schema(value_type = Object)]
     pub data: serde_json::Value,
 }
 

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::error::ApiError;
 
 /// A reservation as clients see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Reservation {
     pub id: Uuid,
     pub order_id: String,
@@ -22,14 +22,14 @@ pub struct Reservation {
     pub lines: Vec<Line>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Line {
     pub sku: String,
     pub quantity: i64,
     pub allocations: Vec<AllocationView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AllocationView {
     pub warehouse: String,
     pub quantity: i64,

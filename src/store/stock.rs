@@ -8,7 +8,7 @@ use crate::domain::{Sku, WarehouseCode};
 use crate::error::ApiError;
 
 /// A stock level as clients see it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Level {
     pub sku: String,
     pub warehouse: String,

@@ -50,7 +50,8 @@ async fn an_expired_hold_gives_its_units_back_with_expire_entries() {
     assert_eq!(ledger["items"][1]["reserved_delta"], -7);
     let (status, body) = app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/fulfil"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(body["status"], "expired");
+    assert_eq!(body["reservation_status"], "expired");
+    assert_eq!(body["status"], 409, "the problem's status stays the HTTP status");
     app.assert_invariants().await;
 }
 

@@ -10,6 +10,7 @@ mod events;
 mod expiry;
 mod helpers;
 mod idempotency;
+mod openapi;
 mod operability;
 mod paging;
 mod reservations;

@@ -284,7 +284,10 @@ async fn partial_fulfilment_then_release_ends_fulfilled() {
 
     let (status, r) = app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/fulfil"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!((r["code"].clone(), r["status"].clone()), (json!("reservation_not_active"), json!("fulfilled")));
+    assert_eq!(
+        (r["code"].clone(), r["reservation_status"].clone()),
+        (json!("reservation_not_active"), json!("fulfilled"))
+    );
     app.assert_invariants().await;
 }
 

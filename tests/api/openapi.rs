@@ -1,0 +1,135 @@
+//! The OpenAPI document covers every route, and `/docs` renders it in a real browser.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::TestApp;
+
+/// Every operation of the contract (`../shared/api-contract.md`).
+const CONTRACT: &[(&str, &str)] = &[
+    ("PUT", "/v1/warehouses/{code}"),
+    ("GET", "/v1/warehouses"),
+    ("GET", "/v1/warehouses/{code}"),
+    ("PUT", "/v1/skus/{sku}"),
+    ("GET", "/v1/skus/{sku}"),
+    ("POST", "/v1/stock/receive"),
+    ("POST", "/v1/stock/adjust"),
+    ("POST", "/v1/stock/transfer"),
+    ("PUT", "/v1/stock/{sku}/{warehouse}"),
+    ("GET", "/v1/stock/{sku}"),
+    ("GET", "/v1/availability"),
+    ("GET", "/v1/stock"),
+    ("POST", "/v1/reservations"),
+    ("POST", "/v1/reservations/plan"),
+    ("GET", "/v1/reservations/{id}"),
+    ("GET", "/v1/reservations"),
+    ("POST", "/v1/reservations/{id}/fulfil"),
+    ("POST", "/v1/reservations/{id}/release"),
+    ("POST", "/v1/reservations/{id}/extend"),
+    ("GET", "/v1/ledger"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/events/stream"),
+    ("GET", "/health/live"),
+    ("GET", "/health/ready"),
+    ("GET", "/metrics"),
+];
+
+async fn document(app: &TestApp) -> Value {
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    doc
+}
+
+fn operations(doc: &Value) -> BTreeSet<(String, String)> {
+    doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| ops.as_object().unwrap().keys().map(move |m| (m.to_uppercase(), path.clone())))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_document_describes_every_route_and_every_described_route_exists() {
+    let app = TestApp::spawn().await;
+    let doc = document(&app).await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let documented = operations(&doc);
+    for (method, path) in CONTRACT {
+        assert!(documented.contains(&((*method).to_owned(), (*path).to_owned())), "{method} {path} is not documented");
+    }
+    // And the other way round: the router answers every documented operation (not 404/405).
+    for (method, path) in &documented {
+        let concrete = path.replace("{id}", "0196f6a0-0000-7000-8000-000000000000").replace(['{', '}'], "");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let res = app.client.request(method.clone(), app.url(&concrete)).send().await.unwrap();
+        let status = res.status();
+        // The event stream never ends: its headers are answer enough.
+        let body: Value = if path.ends_with("/stream") { Value::Null } else { res.json().await.unwrap_or(Value::Null) };
+        let unrouted = status == StatusCode::METHOD_NOT_ALLOWED || body["detail"] == "no such resource";
+        assert!(!unrouted, "{method} {path} is documented but not routed ({status})");
+    }
+}
+
+#[tokio::test]
+async fn the_document_names_the_problem_codes_the_key_header_and_the_auth_scheme() {
+    let app = TestApp::spawn().await;
+    let doc = document(&app).await;
+    let codes = doc["components"]["schemas"]["ProblemCode"]["enum"].as_array().unwrap();
+    for code in
+        ["insufficient_stock", "duplicate_order", "reservation_not_active", "idempotency_key_reused", "unavailable"]
+    {
+        assert!(codes.iter().any(|c| c == code), "{code}");
+    }
+    let params = doc["paths"]["/v1/reservations"]["post"]["parameters"].as_array().unwrap();
+    assert!(params.iter().any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"));
+    assert_eq!(doc["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
+    let conflict = &doc["paths"]["/v1/reservations"]["post"]["responses"]["409"]["content"];
+    assert!(conflict["application/problem+json"].is_object(), "{conflict}");
+}
+
+fn chromium() -> Option<String> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn the_docs_page_renders_the_reservations_operation_offline_in_a_browser() {
+    let Some(browser) = chromium() else {
+        // CI installs Chromium (.ci/run); on a developer machine without it, say so loudly.
+        assert!(std::env::var("CI").is_err(), "CI must have Chromium for the /docs browser test");
+        eprintln!("SKIPPED the /docs browser test: no Chromium installed (apt-get install chromium)");
+        return;
+    };
+    let app = TestApp::spawn().await;
+    let url = app.url("/docs/");
+    let profile = std::env::temp_dir().join(format!("inventory-chromium-{}", std::process::id()));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(browser)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                &format!("--user-data-dir={}", profile.display()),
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                &url,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // Rendered by Swagger UI's JavaScript (served by the binary), not present in the static HTML.
+    assert!(dom.contains("opblock-summary-path") && dom.contains("/v1/reservations"), "not rendered: {dom:.2000}");
+}
