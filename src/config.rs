@@ -35,6 +35,14 @@ pub enum Command {
     Migrate,
     /// Verify the contract's invariants over the whole database; exit 1 on any violation.
     Check,
+    /// Bulk-load stock levels from a CSV file (sku,warehouse,on_hand[,reorder_point,reorder_quantity]).
+    Import {
+        /// The CSV file; `-` reads standard input.
+        file: std::path::PathBuf,
+        /// Create unknown SKUs and warehouses instead of rejecting their rows.
+        #[arg(long)]
+        create_missing: bool,
+    },
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),

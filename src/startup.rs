@@ -41,6 +41,9 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         Command::Migrate => migrate_command(&cli.database, &database).await,
         Command::Check => check_command(&cli.database, &database).await,
         Command::Keys(_) => Ok(()),
+        Command::Import { file, create_missing } => {
+            import_command(&cli.database, &database, &file, create_missing).await
+        }
     };
     database.shutdown().await;
     result
@@ -100,6 +103,61 @@ async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), R
     } else {
         Err(RunError::Violations(violations.len()))
     }
+}
+
+async fn import_command(
+    args: &DatabaseArgs,
+    database: &Database,
+    file: &std::path::Path,
+    create_missing: bool,
+) -> Result<(), RunError> {
+    use tokio::io::AsyncReadExt;
+    let pool = db::connect(&database.url, args).await?;
+    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file.as_os_str() == "-" {
+        Box::new(tokio::io::stdin())
+    } else {
+        Box::new(
+            tokio::fs::File::open(file)
+                .await
+                .map_err(|e| RunError::Config(format!("cannot open {}: {e}", file.display())))?,
+        )
+    };
+    let chunks = futures_util::stream::unfold(reader, |mut reader| async move {
+        let mut buf = vec![0u8; 1 << 20];
+        match reader.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), reader))
+            }
+            Err(e) => Some((Err(e), reader)),
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut tx = pool.begin().await.map_err(crate::error::ApiError::from)?;
+    let result = crate::engine::import::import(&mut tx, Box::pin(chunks), create_missing).await;
+    let report = match result {
+        Ok(report) => report,
+        Err(crate::error::ApiError::Validation(errors)) => {
+            for e in &errors {
+                println!("REJECTED {}: {}", e.field, e.message);
+            }
+            return Err(RunError::Config("nothing imported: fix the rows above".into()));
+        }
+        Err(other) => return Err(other.into()),
+    };
+    tx.commit().await.map_err(crate::error::ApiError::from)?;
+    pool.close().await;
+    println!(
+        "imported {} rows in {:.1}s: {} levels created, {} ledger entries (reference {})",
+        report.rows,
+        started.elapsed().as_secs_f64(),
+        report.levels_created,
+        report.ledger_entries,
+        report.import_id
+    );
+    Ok(())
 }
 
 /// Serves the API on an already-bound listener until `shutdown` resolves, then drains

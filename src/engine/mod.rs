@@ -2,5 +2,6 @@
 //! transaction, lock through `store`, decide, and write.
 
 pub mod book;
+pub mod import;
 pub mod reservations;
 pub mod stock;

@@ -56,6 +56,7 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(stock::get_sku_stock))
         .routes(routes!(stock::put_replenishment))
         .routes(routes!(stock::availability))
+        .routes(routes!(stock::import))
         .routes(routes!(ledger::list))
         .routes(routes!(events::list))
         .routes(routes!(events::stream))

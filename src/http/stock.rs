@@ -365,3 +365,43 @@ mod tests {
         }
     }
 }
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// Create unknown SKUs and warehouses instead of rejecting their rows.
+    create_missing: Option<bool>,
+}
+
+/// `POST /v1/stock/import`: a CSV body (`sku,warehouse,on_hand[,reorder_point,reorder_quantity]`,
+/// header optional), streamed into the database. `on_hand` is the counted quantity: the level
+/// is set to it, with a `receive` (new level) or `adjust`/`count` ledger entry.
+#[utoipa::path(
+    post,
+    path = "/v1/stock/import",
+    tag = "stock",
+    params(ImportQuery),
+    request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
+    responses(
+        (status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
+        (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn import(
+    State(state): State<AppState>,
+    Query(q): Query<ImportQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime != "text/csv" && mime != "text/plain" && mime != "application/csv" {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let mut tx = state.db.begin().await?;
+    let report =
+        crate::engine::import::import(&mut tx, body.into_data_stream(), q.create_missing.unwrap_or(false)).await?;
+    tx.commit().await?;
+    Ok(axum::Json(report).into_response())
+}

@@ -1,0 +1,371 @@
+//! Bulk load of stock levels from CSV: rows are checked in Rust while they stream into a
+//! `COPY` staging table, then merged in one set-based transaction that writes `receive` (new
+//! level) or `adjust`/`count` (existing level) ledger entries and availability events. Any bad
+//! row — reported by line number — and nothing is applied.
+
+use axum::body::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use crate::domain::{Code, FieldError, MAX_QUANTITY};
+use crate::error::ApiError;
+
+/// Most bad rows listed in one answer.
+const MAX_REPORTED: usize = 100;
+/// Rows are sent to COPY in chunks of about this many bytes.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ImportReport {
+    /// The ledger `reference` of every entry this import wrote.
+    pub import_id: String,
+    pub rows: i64,
+    pub levels_created: i64,
+    pub ledger_entries: i64,
+}
+
+/// Column positions, from the header line (or the default order without one).
+#[derive(Debug, Clone, Copy)]
+struct Columns {
+    sku: usize,
+    warehouse: usize,
+    on_hand: usize,
+    reorder_point: Option<usize>,
+    reorder_quantity: Option<usize>,
+    count: usize,
+}
+
+impl Columns {
+    const DEFAULT: Self =
+        Self { sku: 0, warehouse: 1, on_hand: 2, reorder_point: Some(3), reorder_quantity: Some(4), count: 5 };
+
+    fn from_header(fields: &[&str]) -> Result<Self, String> {
+        let find = |name: &str| fields.iter().position(|f| f.eq_ignore_ascii_case(name));
+        let need = |name: &str| find(name).ok_or_else(|| format!("the header lacks the column `{name}`"));
+        Ok(Self {
+            sku: need("sku")?,
+            warehouse: need("warehouse")?,
+            on_hand: need("on_hand")?,
+            reorder_point: find("reorder_point"),
+            reorder_quantity: find("reorder_quantity"),
+            count: fields.len(),
+        })
+    }
+}
+
+/// Streams CSV lines in, checks each, and feeds the good ones to COPY.
+struct Loader {
+    columns: Option<Columns>,
+    line: i64,
+    rows: i64,
+    errors: Vec<FieldError>,
+    bad_rows: usize,
+    out: String,
+}
+
+fn unquote(field: &str) -> &str {
+    let f = field.trim();
+    f.strip_prefix('"').and_then(|f| f.strip_suffix('"')).unwrap_or(f)
+}
+
+fn quantity(raw: &str, what: &str) -> Result<i64, String> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| (0..=MAX_QUANTITY).contains(n))
+        .ok_or_else(|| format!("{what} must be a whole number from 0 to {MAX_QUANTITY}, got `{raw}`"))
+}
+
+impl Loader {
+    fn new() -> Self {
+        Self { columns: None, line: 0, rows: 0, errors: Vec::new(), bad_rows: 0, out: String::new() }
+    }
+
+    fn fail(&mut self, message: String) {
+        self.bad_rows += 1;
+        if self.errors.len() < MAX_REPORTED {
+            self.errors.push(FieldError::new(format!("line {}", self.line), message));
+        }
+    }
+
+    fn line(&mut self, raw: &str) {
+        self.line += 1;
+        let raw = raw.trim_end_matches('\r');
+        if raw.trim().is_empty() {
+            return;
+        }
+        let fields: Vec<&str> = raw.split(',').map(unquote).collect();
+        let columns = match self.columns {
+            Some(c) => c,
+            // A header names its columns; `on_hand` can never be a data value.
+            None if fields.iter().any(|f| f.eq_ignore_ascii_case("on_hand")) => {
+                match Columns::from_header(&fields) {
+                    Ok(c) => self.columns = Some(c),
+                    Err(e) => self.fail(e),
+                }
+                return;
+            }
+            None => {
+                self.columns = Some(Columns::DEFAULT);
+                Columns::DEFAULT
+            }
+        };
+        if fields.len() < 3 || fields.len() > columns.count {
+            return self.fail(format!(
+                "expected sku,warehouse,on_hand[,reorder_point,reorder_quantity], got {} fields",
+                fields.len()
+            ));
+        }
+        let get = |i: Option<usize>| i.and_then(|i| fields.get(i).copied()).filter(|f| !f.is_empty());
+        let sku = get(Some(columns.sku)).unwrap_or("");
+        let warehouse = get(Some(columns.warehouse)).unwrap_or("");
+        if let Err(e) = Code::parse(sku) {
+            return self.fail(format!("sku `{sku}` {e}"));
+        }
+        if let Err(e) = Code::parse(warehouse) {
+            return self.fail(format!("warehouse `{warehouse}` {e}"));
+        }
+        let on_hand = match quantity(get(Some(columns.on_hand)).unwrap_or(""), "on_hand") {
+            Ok(n) => n,
+            Err(e) => return self.fail(e),
+        };
+        let optional = |i: Option<usize>, what: &str| -> Result<String, String> {
+            get(i).map(|raw| quantity(raw, what).map(|n| n.to_string())).unwrap_or(Ok(String::new()))
+        };
+        let point = optional(columns.reorder_point, "reorder_point");
+        let reorder = optional(columns.reorder_quantity, "reorder_quantity");
+        match (point, reorder) {
+            (Ok(point), Ok(reorder)) => {
+                self.rows += 1;
+                // Codes cannot contain commas or quotes, so plain CSV is safe; empty means NULL.
+                self.out.push_str(&format!("{},{sku},{warehouse},{on_hand},{point},{reorder}\n", self.line));
+            }
+            (Err(e), _) | (_, Err(e)) => self.fail(e),
+        }
+    }
+}
+
+/// Imports CSV `chunks` inside the caller's transaction. `create_missing` creates unknown SKUs
+/// and warehouses (named after their code) instead of rejecting their rows.
+pub async fn import<S, E>(
+    conn: &mut PgConnection,
+    mut chunks: S,
+    create_missing: bool,
+) -> Result<ImportReport, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    sqlx::query(
+        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
+                                        reorder_point bigint, reorder_quantity bigint, created boolean)
+         ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
+        )
+        .await?;
+    let mut loader = Loader::new();
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                let _ = copy.abort("input failed").await;
+                return Err(ApiError::Malformed(format!("cannot read the CSV: {err}")));
+            }
+        };
+        pending.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
+            loader.line(&String::from_utf8_lossy(&pending[start..start + end]));
+            start += end + 1;
+        }
+        pending.drain(..start);
+        if loader.out.len() >= COPY_CHUNK {
+            copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
+        }
+    }
+    if !pending.is_empty() {
+        loader.line(&String::from_utf8_lossy(&pending));
+    }
+    if !loader.out.is_empty() {
+        copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
+    }
+    copy.finish().await?;
+    if loader.bad_rows > 0 {
+        return Err(reject(loader.errors, loader.bad_rows));
+    }
+    if loader.rows == 0 {
+        return Err(ApiError::field(
+            "body",
+            "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]",
+        ));
+    }
+    merge(conn, create_missing, loader.rows).await
+}
+
+fn reject(mut errors: Vec<FieldError>, total: usize) -> ApiError {
+    errors.sort_by_key(|e| e.field.strip_prefix("line ").and_then(|n| n.parse::<i64>().ok()).unwrap_or(i64::MAX));
+    if total > errors.len() {
+        errors.push(FieldError::new("file", format!("{total} bad rows in all; the first {} are listed", errors.len())));
+    }
+    ApiError::Validation(errors)
+}
+
+/// Row-level problems found by the database side of the checks.
+async fn bad_rows(conn: &mut PgConnection, sql: &'static str) -> Result<Vec<FieldError>, ApiError> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(sql).fetch_all(conn).await?;
+    Ok(rows.into_iter().map(|(line, message)| FieldError::new(format!("line {line}"), message)).collect())
+}
+
+async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Result<ImportReport, ApiError> {
+    let mut errors = bad_rows(
+        conn,
+        "SELECT line, format('%s/%s appears more than once', sku, warehouse) FROM (
+             SELECT line, sku, warehouse, count(*) OVER (PARTITION BY sku, warehouse) AS n FROM import_rows) d
+          WHERE n > 1 ORDER BY line LIMIT 100",
+    )
+    .await?;
+    if create_missing {
+        sqlx::query("INSERT INTO skus (sku) SELECT DISTINCT sku FROM import_rows ORDER BY sku ON CONFLICT DO NOTHING")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO warehouses (code, name) SELECT DISTINCT warehouse, warehouse FROM import_rows
+              ORDER BY 1 ON CONFLICT DO NOTHING",
+        )
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        errors.extend(
+            bad_rows(
+                conn,
+                "SELECT line, format('unknown sku %s (import with create_missing to create it)', sku) FROM import_rows r
+                  WHERE NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = r.sku)
+                 UNION ALL
+                 SELECT line, format('unknown warehouse %s (import with create_missing to create it)', warehouse)
+                   FROM import_rows r WHERE NOT EXISTS (SELECT 1 FROM warehouses w WHERE w.code = r.warehouse)
+                  ORDER BY 1 LIMIT 100",
+            )
+            .await?,
+        );
+    }
+    if !errors.is_empty() {
+        let total = errors.len();
+        return Err(reject(errors, total));
+    }
+
+    // Create missing levels (the SKU rows share-locked, as everywhere), remember which are new,
+    // then lock every level of the import in (sku, warehouse) order.
+    sqlx::query(
+        "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
+         SELECT r.sku, r.warehouse, s.backorder_limit FROM import_rows r JOIN skus s ON s.sku = r.sku
+          ORDER BY r.sku, r.warehouse
+            FOR SHARE OF s
+         ON CONFLICT (sku, warehouse) DO NOTHING",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
+              ORDER BY l.sku, l.warehouse FOR UPDATE OF l) locked",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE import_rows r SET created = (l.xmin = pg_current_xact_id()::xid)
+           FROM stock_levels l WHERE l.sku = r.sku AND l.warehouse = r.warehouse",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let floors = bad_rows(
+        conn,
+        "SELECT r.line, format('on_hand %s is below what is held (%s) beyond the backorder limit %s',
+                               r.on_hand, l.reserved, l.backorder_limit)
+           FROM import_rows r JOIN stock_levels l ON l.sku = r.sku AND l.warehouse = r.warehouse
+          WHERE r.on_hand - l.reserved < -l.backorder_limit
+          ORDER BY r.line LIMIT 100",
+    )
+    .await?;
+    if !floors.is_empty() {
+        let total = floors.len();
+        return Err(reject(floors, total));
+    }
+
+    let import_id = format!("import:{}", uuid::Uuid::now_v7());
+    let (ledger_entries, levels_created): (i64, i64) = sqlx::query_as(
+        "WITH old AS (
+             SELECT l.sku, l.warehouse, l.on_hand AS on_hand0, l.reserved, r.on_hand, r.created,
+                    coalesce(r.reorder_point, l.reorder_point) AS reorder_point, r.reorder_quantity,
+                    r.reorder_point IS NOT NULL OR r.reorder_quantity IS NOT NULL AS settings
+               FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
+         ), upd AS (
+             UPDATE stock_levels l
+                SET on_hand = o.on_hand, reorder_point = o.reorder_point,
+                    reorder_quantity = coalesce(o.reorder_quantity, l.reorder_quantity), updated_at = now()
+               FROM old o
+              WHERE l.sku = o.sku AND l.warehouse = o.warehouse AND (o.on_hand <> o.on_hand0 OR o.settings)
+         ), entries AS (
+             INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
+                                 on_hand_after, reserved_after, reference, reason)
+             SELECT uuid_v7(), sku, warehouse, CASE WHEN created THEN 'receive' ELSE 'adjust' END,
+                    on_hand - on_hand0, 0, on_hand, reserved, $1, CASE WHEN created THEN NULL ELSE 'count' END
+               FROM old WHERE on_hand <> on_hand0
+             RETURNING 1
+         ), crossings AS (
+             INSERT INTO events (type, sku, warehouse, data)
+             SELECT t.type, o.sku, o.warehouse,
+                    jsonb_build_object('available_before', o.on_hand0 - o.reserved, 'available', o.on_hand - o.reserved,
+                                       'on_hand', o.on_hand, 'reserved', o.reserved, 'reorder_point', o.reorder_point)
+               FROM old o
+              CROSS JOIN LATERAL (VALUES
+                    ('stock.out_of_stock', o.on_hand0 - o.reserved > 0 AND o.on_hand - o.reserved <= 0),
+                    ('stock.back_in_stock', o.on_hand0 - o.reserved <= 0 AND o.on_hand - o.reserved > 0),
+                    ('stock.low', o.reorder_point > 0 AND o.on_hand0 - o.reserved > o.reorder_point
+                                  AND o.on_hand - o.reserved <= o.reorder_point)) AS t(type, hit)
+              WHERE t.hit
+         )
+         SELECT (SELECT count(*) FROM entries), (SELECT count(*) FROM old WHERE created)",
+    )
+    .bind(&import_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ImportReport { import_id, rows, levels_created, ledger_entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Loader {
+        let mut l = Loader::new();
+        for line in text.lines() {
+            l.line(line);
+        }
+        l
+    }
+
+    #[test]
+    fn rows_are_checked_and_numbered_from_one() {
+        let l = load("sku,warehouse,on_hand,reorder_point\nA,W1,5,2\nbad sku,W1,1\nB,W1,-3\nC,W1,7\n\nD,W2,1,x\n");
+        assert_eq!(l.rows, 2);
+        let lines: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(lines, ["line 3", "line 4", "line 7"]);
+        assert_eq!(l.out, "2,A,W1,5,2,\n5,C,W1,7,,\n");
+    }
+
+    #[test]
+    fn a_header_may_reorder_columns_and_none_means_the_default_order() {
+        let l = load("warehouse,on_hand,sku\nW1,4,A\n");
+        assert_eq!(l.out, "2,A,W1,4,,\n");
+        let l = load("A,W1,4,1,10\n");
+        assert_eq!(l.out, "1,A,W1,4,1,10\n");
+        assert!(load("sku,on_hand\n").errors[0].message.contains("warehouse"));
+    }
+}

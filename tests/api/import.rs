@@ -1,0 +1,105 @@
+//! Bulk import of stock levels from CSV, over HTTP and from the command line.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::TestApp;
+
+async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
+    let res = app
+        .client
+        .post(app.url(&format!("/v1/stock/import{query}")))
+        .header("content-type", "text/csv")
+        .body(csv.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (res.status(), res.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_import_sets_levels_with_receive_then_count_entries() {
+    let app = TestApp::spawn().await;
+    let csv = "sku,warehouse,on_hand,reorder_point,reorder_quantity\nA,W1,10,2,20\nA,W2,0\nB,W1,5\n";
+    let (status, report) = import(&app, "?create_missing=true", csv).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["rows"].clone(), report["levels_created"].clone(), report["ledger_entries"].clone()),
+        (json!(3), json!(3), json!(2))
+    );
+    assert_eq!(app.level("A", "W1").await, (10, 0));
+    assert_eq!(app.level("A", "W2").await, (0, 0));
+    let (_, stock) = app.get("/v1/stock/A").await;
+    assert_eq!(stock["warehouses"][0]["reorder_point"], 2);
+    let (_, wh) = app.get("/v1/warehouses/W2").await;
+    assert_eq!(wh["name"], "W2", "created from its code");
+
+    // A second import is a stock count: only differences are written, as adjust/count.
+    let (status, report) = import(&app, "", "A,W1,7\nB,W1,5\n").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["ledger_entries"], 1);
+    let id = report["import_id"].as_str().unwrap();
+    let (_, ledger) = app.get(&format!("/v1/ledger?reference={id}")).await;
+    assert_eq!(ledger["items"][0]["kind"], "adjust");
+    assert_eq!(ledger["items"][0]["reason"], "count");
+    assert_eq!(ledger["items"][0]["on_hand_delta"], -3);
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn any_bad_row_rejects_the_whole_import_by_line_number() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    let before = app.ledger_count().await;
+    let (status, problem) = import(&app, "", "sku,warehouse,on_hand\nA,W1,5\nA,W1,x\nA W,W1,1\nZZ,W1,1\n").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    let fields: Vec<&str> =
+        problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["line 3", "line 4"], "format errors first; unknown SKUs are checked once the format is fine");
+    let (status, problem) = import(&app, "", "A,W1,5\nZZ,W1,1\nA,W1,6\n").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> =
+        problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["line 1", "line 2", "line 3"], "duplicates and the unknown SKU: {problem}");
+    assert_eq!(app.ledger_count().await, before, "nothing applied");
+    assert_eq!(app.level("A", "W1").await, (0, 0));
+    let res = app.client.post(app.url("/v1/stock/import")).json(&json!({"rows": []})).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn an_import_cannot_count_below_what_is_held() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 5).await;
+    app.post("/v1/reservations", json!({"order_id": "o", "lines": [{"sku": "A", "quantity": 4}]})).await;
+    let (status, problem) = import(&app, "", "A,W1,3\n").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "line 1");
+    assert_eq!(app.level("A", "W1").await, (5, 4));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn the_import_command_loads_a_file() {
+    let app = TestApp::spawn().await;
+    let path = std::env::temp_dir().join(format!("inventory-import-{}.csv", std::process::id()));
+    let mut csv = String::from("sku,warehouse,on_hand\n");
+    for i in 0..2000 {
+        csv.push_str(&format!("S{i},W{},{}\n", i % 4, i % 50));
+    }
+    std::fs::write(&path, csv).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_inventory"))
+        .args(["import", path.to_str().unwrap(), "--create-missing", "--database-url", &app.db_url])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 2000 rows"));
+    assert_eq!(app.level("S1999", "W3").await, (49, 0));
+    let levels: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_levels").fetch_one(&app.db).await.unwrap();
+    assert_eq!(levels, 2000);
+    app.assert_invariants().await;
+}
