@@ -12,6 +12,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use sha2::Digest;
+
 /// The OS user PostgreSQL runs as when this process is root.
 const SERVICE_USER: &str = "postgres";
 
@@ -81,8 +83,8 @@ impl LocalPostgres {
         let run_as = if is_root() { Some(RunAs::detect()?) } else { None };
         std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
         let data_dir = data_dir.canonicalize().map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
-        let cluster_dir = data_dir.join("pg");
-        let mut pg = Self { bin_dir, cluster_dir, port: 0, run_as };
+        let mut pg = Self { bin_dir, cluster_dir: data_dir.join("pg"), port: 0, run_as };
+        pg.cluster_dir = pg.cluster_location(&data_dir)?;
 
         if !pg.cluster_dir.join("PG_VERSION").exists() {
             pg.init(durability)?;
@@ -94,6 +96,35 @@ impl LocalPostgres {
         }
         pg.launch(durability)?;
         Ok(pg)
+    }
+
+    /// Where the cluster lives: `<data dir>/pg`, unless this process is root and the service
+    /// user cannot reach the data directory (say, a checkout under a private /root). Then the
+    /// cluster lives under /var/lib/inventory/<hash of the data dir>/pg and `<data dir>/pg` is a
+    /// symlink to it, so the data still belongs to that data directory and survives restarts.
+    fn cluster_location(&self, data_dir: &Path) -> Result<PathBuf, LocalPgError> {
+        let link = data_dir.join("pg");
+        if let Ok(target) = std::fs::read_link(&link) {
+            return Ok(target);
+        }
+        if self.run_as.is_none() || link.exists() {
+            return Ok(link);
+        }
+        let reachable = self.pg_command_raw("test", &["-x", &data_dir.display().to_string()])?.status.success();
+        if reachable {
+            return Ok(link);
+        }
+        let digest = sha2::Sha256::digest(data_dir.display().to_string().as_bytes());
+        let home = PathBuf::from("/var/lib/inventory").join(hex::encode(&digest[..8]));
+        std::fs::create_dir_all(&home).map_err(|source| LocalPgError::Io { path: home.clone(), source })?;
+        let target = home.join("pg");
+        std::os::unix::fs::symlink(&target, &link).map_err(|source| LocalPgError::Io { path: link.clone(), source })?;
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            cluster = %target.display(),
+            "the data directory is not reachable by the `postgres` user; the cluster lives elsewhere, linked from it"
+        );
+        Ok(target)
     }
 
     /// A connection URL for `database` on this cluster.

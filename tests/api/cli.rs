@@ -43,8 +43,13 @@ async fn wait_ready(url: &str, deadline: Duration) -> bool {
 
 #[tokio::test]
 async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
-    let dir = std::env::temp_dir().join(format!("inventory-serve-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // A private parent (mode 0700), like a checkout under /root: as root, PostgreSQL (run as the
+    // `postgres` user) cannot reach it, so the cluster must live elsewhere, linked from the data dir.
+    let parent = std::env::temp_dir().join(format!("inventory-serve-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&parent);
+    std::fs::create_dir_all(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let dir = parent.join("data");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let start = || {
@@ -78,7 +83,10 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
     let res = client.get(format!("{base}/v1/warehouses/KEEP")).send().await.unwrap();
     assert_eq!(res.status(), 200, "the second start reuses the data");
     stop(&mut child);
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Ok(cluster) = std::fs::read_link(dir.join("pg")) {
+        let _ = std::fs::remove_dir_all(cluster.parent().unwrap());
+    }
+    let _ = std::fs::remove_dir_all(&parent);
 }
 
 /// SIGTERM, then wait for a graceful exit.
