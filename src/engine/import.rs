@@ -157,6 +157,8 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    // A million rows take longer than a request's statement timeout; row locks still time out.
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
     sqlx::query(
         "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
                                         reorder_point bigint, reorder_quantity bigint, created boolean)
