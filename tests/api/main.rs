@@ -10,6 +10,7 @@ mod events;
 mod expiry;
 mod helpers;
 mod idempotency;
+mod model;
 mod openapi;
 mod operability;
 mod paging;
