@@ -190,18 +190,26 @@ pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan,
 }
 
 /// Locks a reservation that must still be active (and not past its deadline).
-async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<Header, ApiError> {
+async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<Allocation>), ApiError> {
     let header =
         store::lock(conn, id).await?.ok_or_else(|| ApiError::not_found(format!("reservation {id} does not exist")))?;
-    // Past its deadline it is expired even if the sweep has not reached it yet: the expiry
-    // wins, so a late fulfil can never take units that are about to be given back.
-    let status = if header.status == "active" && header.overdue { "expired" } else { header.status.as_str() };
+    let allocations = store::allocations(conn, &[id]).await?;
+    // Past its deadline it is over even if the sweep has not reached it yet: the expiry wins, so
+    // a late fulfil can never take units that are about to be given back. Its status is the one
+    // the sweep will give it.
+    let status = if header.status == "active" && header.overdue {
+        let mut swept = allocations.clone();
+        swept.iter_mut().for_each(|a| a.released = a.quantity - a.fulfilled);
+        store::status_of(&swept, true)
+    } else {
+        header.status.as_str()
+    };
     if status != "active" {
         return Err(ApiError::conflict("reservation_not_active", format!("reservation {id} is {status}"))
             .with("reservation_status", status)
             .with("reservation_id", id.to_string()));
     }
-    Ok(header)
+    Ok((header, allocations))
 }
 
 /// Which of fulfil and release.
@@ -219,8 +227,7 @@ pub async fn settle(
     kind: Settle,
     parts: Option<&[PartLine]>,
 ) -> Result<Reservation, ApiError> {
-    let mut header = lock_active(conn, id).await?;
-    let mut allocations = store::allocations(conn, &[id]).await?;
+    let (mut header, mut allocations) = lock_active(conn, id).await?;
 
     // How much to take from each allocation.
     let mut amounts: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -304,9 +311,8 @@ pub async fn settle(
 
 /// Moves the deadline of an active reservation to now + ttl.
 pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation, ApiError> {
-    let mut header = lock_active(conn, id).await?;
+    let (mut header, allocations) = lock_active(conn, id).await?;
     header.expires_at = store::extend(conn, id, ttl_seconds).await?;
-    let allocations = store::allocations(conn, &[id]).await?;
     Ok(store::assemble(header, allocations))
 }
 

@@ -110,10 +110,7 @@ pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transfe
     let mut book = Book::lock_levels(conn, &[(sku, from), (sku, to)]).await?;
     let quantity = cmd.quantity.get();
     let from_available = book.get(sku, from).map_or(0, |l| l.available());
-    let short = || ApiError::InsufficientStock {
-        detail: format!("{from} has {from_available} units of {sku} available, {quantity} requested"),
-        lines: vec![ShortLine { sku: sku.to_owned(), requested: quantity, available: from_available.max(0) }],
-    };
+    let short = || short_transfer(cmd, from_available);
     // A transfer moves available units only: never reserved ones, never backorder capacity.
     if from_available < quantity || !book.has_level(sku, to) {
         return Err(short());
@@ -127,10 +124,32 @@ pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transfe
     Ok(Transferred { sku: sku.to_owned(), quantity, from, to })
 }
 
+fn short_transfer(cmd: &Transfer, available: i64) -> ApiError {
+    let quantity = cmd.quantity.get();
+    ApiError::InsufficientStock {
+        detail: format!("{} has {available} units of {} available, {quantity} requested", cmd.from, cmd.sku),
+        lines: vec![ShortLine { sku: cmd.sku.to_string(), requested: quantity, available: available.max(0) }],
+    }
+}
+
 /// Checks a transfer's SKU and warehouses and creates the destination level if needed, in its
 /// own short transaction before the transfer's. Creating an empty level changes no quantity,
 /// so it needs no ledger entry and is harmless if the transfer then fails.
+///
+/// A transfer that cannot be served from what is available now is refused here already, so a
+/// refused transfer does not leave a new empty level behind (which would, for a backorder SKU,
+/// open backorder capacity in that warehouse).
 pub async fn prepare_transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<(), ApiError> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
+    let available: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT on_hand - reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2), 0)",
+    )
+    .bind(cmd.sku.as_str())
+    .bind(cmd.from.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    if available < cmd.quantity.get() {
+        return Err(short_transfer(cmd, available));
+    }
     stock::ensure_level(conn, &cmd.sku, &cmd.to).await
 }

@@ -11,6 +11,7 @@ mod expiry;
 mod helpers;
 mod idempotency;
 mod import;
+mod model;
 mod openapi;
 mod operability;
 mod paging;
