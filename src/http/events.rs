@@ -48,7 +48,8 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
     params(EventQuery),
     responses(
         (status = 200, description = "events after `after`, by id", body = crate::http::openapi::EventPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {

@@ -28,7 +28,8 @@ pub struct LedgerQuery {
     params(LedgerQuery),
     responses(
         (status = 200, description = "a page of entries, oldest first", body = crate::http::openapi::LedgerPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {

@@ -141,7 +141,11 @@ pub async fn create(
     responses(
         (status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
         (status = 409, description = "insufficient_stock or duplicate_order", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 404, description = "unknown SKU or pinned warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn plan(
@@ -191,7 +195,8 @@ pub struct ByOrder {
     tag = "reservations",
     params(ByOrder),
     responses(
-        (status = 200, description = "the reservation of the order (or none)", body = crate::http::openapi::ReservationList)
+        (status = 200, description = "the reservation of the order (or none)", body = crate::http::openapi::ReservationList),
+        (status = 422, description = "`order_id` is missing", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
@@ -271,7 +276,11 @@ async fn settle(
     responses(
         (status = 200, description = "after deducting", body = crate::store::reservations::Reservation),
         (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn fulfil(
@@ -293,7 +302,11 @@ pub async fn fulfil(
     responses(
         (status = 200, description = "after giving units back", body = crate::store::reservations::Reservation),
         (status = 409, description = "over_release or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn release(
@@ -320,7 +333,11 @@ pub struct ExtendBody {
     responses(
         (status = 200, description = "with the new expires_at", body = crate::store::reservations::Reservation),
         (status = 409, description = "reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn extend(

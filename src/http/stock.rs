@@ -185,7 +185,10 @@ pub struct ReplenishmentBody {
         (status = 200, description = "updated", body = crate::store::stock::Level),
         (status = 201, description = "the level was created", body = crate::store::stock::Level),
         (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn put_replenishment(
@@ -318,7 +321,8 @@ pub struct ListQuery {
     params(ListQuery),
     responses(
         (status = 200, description = "a page of levels", body = crate::http::openapi::LevelPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {

@@ -8,6 +8,7 @@ mod drills;
 mod errors;
 mod events;
 mod expiry;
+mod fuzz;
 mod helpers;
 mod idempotency;
 mod import;
