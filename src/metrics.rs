@@ -46,6 +46,7 @@ pub fn handle() -> &'static PrometheusHandle {
     path = "/metrics",
     tag = "operations",
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
     )
 )]

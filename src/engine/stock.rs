@@ -102,10 +102,14 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
     .await
 }
 
-/// Moves on-hand units between two warehouses atomically. The destination level must exist
-/// before this transaction starts (see [`prepare_transfer`]), so both rows are only ever locked
-/// in warehouse order.
+/// Moves on-hand units between two warehouses atomically, creating the destination level when
+/// needed. That creation is part of the transfer's transaction, so a refused transfer leaves
+/// nothing behind. It is deadlock-free although the new row is locked before the other one:
+/// until commit nobody else can see it, and whoever waits on its key holds no row lock yet
+/// (every operation creates its levels before it locks any).
 pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred, ApiError> {
+    require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
+    stock::ensure_level(conn, &cmd.sku, &cmd.to).await?;
     let (sku, from, to) = (cmd.sku.as_str(), cmd.from.as_str(), cmd.to.as_str());
     let mut book = Book::lock_levels(conn, &[(sku, from), (sku, to)]).await?;
     let quantity = cmd.quantity.get();
@@ -130,26 +134,4 @@ fn short_transfer(cmd: &Transfer, available: i64) -> ApiError {
         detail: format!("{} has {available} units of {} available, {quantity} requested", cmd.from, cmd.sku),
         lines: vec![ShortLine { sku: cmd.sku.to_string(), requested: quantity, available: available.max(0) }],
     }
-}
-
-/// Checks a transfer's SKU and warehouses and creates the destination level if needed, in its
-/// own short transaction before the transfer's. Creating an empty level changes no quantity,
-/// so it needs no ledger entry and is harmless if the transfer then fails.
-///
-/// A transfer that cannot be served from what is available now is refused here already, so a
-/// refused transfer does not leave a new empty level behind (which would, for a backorder SKU,
-/// open backorder capacity in that warehouse).
-pub async fn prepare_transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<(), ApiError> {
-    require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
-    let available: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT on_hand - reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2), 0)",
-    )
-    .bind(cmd.sku.as_str())
-    .bind(cmd.from.as_str())
-    .fetch_one(&mut *conn)
-    .await?;
-    if available < cmd.quantity.get() {
-        return Err(short_transfer(cmd, available));
-    }
-    stock::ensure_level(conn, &cmd.sku, &cmd.to).await
 }

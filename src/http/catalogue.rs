@@ -83,6 +83,7 @@ pub async fn put_warehouse(
     tag = "catalogue",
     params(("code" = String, Path, description = "warehouse code")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
         (status = 404, description = "unknown warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
@@ -98,6 +99,7 @@ pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<Strin
     path = "/v1/warehouses",
     tag = "catalogue",
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "every warehouse, by priority", body = crate::http::openapi::WarehouseList)
     )
 )]
@@ -152,6 +154,7 @@ pub async fn put_sku(
     tag = "catalogue",
     params(("sku" = String, Path, description = "the SKU")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
         (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )

@@ -80,6 +80,7 @@ pub struct StreamQuery {
     tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream")
     )
 )]

@@ -14,6 +14,7 @@ use crate::error::ApiError;
     path = "/health/live",
     tag = "operations",
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "the process is up", body = crate::http::openapi::Health)
     )
 )]
@@ -27,6 +28,7 @@ pub async fn live() -> Json<Value> {
     path = "/health/ready",
     tag = "operations",
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "database reachable, migrations applied", body = crate::http::openapi::Health),
         (status = 503, description = "not ready", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )

@@ -79,6 +79,7 @@ pub fn app(state: AppState) -> Router {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
+        .layer(middleware::from_fn(reject_nul_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), crate::auth::layer))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
@@ -90,6 +91,17 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// A NUL byte can never be part of a code, an id or any text the service stores (PostgreSQL
+/// text cannot hold it): refuse it in the path or query before it reaches a handler.
+async fn reject_nul_bytes(req: Request, next: Next) -> Response {
+    let uri = req.uri();
+    let has_nul = |s: &str| s.as_bytes().windows(3).any(|w| w[0] == b'%' && w[1] == b'0' && w[2] == b'0');
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::Malformed("the path or query contains a NUL byte (%00)".into()).into_response();
+    }
+    next.run(req).await
 }
 
 /// Bounds every request (and so graceful shutdown). A request cut off here is rolled back,

@@ -170,6 +170,7 @@ fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
     tag = "reservations",
     params(("id" = String, Path, description = "reservation id (UUID)")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "the reservation", body = crate::store::reservations::Reservation),
         (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
@@ -195,6 +196,7 @@ pub struct ByOrder {
     tag = "reservations",
     params(ByOrder),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "the reservation of the order (or none)", body = crate::http::openapi::ReservationList),
         (status = 422, description = "`order_id` is missing", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )

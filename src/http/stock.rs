@@ -164,7 +164,6 @@ pub async fn transfer(
     }
     let cmd =
         v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
-    transact(&state.db, &cmd, |tx, cmd| Box::pin(ops::prepare_transfer(tx, cmd))).await?;
     let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
     idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await
 }
@@ -231,6 +230,7 @@ struct Totals {
     tag = "stock",
     params(("sku" = String, Path, description = "the SKU")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "per warehouse and in total", body = crate::http::openapi::StockView),
         (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
@@ -264,6 +264,7 @@ pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String
     tag = "stock",
     params(("sku" = Vec<String>, Query, description = "repeat for each SKU (or comma-separate), up to 1000")),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "one item per requested SKU, in request order", body = crate::http::openapi::Availability),
         (status = 422, description = "no SKU, or too many", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
@@ -352,6 +353,9 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
         .collect::<Result<Vec<u8>, _>>()
         .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    if text.chars().any(char::is_control) {
+        return Err(bad());
+    }
     let (sku, warehouse) = text.split_once('/').ok_or_else(bad)?;
     Ok((sku.to_owned(), warehouse.to_owned()))
 }
@@ -387,6 +391,7 @@ pub struct ImportQuery {
     params(ImportQuery),
     request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
     responses(
+        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
         (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),

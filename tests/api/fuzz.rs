@@ -7,8 +7,8 @@
 //!   `status` is the HTTP status;
 //! - a rejected (non-2xx) request changes nothing in the database.
 //!
-//! Two known bugs of the service are let through, narrowly and loudly (see [`KnownBug`]); the
-//! ignored tests at the end of this file pin their fix.
+//! The two bugs this drill found (a NUL byte reaching PostgreSQL as a 500; a refused transfer
+//! leaving an empty level behind) are fixed; the tests at the end of this file pin the fixes.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -758,57 +758,6 @@ fn request_of(op: &'static Op, known: &Known, mix: Mix) -> BoxedStrategy<Hostile
         .boxed()
 }
 
-/// Decodes `%XX` escapes (and `+` as a space, as in a query), leaving anything else as it is.
-fn percent_decode(raw: &str) -> Vec<u8> {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], escaped) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-            (b'+', _) => out.push(b' '),
-            (b, _) => out.push(b),
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Known bugs of the service, reported and not fixed here (this drill does not change the
-/// service). A hit is counted and printed, not failed; anything else still fails. The ignored
-/// tests at the end pin the expected behaviour: once one passes, drop its exception.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum KnownBug {
-    /// A NUL byte in a path segment or query value (or hex-encoded in a stock `cursor`) that a
-    /// GET passes to PostgreSQL as text: 500 (SQLSTATE 22021, "invalid byte sequence for
-    /// encoding UTF8: 0x00") instead of a 4xx.
-    NulReachesPostgres,
-    /// A refused transfer (404 aside) keeps the empty destination level that
-    /// `engine::stock::prepare_transfer` commits in its own transaction before the transfer.
-    RefusedTransferCreatesLevel,
-}
-
-/// Whether a 500 is [`KnownBug::NulReachesPostgres`].
-fn nul_reaches_postgres(req: &Hostile) -> bool {
-    let in_target = percent_decode(&req.target).contains(&0);
-    let in_cursor = req.target.split(['?', '&']).filter_map(|pair| pair.strip_prefix("cursor=")).any(|value| {
-        let value = percent_decode(value);
-        value.len().is_multiple_of(2)
-            && value
-                .chunks(2)
-                .any(|h| std::str::from_utf8(h).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) == Some(0))
-    });
-    (req.method == "GET" || req.method == "HEAD") && (in_target || in_cursor)
-}
-
 /// A fingerprint of everything a request could change. Left out, because they change without
 /// a request or are allowed to: `events.id` (numbered by the relay, also on GET /v1/events)
 /// and idempotency keys that store a 4xx answer (that is their job: the answer is replayed).
@@ -832,11 +781,9 @@ struct Fuzz {
     client: reqwest::Client,
     known: Known,
     /// The checksum after the last request.
-    baseline: Mutex<(String, String)>,
+    baseline: Mutex<String>,
     requests: AtomicUsize,
     statuses: Mutex<BTreeMap<u16, usize>>,
-    /// Per known bug and path, the shortest request that hit it.
-    known_bugs: Mutex<BTreeMap<(KnownBug, String), String>>,
 }
 
 impl Fuzz {
@@ -864,7 +811,6 @@ impl Fuzz {
             baseline: Mutex::new(Default::default()),
             requests: AtomicUsize::new(0),
             statuses: Mutex::new(BTreeMap::new()),
-            known_bugs: Mutex::new(BTreeMap::new()),
         };
         fuzz.known.reservation = fuzz.seed().await;
         *fuzz.baseline.lock().unwrap() = fuzz.checksum().await;
@@ -910,26 +856,10 @@ impl Fuzz {
         reservation["id"].as_str().unwrap().to_owned()
     }
 
-    /// The database's fingerprint: of everything, and without empty stock levels.
-    async fn checksum(&self) -> (String, String) {
-        let empty = "NOT (on_hand = 0 AND reserved = 0 AND reorder_point = 0 AND reorder_quantity = 0)";
-        let mut sums = Vec::new();
-        for filter in ["true", empty] {
-            let sql = CHECKSUM.replace("$LEVELS", filter);
-            sums.push(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.app.db).await.unwrap());
-        }
-        let relaxed = sums.pop().unwrap();
-        (sums.pop().unwrap(), relaxed)
-    }
-
-    fn known_bug(&self, bug: KnownBug, req: &Hostile) {
-        let example = format!("{req:?}");
-        let path = req.target.split('?').next().unwrap_or_default().to_owned();
-        let mut known = self.known_bugs.lock().unwrap();
-        let shortest = known.entry((bug, path)).or_insert_with(|| example.clone());
-        if example.len() < shortest.len() {
-            *shortest = example;
-        }
+    /// The database's fingerprint.
+    async fn checksum(&self) -> String {
+        let sql = CHECKSUM.replace("$LEVELS", "true");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.app.db).await.unwrap()
     }
 
     /// Sends one request and checks every property on its answer.
@@ -965,12 +895,8 @@ impl Fuzz {
         let after = self.checksum().await;
         let before = std::mem::replace(&mut *self.baseline.lock().unwrap(), after.clone());
 
-        if status == 500 && nul_reaches_postgres(req) {
-            self.known_bug(KnownBug::NulReachesPostgres, req);
-        } else {
-            prop_assert!(!status.is_server_error(), "a server error: {said}");
-            prop_assert!(status.is_success() || status.is_client_error(), "neither 2xx nor 4xx: {said}");
-        }
+        prop_assert!(!status.is_server_error(), "a server error: {said}");
+        prop_assert!(status.is_success() || status.is_client_error(), "neither 2xx nor 4xx: {said}");
         if !status.is_success() {
             prop_assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{}", said);
             if method != Method::HEAD {
@@ -980,14 +906,7 @@ impl Fuzz {
                 prop_assert_eq!(&problem["status"], &json!(status.as_u16()), "{}", said);
             }
         }
-        if !status.is_success() && before != after {
-            let transfer = req.method == "POST" && req.target.split('?').next() == Some("/v1/stock/transfer");
-            if transfer && before.1 == after.1 {
-                self.known_bug(KnownBug::RefusedTransferCreatesLevel, req);
-            } else {
-                prop_assert!(false, "a rejected request changed the database: {said}");
-            }
-        }
+        prop_assert!(status.is_success() || before == after, "a rejected request changed the database: {said}");
         Ok(())
     }
 
@@ -1021,9 +940,6 @@ async fn fuzzed_requests_never_get_a_5xx_always_get_a_problem_and_change_nothing
     let requests = fuzz.requests.load(Ordering::Relaxed);
     let cases = outcome.as_ref().map_or_else(|_| "failed after some".to_owned(), ToString::to_string);
     eprintln!("fuzz: {cases} cases, {requests} requests, answers by status: {:?}", fuzz.statuses.lock().unwrap());
-    for ((bug, _), example) in fuzz.known_bugs.lock().unwrap().iter() {
-        eprintln!("fuzz: KNOWN BUG {bug:?}: {example}");
-    }
     if let Err(failure) = outcome {
         panic!(
             "{failure}\nThe seed is fixed: the same run reproduces it. The curl line replays the request against a \
@@ -1109,10 +1025,6 @@ async fn schemathesis_fuzz_finds_no_server_error_and_no_answer_outside_the_docum
             // The SSE stream never ends: every request to it would just time out.
             "--exclude-path",
             "/v1/events/stream",
-            // KNOWN BUG (see `KnownBug::NulReachesPostgres`): NUL bytes in query text are a 500.
-            // Without this the run stops at that one bug; the proptest fuzz still covers NULs.
-            "--generation-allow-x00",
-            "false",
             // No example database in the working directory; schemathesis 4 sends nothing
             // anywhere but to the service (no telemetry, no report upload).
             "--generation-database",
@@ -1135,9 +1047,8 @@ async fn schemathesis_fuzz_finds_no_server_error_and_no_answer_outside_the_docum
     assert!(out.status.success(), "schemathesis found problems ({}):\n{stdout}\n{stderr}", out.status);
 }
 
-/// The expected behaviour behind [`KnownBug::NulReachesPostgres`]; run with `--ignored`.
+/// A NUL byte in a path or query is a client error (it used to reach PostgreSQL: a 500).
 #[tokio::test]
-#[ignore = "known bug: a NUL byte in a GET's path or query reaches PostgreSQL and answers 500"]
 async fn nul_bytes_in_paths_and_queries_are_client_errors() {
     let app = TestApp::spawn().await;
     let mut server_errors = Vec::new();
@@ -1160,9 +1071,8 @@ async fn nul_bytes_in_paths_and_queries_are_client_errors() {
     assert!(server_errors.is_empty(), "{server_errors:#?}");
 }
 
-/// The expected behaviour behind [`KnownBug::RefusedTransferCreatesLevel`]; run with `--ignored`.
+/// A refused transfer leaves no empty destination level behind (it used to).
 #[tokio::test]
-#[ignore = "known bug: a refused transfer leaves an empty destination stock level behind"]
 async fn a_refused_transfer_creates_no_stock_level() {
     let app = TestApp::spawn().await;
     app.warehouse("A", 1).await;
