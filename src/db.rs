@@ -49,9 +49,11 @@ impl Database {
         Ok(Self { url: local.url("inventory"), local: Some(local) })
     }
 
-    /// Stops the local cluster, if this process runs one.
-    pub async fn shutdown(self) {
-        if let Some(local) = self.local {
+    /// Stops the local cluster, if this process runs one. `owner` (the service) stops it even
+    /// when it attached to a running one; a one-off command (check, import, migrate) stops only a
+    /// cluster it started itself, never the one a running service is using.
+    pub async fn shutdown(self, owner: bool) {
+        if let Some(local) = self.local.filter(|l| owner || l.launched()) {
             match tokio::task::spawn_blocking(move || local.stop()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::warn!(error = %err, "stopping local PostgreSQL failed"),

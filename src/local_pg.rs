@@ -61,6 +61,8 @@ pub struct LocalPostgres {
     cluster_dir: PathBuf,
     port: u16,
     run_as: Option<RunAs>,
+    /// This process started the postmaster (rather than attaching to a running one).
+    launched: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +85,7 @@ impl LocalPostgres {
         let run_as = if is_root() { Some(RunAs::detect()?) } else { None };
         std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
         let data_dir = data_dir.canonicalize().map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
-        let mut pg = Self { bin_dir, cluster_dir: data_dir.join("pg"), port: 0, run_as };
+        let mut pg = Self { bin_dir, cluster_dir: data_dir.join("pg"), port: 0, run_as, launched: false };
         pg.cluster_dir = pg.cluster_location(&data_dir)?;
 
         if !pg.cluster_dir.join("PG_VERSION").exists() {
@@ -125,6 +127,12 @@ impl LocalPostgres {
             "the data directory is not reachable by the `postgres` user; the cluster lives elsewhere, linked from it"
         );
         Ok(target)
+    }
+
+    /// Whether this process started the cluster (and so should stop it when a one-off command
+    /// ends), rather than attaching to one a running service owns.
+    pub fn launched(&self) -> bool {
+        self.launched
     }
 
     /// A connection URL for `database` on this cluster.
@@ -232,6 +240,7 @@ impl LocalPostgres {
                 self.pg_command("pg_ctl", &["start", "-D", &dir, "-l", &log, "-w", "-t", "60", "-o", &options])?;
             if out.status.success() {
                 self.port = port;
+                self.launched = true;
                 self.remember_port();
                 tracing::info!(port, dir = %dir, "local PostgreSQL started");
                 return Ok(());

@@ -36,7 +36,9 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         return Ok(());
     }
     let database = Database::locate(&cli.database).await?;
-    let result = match cli.command.clone().unwrap_or(Command::Serve) {
+    let command = cli.command.clone().unwrap_or(Command::Serve);
+    let owner = matches!(command, Command::Serve);
+    let result = match command {
         Command::Serve => serve_command(&cli, &database).await,
         Command::Migrate => migrate_command(&cli.database, &database).await,
         Command::Check => check_command(&cli.database, &database).await,
@@ -45,7 +47,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
             import_command(&cli.database, &database, &file, create_missing).await
         }
     };
-    database.shutdown().await;
+    database.shutdown(owner).await;
     result
 }
 

@@ -74,6 +74,15 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
         .await
         .unwrap();
     assert_eq!(res.status(), 201);
+    // `inventory check` on the same data dir attaches to the service's cluster and leaves it running.
+    let check = Command::new(BIN)
+        .args(["check", "--data-dir", dir.to_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let res = client.get(format!("{base}/v1/warehouses/KEEP")).send().await.unwrap();
+    assert_eq!(res.status(), 200, "the service's database survives a check");
     stop(&mut child);
     let pid_file = dir.join("pg/postmaster.pid");
     assert!(!pid_file.exists(), "the cluster is stopped with the service");
