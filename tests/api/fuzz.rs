@@ -802,6 +802,10 @@ impl Fuzz {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(20))
+            // A fresh connection per request: after answering a hostile request before reading its
+            // body (413, 415, 401…) the server may close the connection, and a pooled client racing
+            // that close sees "no answer" for the next, innocent request.
+            .pool_max_idle_per_host(0)
             .build()
             .unwrap();
         let mut fuzz = Fuzz {
