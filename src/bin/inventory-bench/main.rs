@@ -1,0 +1,500 @@
+//! `inventory-bench`: the service over HTTP against a pgbench baseline, on the same data, in one
+//! invocation. Brings up its own PostgreSQL (durable commits) unless `DATABASE_URL` is set,
+//! loads the data set with `inventory import`, runs the scenarios, verifies the invariants with
+//! `inventory check`, and writes a table to `bench/results/`. See README, "Benchmark".
+
+mod load;
+mod pgbench;
+mod report;
+mod scenarios;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use inventory::local_pg::{Durability, LocalPostgres, find_bin_dir};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+
+use report::{BaselineRow, ImportRow, Latency, Report, ScenarioRow};
+use scenarios::{HOT_RESTOCKED, HOT_SOLD_OUT, HOT_WAREHOUSE, Scenario, Shared};
+
+#[derive(Debug, Parser)]
+#[command(name = "inventory-bench", about = "Benchmark the inventory service against a pgbench baseline")]
+struct Args {
+    /// Seconds each scenario (and each pgbench baseline) runs.
+    #[arg(long, default_value_t = 20)]
+    duration_secs: u64,
+    /// Concurrent clients (closed loop, one keep-alive connection each).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Concurrent clients of the hot-SKU scenarios.
+    #[arg(long, default_value_t = 64)]
+    hot_clients: usize,
+    /// SKUs in the data set; each is stocked in every warehouse.
+    #[arg(long, default_value_t = 250_000)]
+    skus: usize,
+    #[arg(long, default_value_t = 4)]
+    warehouses: usize,
+    /// Units on hand per stock level.
+    #[arg(long, default_value_t = 1_000_000)]
+    on_hand: i64,
+    /// Units of the sold-out run's SKU: exactly these must be sold.
+    #[arg(long, default_value_t = 10_000)]
+    sold_out_stock: i64,
+    /// Scenarios to run, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
+    /// Skip the pgbench baselines.
+    #[arg(long)]
+    no_pgbench: bool,
+    /// A server to use instead of starting one; the benchmark (re)creates its own databases on it.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Name of the benchmark's database (dropped and recreated; `<name>_pgbench` too).
+    #[arg(long, default_value = "inventory_bench")]
+    database_name: String,
+    /// Where the local cluster and work files live.
+    #[arg(long, default_value = ".bench")]
+    data_dir: PathBuf,
+    /// The `inventory` binary to benchmark (default: next to this one).
+    #[arg(long)]
+    inventory_bin: Option<PathBuf>,
+    /// Where the results table goes.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// `RUST_LOG` of the service under test.
+    #[arg(long, default_value = "info")]
+    service_log: String,
+    /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
+    #[arg(long)]
+    smoke: bool,
+}
+
+impl Args {
+    fn apply_smoke(&mut self) {
+        if self.smoke {
+            self.duration_secs = 1;
+            self.clients = self.clients.min(8);
+            self.hot_clients = self.hot_clients.min(16);
+            self.skus = self.skus.min(2_000);
+            self.sold_out_stock = self.sold_out_stock.min(300);
+        }
+        if self.scenarios.is_empty() {
+            self.scenarios = Scenario::ALL.to_vec();
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = Args::parse();
+    args.apply_smoke();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    match runtime.map_err(|e| e.to_string()).and_then(|rt| rt.block_on(run(&args))) {
+        Ok(report) if report.passed() => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("BENCHMARK FAILED: the invariants did not hold (see the table above)");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("inventory-bench: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The server and the URLs of the two databases.
+struct Databases {
+    local: Option<LocalPostgres>,
+    admin_url: String,
+    service_url: String,
+    pgbench_url: String,
+}
+
+async fn run(args: &Args) -> Result<Report, String> {
+    let started_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    let work = args.data_dir.canonicalize().map_err(|e| e.to_string())?;
+    let inventory = args.inventory_bin.clone().unwrap_or_else(sibling_inventory);
+    let dbs = databases(args, &work).await?;
+    let result = benchmark(args, &work, &inventory, &dbs, started_at).await;
+    if let Some(local) = dbs.local.filter(LocalPostgres::launched) {
+        let _ = tokio::task::spawn_blocking(move || local.stop()).await;
+    }
+    let report = result?;
+    println!("\n{}", report.markdown());
+    let path = report.write(&args.out)?;
+    println!("written to {}", path.display());
+    Ok(report)
+}
+
+async fn benchmark(
+    args: &Args,
+    work: &Path,
+    inventory: &Path,
+    dbs: &Databases,
+    started_at: String,
+) -> Result<Report, String> {
+    let mut config = json!({
+        "duration_secs": args.duration_secs, "clients": args.clients, "hot_clients": args.hot_clients,
+        "skus": args.skus, "warehouses": args.warehouses, "on_hand": args.on_hand,
+        "sold_out_stock": args.sold_out_stock, "service_log": args.service_log,
+        "database": if args.database_url.is_some() { "DATABASE_URL" } else { "own cluster, durable commits" },
+    });
+    step("applying migrations");
+    inventory_command(inventory, &dbs.service_url, &["migrate"])?;
+    let import = load_data(args, work, inventory, &dbs.service_url)?;
+    let mut admin = PgConnection::connect(&dbs.service_url).await.map_err(|e| e.to_string())?;
+    sqlx::query("VACUUM ANALYZE").execute(&mut admin).await.map_err(|e| e.to_string())?;
+    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut admin).await.unwrap_or_default();
+    admin.close().await.map_err(|e| e.to_string())?;
+    if !args.no_pgbench {
+        step("copying the data set for pgbench");
+        copy_database(args, &dbs.admin_url).await?;
+    }
+    let pgbench = if args.no_pgbench { None } else { Some(find_pgbench()?) };
+
+    let (mut service, addr) = start_service(args, work, inventory, &dbs.service_url).await?;
+    let outcome = run_scenarios(args, work, &dbs.pgbench_url, pgbench.as_deref(), service.id(), addr).await;
+    stop(&mut service);
+    let (rows, sold_out_created) = outcome?;
+
+    step("verifying the invariants (inventory check)");
+    let violations = match inventory_command(inventory, &dbs.service_url, &["check"]) {
+        Ok(_) => Vec::new(),
+        Err(report) => vec![report],
+    };
+    let sold_out_problems = verify_sold_out(args, &dbs.service_url, sold_out_created).await?;
+    config["postgres"] = json!(version);
+    Ok(Report {
+        started_at,
+        commit: commit(),
+        machine: machine(),
+        config,
+        import,
+        scenarios: rows,
+        violations,
+        sold_out_problems,
+    })
+}
+
+async fn run_scenarios(
+    args: &Args,
+    work: &Path,
+    pgbench_url: &str,
+    pgbench: Option<&Path>,
+    pid: u32,
+    addr: SocketAddr,
+) -> Result<(Vec<ScenarioRow>, Option<u64>), String> {
+    let mut rows = Vec::new();
+    let mut sold_out_created = None;
+    let mut baselines = std::collections::HashMap::new();
+    for (i, &scenario) in args.scenarios.iter().enumerate() {
+        let clients = match scenario {
+            Scenario::Hot | Scenario::HotSoldOut => args.hot_clients,
+            _ => args.clients,
+        };
+        let baseline = match (scenario.baseline(), pgbench) {
+            // The hot baseline serves both hot runs.
+            (Some(name), Some(_)) if baselines.contains_key(&(name, clients)) => {
+                baselines.get(&(name, clients)).cloned()
+            }
+            (Some(name), Some(pgbench)) => {
+                step(&format!("pgbench baseline `{name}`, {clients} clients, {} s", args.duration_secs));
+                let run = pgbench::Run {
+                    pgbench,
+                    url: pgbench_url,
+                    work_dir: work,
+                    baseline: name,
+                    clients,
+                    duration_secs: args.duration_secs,
+                    skus: args.skus,
+                    warehouses: args.warehouses,
+                };
+                let row = BaselineRow::of(pgbench::run(&run)?);
+                baselines.insert((name, clients), row.clone());
+                Some(row)
+            }
+            _ => None,
+        };
+        step(&format!("service `{scenario}`, {clients} clients, {} s", args.duration_secs));
+        reset_peak_rss(pid);
+        let shared = Arc::new(Shared {
+            addr,
+            skus: args.skus,
+            warehouses: args.warehouses,
+            tag: format!("bench-{}-{i}", std::process::id()),
+            expire_ttl_secs: 2,
+            sold_out: AtomicBool::new(false),
+        });
+        let started = Instant::now();
+        // The sold-out run lasts until the row is empty, within reason.
+        let duration = match scenario {
+            Scenario::HotSoldOut => Duration::from_secs(args.duration_secs.max(60)),
+            _ => Duration::from_secs(args.duration_secs),
+        };
+        let deadline = started + duration;
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline)))
+            .collect();
+        let mut tally = load::Tally::default();
+        for task in tasks {
+            tally.merge(task.await.map_err(|e| e.to_string())?);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if scenario == Scenario::HotSoldOut {
+            sold_out_created = Some(tally.by_status.get(&201).copied().unwrap_or(0));
+        }
+        let throughput = tally.ops as f64 / seconds;
+        let ratio = baseline.as_ref().filter(|b| b.tps > 0.0).map(|b| throughput / b.tps);
+        rows.push(ScenarioRow {
+            scenario,
+            unit: scenario.unit(),
+            clients,
+            seconds,
+            ops: tally.ops,
+            throughput,
+            requests: tally.requests(),
+            requests_per_sec: tally.requests() as f64 / seconds,
+            latency: Latency::of(&mut tally),
+            statuses: tally.by_status.clone(),
+            service_peak_rss_mb: peak_rss_mb(pid),
+            pgbench: baseline,
+            ratio,
+        });
+        let row = rows.last().expect("pushed above");
+        println!(
+            "  {:.0} {}/s, p99 {:.1} ms, answers {:?}{}",
+            row.throughput,
+            row.unit,
+            row.latency.p99_ms,
+            row.statuses,
+            if tally.failures() > 0 { "  <- failures" } else { "" }
+        );
+    }
+    Ok((rows, sold_out_created))
+}
+
+/// The sold-out run must have sold exactly the stock: as many 201s as units, all held.
+async fn verify_sold_out(args: &Args, url: &str, created: Option<u64>) -> Result<Vec<String>, String> {
+    let Some(created) = created else { return Ok(Vec::new()) };
+    let mut conn = PgConnection::connect(url).await.map_err(|e| e.to_string())?;
+    let (on_hand, reserved): (i64, i64) =
+        sqlx::query_as("SELECT on_hand, reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2")
+            .bind(HOT_SOLD_OUT)
+            .bind(HOT_WAREHOUSE)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+    let stock = args.sold_out_stock;
+    let mut problems = Vec::new();
+    if created != stock as u64 {
+        problems.push(format!("sold-out run: {created} reservations created for {stock} units"));
+    }
+    if (on_hand, reserved) != (stock, stock) {
+        problems.push(format!("sold-out run: on_hand {on_hand}, reserved {reserved}; expected {stock} of {stock}"));
+    }
+    Ok(problems)
+}
+
+fn step(what: &str) {
+    println!("== {what}");
+    let _ = std::io::stdout().flush();
+}
+
+fn sibling_inventory() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("inventory")))
+        .unwrap_or_else(|| PathBuf::from("inventory"))
+}
+
+/// The server: `DATABASE_URL`, or a durable cluster of our own under the data directory.
+async fn databases(args: &Args, work: &Path) -> Result<Databases, String> {
+    let (local, admin_url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            step("starting PostgreSQL (durable commits)");
+            let dir = work.to_path_buf();
+            let local = tokio::task::spawn_blocking(move || LocalPostgres::start(&dir, Durability::Durable))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let url = local.url("postgres");
+            (Some(local), url)
+        }
+    };
+    let name = &args.database_name;
+    let pgbench_name = format!("{name}_pgbench");
+    let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| format!("cannot connect: {e}"))?;
+    for db in [name.as_str(), pgbench_name.as_str()] {
+        // Identifiers cannot be bound; the names come from the command line of the operator.
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.replace('"', ""));
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
+    }
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
+    admin.close().await.map_err(|e| e.to_string())?;
+    Ok(Databases {
+        local,
+        service_url: with_database(&admin_url, name),
+        pgbench_url: with_database(&admin_url, &pgbench_name),
+        admin_url,
+    })
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority_end..].find('/') {
+        Some(i) => &base[..authority_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+async fn copy_database(args: &Args, admin_url: &str) -> Result<(), String> {
+    let mut admin = PgConnection::connect(admin_url).await.map_err(|e| e.to_string())?;
+    let name = args.database_name.replace('"', "");
+    let sql = format!("CREATE DATABASE \"{name}_pgbench\" TEMPLATE \"{name}\"");
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
+    admin.close().await.map_err(|e| e.to_string())
+}
+
+fn find_pgbench() -> Result<PathBuf, String> {
+    find_bin_dir()
+        .map(|d| d.join("pgbench"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| "pgbench not found (it ships with the PostgreSQL server packages); or pass --no-pgbench".into())
+}
+
+/// Runs `inventory <args>` against `url`; its output on failure.
+fn inventory_command(inventory: &Path, url: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(inventory)
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", inventory.display()))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if output.status.success() { Ok(text) } else { Err(format!("inventory {}: {text}", args.join(" "))) }
+}
+
+/// Writes the data set as CSV and loads it with `inventory import`, timed.
+fn load_data(args: &Args, work: &Path, inventory: &Path, url: &str) -> Result<ImportRow, String> {
+    let csv = work.join(format!("levels-{}x{}.csv", args.skus, args.warehouses));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).map_err(|e| e.to_string())?);
+    let mut write = || -> std::io::Result<()> {
+        writeln!(out, "sku,warehouse,on_hand,reorder_point,reorder_quantity")?;
+        for s in 0..args.skus {
+            for w in 0..args.warehouses {
+                writeln!(out, "{},{},{},10,100", scenarios::sku(s), scenarios::warehouse(w), args.on_hand)?;
+            }
+        }
+        writeln!(out, "{HOT_RESTOCKED},{HOT_WAREHOUSE},{},0,0", 1_000_000_000i64)?;
+        writeln!(out, "{HOT_SOLD_OUT},{HOT_WAREHOUSE},{},0,0", args.sold_out_stock)?;
+        out.flush()
+    };
+    write().map_err(|e| format!("{}: {e}", csv.display()))?;
+    let levels = args.skus * args.warehouses + 2;
+    step(&format!("importing {levels} stock levels"));
+    let log = work.join("import.log");
+    let started = Instant::now();
+    let mut child = Command::new(inventory)
+        .arg("import")
+        .arg(&csv)
+        .arg("--create-missing")
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&log).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", inventory.display()))?;
+    let mut peak = None;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        peak = peak_rss_mb(child.id()).or(peak);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if !status.success() {
+        let output = std::fs::read_to_string(&log).unwrap_or_default();
+        return Err(format!("inventory import failed ({status}):\n{}", output.chars().take(2_000).collect::<String>()));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("  {levels} levels in {seconds:.1} s");
+    Ok(ImportRow { levels, seconds, levels_per_sec: levels as f64 / seconds, peak_rss_mb: peak })
+}
+
+async fn start_service(args: &Args, work: &Path, inventory: &Path, url: &str) -> Result<(Child, SocketAddr), String> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(work.join("service.log")).map_err(|e| e.to_string())?;
+    step(&format!("starting the service on {addr} (log: {})", work.join("service.log").display()));
+    let mut child = Command::new(inventory)
+        .args(["serve", "--listen", &addr.to_string()])
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", &args.service_log)
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", inventory.display()))?;
+    if !load::wait_ready(addr, "/health/ready", Duration::from_secs(60)).await {
+        stop(&mut child);
+        return Err("the service did not become ready within 60 s".into());
+    }
+    Ok((child, addr))
+}
+
+/// SIGTERM (graceful), then wait.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+/// Resets the kernel's peak-RSS mark of `pid` so the next reading is this scenario's peak.
+fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Peak resident set size (VmHWM) of `pid`, in MB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn commit() -> String {
+    let git = |args: &[&str]| Command::new("git").args(args).output().ok().filter(|o| o.status.success());
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else { return "unknown".into() };
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|o| !o.stdout.is_empty());
+    if dirty { format!("{head}-dirty") } else { head }
+}
+
+fn machine() -> std::collections::BTreeMap<&'static str, String> {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned());
+    let mem = read("/proc/meminfo").lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|m| m.trim().to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    [
+        ("cpu", cpu.unwrap_or_default()),
+        ("cores", cores.to_string()),
+        ("memory", mem.unwrap_or_default()),
+        ("kernel", read("/proc/sys/kernel/osrelease").trim().to_owned()),
+    ]
+    .into_iter()
+    .collect()
+}

@@ -1,0 +1,149 @@
+//! The results: a Markdown table for people, JSON for tools, both under `bench/results/`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::load::Tally;
+use crate::pgbench::Baseline;
+use crate::scenarios::Scenario;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+impl Latency {
+    pub fn of(tally: &mut Tally) -> Self {
+        Self { p50_ms: tally.quantile_ms(0.50), p99_ms: tally.quantile_ms(0.99), p999_ms: tally.quantile_ms(0.999) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineRow {
+    pub tps: f64,
+    pub latency: Latency,
+}
+
+impl BaselineRow {
+    pub fn of(mut b: Baseline) -> Self {
+        Self { tps: b.tps, latency: Latency::of(&mut b.tally) }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScenarioRow {
+    pub scenario: Scenario,
+    pub unit: &'static str,
+    pub clients: usize,
+    pub seconds: f64,
+    pub ops: u64,
+    pub throughput: f64,
+    pub requests: u64,
+    pub requests_per_sec: f64,
+    pub latency: Latency,
+    /// Answers by HTTP status ("0" = no answer).
+    pub statuses: BTreeMap<u16, u64>,
+    pub service_peak_rss_mb: Option<f64>,
+    pub pgbench: Option<BaselineRow>,
+    /// Service throughput ÷ pgbench transactions per second.
+    pub ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImportRow {
+    pub levels: usize,
+    pub seconds: f64,
+    pub levels_per_sec: f64,
+    pub peak_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub commit: String,
+    pub machine: BTreeMap<&'static str, String>,
+    pub config: serde_json::Value,
+    pub import: ImportRow,
+    pub scenarios: Vec<ScenarioRow>,
+    /// Broken invariants found by `inventory check` after the run (must be empty).
+    pub violations: Vec<String>,
+    /// Problems with the sold-out run (must be empty).
+    pub sold_out_problems: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && self.sold_out_problems.is_empty()
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# inventory benchmark, {} (commit {})\n", self.started_at, self.commit);
+        for (k, v) in &self.machine {
+            let _ = writeln!(md, "- {k}: {v}");
+        }
+        let _ = writeln!(md, "- config: `{}`\n", self.config);
+        let i = &self.import;
+        let _ = writeln!(
+            md,
+            "Import: {} stock levels in {:.1} s ({:.0} levels/s), importer peak RSS {}\n",
+            i.levels,
+            i.seconds,
+            i.levels_per_sec,
+            mb(i.peak_rss_mb)
+        );
+        md.push_str(
+            "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | service peak RSS | pgbench tps | pgbench p99 ms | service/pgbench |\n",
+        );
+        md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n");
+        for r in &self.scenarios {
+            let statuses: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
+            let (tps, p99) = r.pgbench.as_ref().map_or(("—".to_owned(), "—".to_owned()), |b| {
+                (format!("{:.0}", b.tps), format!("{:.1}", b.latency.p99_ms))
+            });
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} {}/s | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+                r.scenario,
+                r.clients,
+                r.throughput,
+                r.unit,
+                r.latency.p50_ms,
+                r.latency.p99_ms,
+                r.latency.p999_ms,
+                statuses.join(" "),
+                mb(r.service_peak_rss_mb),
+                tps,
+                p99,
+                r.ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
+            );
+        }
+        let verdict = if self.passed() { "invariants hold (`inventory check`: 0 violations)" } else { "FAILED" };
+        let _ = writeln!(md, "\nAfter the run: {verdict}");
+        for v in self.violations.iter().chain(&self.sold_out_problems) {
+            let _ = writeln!(md, "- {v}");
+        }
+        md
+    }
+
+    /// Writes `<dir>/<timestamp>-<commit>.{md,json}`; returns the Markdown path.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let stem = format!("{}-{}", self.started_at.replace(':', ""), self.commit);
+        let md = dir.join(format!("{stem}.md"));
+        std::fs::write(&md, self.markdown()).map_err(|e| format!("{}: {e}", md.display()))?;
+        let json = dir.join(format!("{stem}.json"));
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
+        Ok(md)
+    }
+}
+
+fn mb(value: Option<f64>) -> String {
+    value.map_or("—".to_owned(), |v| format!("{v:.0} MB"))
+}

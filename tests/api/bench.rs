@@ -1,0 +1,73 @@
+//! The benchmark's smoke run: every scenario and both pgbench baselines for about a second
+//! each, on a small data set, so the benchmark cannot rot. Its figures are not checked (speed
+//! targets live in the benchmark itself, never in a timed test); what it proves is that every
+//! scenario gets answers, nothing fails, the sold-out run sells exactly its stock and the
+//! invariants hold afterwards.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::fresh_database;
+
+#[tokio::test]
+async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invariants() {
+    let server = fresh_database().await;
+    let work = std::env::temp_dir().join(format!("inventory-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = work.join("results");
+    let name = format!("bench_smoke_{}", std::process::id());
+
+    let output = Command::new(env!("CARGO_BIN_EXE_inventory-bench"))
+        .args(["--smoke", "--database-name", &name])
+        .arg("--database-url")
+        .arg(&server)
+        .arg("--inventory-bin")
+        .arg(env!("CARGO_BIN_EXE_inventory"))
+        .arg("--data-dir")
+        .arg(&work)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run inventory-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "the smoke run failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+
+    let json = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a JSON result file");
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["violations"], serde_json::json!([]));
+    assert_eq!(report["sold_out_problems"], serde_json::json!([]));
+    assert!(report["import"]["levels"].as_u64() == Some(2_000 * 4 + 2), "{}", report["import"]);
+
+    let rows = report["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["uniform", "multi5", "hot", "hot-sold-out", "lifecycle", "availability", "mixed"]);
+    for row in rows {
+        let statuses = row["statuses"].as_object().unwrap();
+        let failures: u64 = statuses
+            .iter()
+            .filter(|(status, _)| *status == "0" || status.starts_with('5'))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(failures, 0, "{}: requests failed: {statuses:?}", row["scenario"]);
+        assert!(row["ops"].as_u64().unwrap() > 0, "{}: no work done", row["scenario"]);
+        assert!(row["latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{}", row["scenario"]);
+        if ["uniform", "hot", "hot-sold-out"].contains(&row["scenario"].as_str().unwrap()) {
+            assert!(row["pgbench"]["tps"].as_f64().unwrap() > 0.0, "{}: no pgbench baseline", row["scenario"]);
+        }
+    }
+    let sold_out = rows.iter().find(|r| r["scenario"] == "hot-sold-out").unwrap();
+    assert_eq!(sold_out["statuses"]["201"], 300, "exactly the stock is sold: {}", sold_out["statuses"]);
+    assert!(sold_out["statuses"]["409"].as_u64().unwrap() > 0, "the run ends with refusals");
+
+    let admin = sqlx::PgPool::connect(&server).await.unwrap();
+    for db in [name.clone(), format!("{name}_pgbench")] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {db} WITH (FORCE)"))).execute(&admin).await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
