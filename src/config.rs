@@ -169,6 +169,18 @@ pub struct ServerArgs {
     /// Seconds events are kept in the feed.
     #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, global = true)]
     pub event_retention_secs: i64,
+
+    /// Most reservations decided in one transaction (1 turns batching off).
+    #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, global = true)]
+    pub batch_max: usize,
+
+    /// Microseconds a batch waits for more reservations after its first one.
+    #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, global = true)]
+    pub batch_window_us: u64,
+
+    /// Batches in flight at once (each holds one database connection).
+    #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, global = true)]
+    pub batch_concurrency: usize,
 }
 
 impl ServerArgs {
@@ -204,6 +216,9 @@ impl Default for ServerArgs {
             api_keys_file: None,
             insecure_no_auth: false,
             metrics_public: true,
+            batch_max: 128,
+            batch_window_us: 1000,
+            batch_concurrency: 4,
         }
     }
 }

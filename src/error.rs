@@ -100,6 +100,15 @@ impl ApiError {
         self.sqlstate().is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_str()))
     }
 
+    /// The database cannot be reached at all (not one row or request's trouble).
+    pub fn is_database_down(&self) -> bool {
+        match self {
+            Self::Unavailable(_) => true,
+            Self::Database(err) => database_class(err) == DbClass::Unavailable,
+            _ => false,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,

@@ -174,7 +174,8 @@ pub async fn serve(
     crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
-    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys) };
+    let batcher = (server.batch_max > 1).then(|| http::batch::Batcher::spawn(pool.clone(), &server));
+    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), batcher };
     let app = http::app(state);
     // Draining starts with the signal: background tasks and event streams stop, requests finish.
     let drain = async move {

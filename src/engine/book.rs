@@ -171,6 +171,26 @@ impl Book {
         self.get(sku, warehouse).is_some()
     }
 
+    /// The levels of `skus` as allocation candidates, as they stand now.
+    pub fn candidates_of(&self, skus: &[&str]) -> Vec<Candidate> {
+        let mut out = Vec::new();
+        for (i, sku) in skus.iter().enumerate() {
+            if skus[..i].contains(sku) {
+                continue;
+            }
+            let levels = self.levels.range(((*sku).to_owned(), String::new())..).take_while(|((s, _), _)| s == sku);
+            out.extend(levels.map(|((sku, warehouse), l)| Candidate {
+                sku: sku.clone(),
+                warehouse: warehouse.clone(),
+                priority: l.priority,
+                active: l.active,
+                available: l.available(),
+                backorder_limit: l.backorder_limit,
+            }));
+        }
+        out
+    }
+
     /// The levels as allocation candidates, as they stand now.
     pub fn candidates(&self) -> Vec<Candidate> {
         self.levels

@@ -73,33 +73,49 @@ fn short(shortages: Vec<allocation::Shortage>) -> ApiError {
     }
 }
 
-/// 404 for SKUs (and pinned warehouses) that do not exist at all. Only asked when the locked
-/// levels do not already prove existence, so the common path costs no extra round trip.
-async fn require_known(conn: &mut PgConnection, req: &NewReservation, book: &Book) -> Result<(), ApiError> {
-    let mut skus: Vec<&str> = req.lines.iter().map(|l| l.sku.as_str()).filter(|s| !book.has_sku(s)).collect();
-    let mut warehouses: Vec<&str> =
-        req.lines.iter().filter_map(|l| l.warehouse.as_deref().filter(|w| !book.has_level(&l.sku, w))).collect();
-    if skus.is_empty() && warehouses.is_empty() {
-        return Ok(());
+/// SKUs and pinned warehouses the orders name that do not exist at all. Only asked about names
+/// the locked levels do not already prove to exist, so the common path costs no round trip.
+#[derive(Debug, Default)]
+struct Unknown {
+    skus: Vec<String>,
+    warehouses: Vec<String>,
+}
+
+impl Unknown {
+    async fn find(conn: &mut PgConnection, reqs: &[&NewReservation], book: &Book) -> Result<Self, ApiError> {
+        let lines = || reqs.iter().flat_map(|r| &r.lines);
+        let mut skus: Vec<&str> = lines().map(|l| l.sku.as_str()).filter(|s| !book.has_sku(s)).collect();
+        let mut warehouses: Vec<&str> =
+            lines().filter_map(|l| l.warehouse.as_deref().filter(|w| !book.has_level(&l.sku, w))).collect();
+        if skus.is_empty() && warehouses.is_empty() {
+            return Ok(Self::default());
+        }
+        skus.sort_unstable();
+        skus.dedup();
+        warehouses.sort_unstable();
+        warehouses.dedup();
+        let (unknown_skus, unknown_warehouses): (Vec<String>, Vec<String>) = sqlx::query_as(
+            "SELECT ARRAY(SELECT s FROM unnest($1::text[]) s WHERE NOT EXISTS (SELECT 1 FROM skus WHERE sku = s) ORDER BY s),
+                    ARRAY(SELECT w FROM unnest($2::text[]) w WHERE NOT EXISTS (SELECT 1 FROM warehouses WHERE code = w) ORDER BY w)",
+        )
+        .bind(&skus)
+        .bind(&warehouses)
+        .fetch_one(conn)
+        .await?;
+        Ok(Self { skus: unknown_skus, warehouses: unknown_warehouses })
     }
-    skus.sort_unstable();
-    skus.dedup();
-    warehouses.sort_unstable();
-    warehouses.dedup();
-    let (known_skus, known_warehouses): (Vec<String>, Vec<String>) = sqlx::query_as(
-        "SELECT ARRAY(SELECT sku FROM skus WHERE sku = ANY($1)), ARRAY(SELECT code FROM warehouses WHERE code = ANY($2))",
-    )
-    .bind(&skus)
-    .bind(&warehouses)
-    .fetch_one(conn)
-    .await?;
-    if let Some(sku) = skus.iter().find(|s| !known_skus.iter().any(|k| k == *s)) {
-        return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+
+    /// 404 for the first unknown SKU of the order, else for its first unknown warehouse.
+    fn check(&self, req: &NewReservation) -> Result<(), ApiError> {
+        if let Some(sku) = self.skus.iter().find(|s| req.lines.iter().any(|l| &l.sku == *s)) {
+            return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+        }
+        let pinned = |w: &String| req.lines.iter().any(|l| l.warehouse.as_ref() == Some(w));
+        if let Some(w) = self.warehouses.iter().find(|w| pinned(w)) {
+            return Err(ApiError::not_found(format!("warehouse {w} does not exist")));
+        }
+        Ok(())
     }
-    if let Some(w) = warehouses.iter().find(|w| !known_warehouses.iter().any(|k| k == *w)) {
-        return Err(ApiError::not_found(format!("warehouse {w} does not exist")));
-    }
-    Ok(())
 }
 
 /// The outbox event of a reservation reaching `status` (`active` means just created).
@@ -132,16 +148,83 @@ fn sku_order(lines: &[Line]) -> Vec<&str> {
 
 /// Holds stock for one order, all or nothing.
 pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation, ApiError> {
-    let id = Uuid::now_v7();
-    let Some(header) = store::insert(conn, id, &req.order_id, req.strategy.as_str(), req.ttl_seconds).await? else {
-        let existing = store::id_of_order(conn, &req.order_id).await?.unwrap_or_default();
-        return Err(duplicate(&req.order_id, existing));
-    };
-    let skus = sku_order(&req.lines);
-    let mut book = Book::lock_skus(conn, &skus).await?;
-    require_known(conn, req, &book).await?;
-    let planned = allocation::allocate(&req.lines, &book.candidates(), req.strategy).map_err(short)?;
+    reserve_many(conn, &[req]).await?.pop().unwrap_or_else(|| Err(ApiError::Internal("no answer".into())))
+}
 
+/// Holds stock for many orders in one transaction: each order all or nothing, decided in the
+/// order given against the levels as the orders before it left them, each with its own answer.
+/// The outer error means the transaction itself failed (roll back); an inner one refuses only
+/// that order, which then leaves no trace.
+pub async fn reserve_many(
+    conn: &mut PgConnection,
+    reqs: &[&NewReservation],
+) -> Result<Vec<Result<Reservation, ApiError>>, ApiError> {
+    let ids: Vec<Uuid> = reqs.iter().map(|_| Uuid::now_v7()).collect();
+    let order_ids: Vec<&str> = reqs.iter().map(|r| r.order_id.as_str()).collect();
+    let strategies: Vec<&str> = reqs.iter().map(|r| r.strategy.as_str()).collect();
+    let ttls: Vec<f64> = reqs.iter().map(|r| r.ttl_seconds as f64).collect();
+    let mut headers: BTreeMap<Uuid, Header> =
+        store::insert_many(conn, &ids, &order_ids, &strategies, &ttls).await?.into_iter().map(|h| (h.id, h)).collect();
+    let taken: Vec<&str> =
+        reqs.iter().zip(&ids).filter(|(_, id)| !headers.contains_key(id)).map(|(r, _)| r.order_id.as_str()).collect();
+    let existing: BTreeMap<String, Uuid> = if taken.is_empty() {
+        BTreeMap::new()
+    } else {
+        store::ids_of_orders(conn, &taken).await?.into_iter().collect()
+    };
+
+    let live: Vec<&NewReservation> =
+        reqs.iter().zip(&ids).filter(|(_, id)| headers.contains_key(id)).map(|(r, _)| *r).collect();
+    let skus: Vec<&str> = live.iter().flat_map(|r| sku_order(&r.lines)).collect();
+    let mut book = Book::lock_skus(conn, &skus).await?;
+    let unknown = Unknown::find(conn, &live, &book).await?;
+
+    let mut answers = Vec::with_capacity(reqs.len());
+    let mut rows = Vec::new();
+    let mut refused = Vec::new();
+    for (req, id) in reqs.iter().zip(ids) {
+        let Some(header) = headers.remove(&id) else {
+            answers.push(Err(duplicate(&req.order_id, existing.get(&req.order_id).copied().unwrap_or_default())));
+            continue;
+        };
+        match hold(&mut book, &unknown, req, id)? {
+            Ok(allocations) => {
+                book.event(lifecycle_event(id, &req.order_id, "active"));
+                rows.extend(allocations.iter().cloned());
+                answers.push(Ok(store::assemble(header, allocations)));
+            }
+            Err(err) => {
+                refused.push(id);
+                answers.push(Err(err));
+            }
+        }
+    }
+    book.flush(conn).await?;
+    if !rows.is_empty() {
+        store::insert_allocations(conn, &rows).await?;
+    }
+    if !refused.is_empty() {
+        store::delete_refused(conn, &refused).await?;
+    }
+    Ok(answers)
+}
+
+/// Decides one order against the book and, when it fits, applies it. The inner error refuses
+/// the order (nothing applied); the outer one is a bug that must roll everything back.
+fn hold(
+    book: &mut Book,
+    unknown: &Unknown,
+    req: &NewReservation,
+    id: Uuid,
+) -> Result<Result<Vec<Allocation>, ApiError>, ApiError> {
+    if let Err(err) = unknown.check(req) {
+        return Ok(Err(err));
+    }
+    let skus = sku_order(&req.lines);
+    let planned = match allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy) {
+        Ok(planned) => planned,
+        Err(shortages) => return Ok(Err(short(shortages))),
+    };
     let reference = id.to_string();
     let mut rows = Vec::with_capacity(planned.len());
     let mut seq = 0;
@@ -160,10 +243,7 @@ pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Re
             released: 0,
         });
     }
-    book.event(lifecycle_event(id, &req.order_id, "active"));
-    book.flush(conn).await?;
-    store::insert_allocations(conn, &rows).await?;
-    Ok(store::assemble(header, rows))
+    Ok(Ok(rows))
 }
 
 /// The allocation `reserve` would make right now, holding nothing.
@@ -173,8 +253,8 @@ pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan,
     }
     let skus = sku_order(&req.lines);
     let book = Book::read_skus(conn, &skus).await?;
-    require_known(conn, req, &book).await?;
-    let planned = allocation::allocate(&req.lines, &book.candidates(), req.strategy).map_err(short)?;
+    Unknown::find(conn, &[req], &book).await?.check(req)?;
+    let planned = allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy).map_err(short)?;
     let mut lines: Vec<PlanLine> = Vec::new();
     for Planned { sku, warehouse, quantity } in planned {
         let allocation = PlanAllocation { warehouse, quantity };

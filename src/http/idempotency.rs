@@ -23,10 +23,134 @@ pub struct Request<'a> {
     pub success: StatusCode,
 }
 
-enum Outcome {
+/// What a request with (or without) a key came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Executed now; the status and body of the answer.
     Fresh(StatusCode, String),
+    /// Executed before; the stored answer.
     Replay(StatusCode, String),
     Refused(ApiError),
+}
+
+impl Outcome {
+    /// The HTTP answer. Call it in the request's own task (a replayed problem names the
+    /// current request id).
+    pub fn render(self) -> Response {
+        match self {
+            Self::Fresh(status, body) => json_response(status, body, false),
+            Self::Replay(status, body) => {
+                metrics::counter!(crate::metrics::IDEMPOTENT_REPLAYS).increment(1);
+                json_response(status, with_current_request_id(status, body), true)
+            }
+            Self::Refused(err) => err.into_response(),
+        }
+    }
+
+    /// The outcome of executing a request now.
+    pub fn executed<T: Serialize>(success: StatusCode, result: Result<T, ApiError>) -> Self {
+        match result.and_then(|v| serde_json::to_string(&v).map_err(|e| ApiError::Internal(e.to_string()))) {
+            Ok(body) => Self::Fresh(success, body),
+            Err(err) => Self::Refused(err),
+        }
+    }
+}
+
+/// A keyed request in a batch: claimed, looked up and stored together with its neighbours.
+#[derive(Debug, Clone)]
+pub struct Keyed {
+    pub key: String,
+    pub method: &'static str,
+    pub path: String,
+    pub fingerprint: String,
+}
+
+/// The canonical text of a JSON body (serde_json's maps are sorted).
+pub fn fingerprint(body: &Value) -> String {
+    body.to_string()
+}
+
+/// Claims the keys of a batch (advisory transaction locks) and looks up stored answers: for
+/// each key, `Some(outcome)` when it is already decided (replay, reuse, in progress), `None`
+/// when the request must run.
+pub async fn claim_many(conn: &mut PgConnection, keyed: &[&Keyed]) -> Result<Vec<Option<Outcome>>, ApiError> {
+    let keys: Vec<&str> = keyed.iter().map(|k| k.key.as_str()).collect();
+    #[derive(sqlx::FromRow)]
+    struct Claim {
+        locked: bool,
+        method: Option<String>,
+        path: Option<String>,
+        request: Option<String>,
+        status: Option<i16>,
+        response: Option<String>,
+    }
+    let rows: Vec<Claim> =
+        sqlx::query_as(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(u.key, 7041)) AS locked, i.method, i.path, i.request, i.status, i.response
+               FROM unnest($1::text[]) WITH ORDINALITY AS u(key, n)
+               LEFT JOIN idempotency_keys i ON i.key = u.key
+              ORDER BY u.n",
+        )
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(keyed
+        .iter()
+        .zip(rows)
+        .map(|(k, row)| {
+            if !row.locked {
+                return Some(Outcome::Refused(in_progress()));
+            }
+            let (method, path, request, status, response) =
+                (row.method?, row.path?, row.request?, row.status?, row.response?);
+            if method == k.method && path == k.path && request == k.fingerprint {
+                let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
+                Some(Outcome::Replay(status, response))
+            } else {
+                Some(Outcome::Refused(ApiError::IdempotencyKeyReused))
+            }
+        })
+        .collect())
+}
+
+/// Stores the answers of keyed requests executed in this transaction (client errors too;
+/// server errors never reach here, their transaction rolls back).
+pub async fn store_many(conn: &mut PgConnection, answers: &[(&Keyed, &Outcome)]) -> Result<(), ApiError> {
+    let mut stored: Vec<&Keyed> = Vec::new();
+    let (mut statuses, mut bodies): (Vec<i16>, Vec<String>) = (Vec::new(), Vec::new());
+    for (k, outcome) in answers {
+        let (status, body) = match outcome {
+            Outcome::Fresh(status, body) => (*status, body.clone()),
+            Outcome::Refused(err) => (err.status(), err.to_problem().to_string()),
+            Outcome::Replay(..) => continue,
+        };
+        stored.push(k);
+        statuses.push(status.as_u16() as i16);
+        bodies.push(body);
+    }
+    if stored.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO idempotency_keys (key, method, path, request, status, response)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[], $6::text[])",
+    )
+    .bind(stored.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+    .bind(stored.iter().map(|k| k.method).collect::<Vec<_>>())
+    .bind(stored.iter().map(|k| k.path.as_str()).collect::<Vec<_>>())
+    .bind(stored.iter().map(|k| k.fingerprint.as_str()).collect::<Vec<_>>())
+    .bind(statuses)
+    .bind(bodies)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn in_progress() -> ApiError {
+    ApiError::conflict(
+        "idempotency_in_progress",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
 }
 
 /// Everything one attempt needs, passed by reference into the transaction body.
@@ -50,14 +174,7 @@ where
     };
     let attempt = Attempt { req: &req, key, ctx, op: &op };
     let outcome = transact(&state.db, &attempt, |conn, a| Box::pin(once(conn, a))).await?;
-    Ok(match outcome {
-        Outcome::Fresh(status, body) => json_response(status, body, false),
-        Outcome::Replay(status, body) => {
-            metrics::counter!(crate::metrics::IDEMPOTENT_REPLAYS).increment(1);
-            json_response(status, with_current_request_id(status, body), true)
-        }
-        Outcome::Refused(err) => err.into_response(),
-    })
+    Ok(outcome.render())
 }
 
 async fn once<C, T, F>(conn: &mut PgConnection, attempt: &Attempt<'_, C, F>) -> Result<Outcome, ApiError>
@@ -73,13 +190,9 @@ where
         .fetch_one(&mut *conn)
         .await?;
     if !locked {
-        return Err(ApiError::conflict(
-            "idempotency_in_progress",
-            "a request with this Idempotency-Key is still being processed; retry shortly",
-        ));
+        return Err(in_progress());
     }
-    // serde_json's maps are sorted, so this text is the same for the same JSON body.
-    let fingerprint = req.body.to_string();
+    let fingerprint = fingerprint(req.body);
     let stored: Option<(String, String, String, i16, String)> =
         sqlx::query_as("SELECT method, path, request, status, response FROM idempotency_keys WHERE key = $1")
             .bind(*key)

@@ -1,6 +1,7 @@
 //! The HTTP API: router, shared state, and one module per resource. Handlers stay thin:
 //! parse into domain types, call the engine inside a transaction, render.
 
+pub mod batch;
 pub mod catalogue;
 pub mod events;
 pub mod extract;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// API keys; empty means no authentication (loopback only, see startup).
     pub keys: Arc<crate::auth::Keys>,
+    /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
+    pub batcher: Option<batch::Batcher>,
 }
 
 /// The whole API, ready to serve.

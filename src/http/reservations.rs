@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::catalogue::text;
 use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
-use super::idempotency::{self, Request};
+use super::idempotency::{self, Keyed, Request};
 use crate::domain::allocation::{Line, Strategy};
 use crate::domain::{Quantity, Sku, Validator, WarehouseCode};
 use crate::engine::reservations::{self as engine, NewReservation, PartLine, Settle};
@@ -118,9 +118,24 @@ pub async fn create(
         body: &body.raw,
         success: StatusCode::CREATED,
     };
-    let response = idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req)))
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
+    let batched = match &state.batcher {
+        Some(batcher) => {
+            let key = key.as_deref().map(|key| Keyed {
+                key: key.to_owned(),
+                method: "POST",
+                path: uri.path().to_owned(),
+                fingerprint: idempotency::fingerprint(&body.raw),
+            });
+            batcher.submit(req.clone(), key).await
+        }
+        None => None,
+    };
+    let response = match batched {
+        Some(outcome) => outcome.render(),
+        None => idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req)))
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+    };
     let outcome = if response.headers().contains_key("idempotent-replayed") {
         "replayed"
     } else if response.status() == StatusCode::CREATED {

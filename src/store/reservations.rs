@@ -137,6 +137,45 @@ pub async fn insert(
     .await?)
 }
 
+/// Inserts many reservation rows at once, in `order_id` order (so concurrent batches meet on
+/// the unique index in the same order); returns the rows inserted, not the duplicates.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    order_ids: &[&str],
+    strategies: &[&str],
+    ttl_seconds: &[f64],
+) -> Result<Vec<Header>, ApiError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO reservations (id, order_id, strategy, expires_at)
+         SELECT id, order_id, strategy, now() + make_interval(secs => ttl)
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[]) AS n(id, order_id, strategy, ttl)
+          ORDER BY order_id
+         ON CONFLICT (order_id) DO NOTHING
+         RETURNING id, order_id, status, strategy, created_at, expires_at, false AS overdue",
+    )
+    .bind(ids)
+    .bind(order_ids)
+    .bind(strategies)
+    .bind(ttl_seconds)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The reservation ids of existing orders.
+pub async fn ids_of_orders(conn: &mut PgConnection, order_ids: &[&str]) -> Result<Vec<(String, Uuid)>, ApiError> {
+    Ok(sqlx::query_as("SELECT order_id, id FROM reservations WHERE order_id = ANY($1)")
+        .bind(order_ids)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Deletes reservation rows this transaction inserted for orders it then refused.
+pub async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), ApiError> {
+    sqlx::query("DELETE FROM reservations WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    Ok(())
+}
+
 pub async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, ApiError> {
     Ok(sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1")
         .bind(order_id)

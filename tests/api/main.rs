@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL, real HTTP on port 0.
 
 mod auth;
+mod batching;
 mod bench;
 mod catalogue;
 mod cli;

@@ -1,0 +1,189 @@
+//! The batching front of `POST /v1/reservations`.
+//!
+//! Concurrent reservation requests are gathered for a very short window (at most
+//! `batch_max` orders, at most `batch_window_us` after the first) and decided in ONE
+//! transaction: claim their idempotency keys, insert the reservation rows, lock every stock row
+//! of the batch in (sku, warehouse) order, decide each order in arrival order (each all or
+//! nothing, each with its own answer), write levels, ledger, allocations and stored answers
+//! set-based, commit, and only then answer every waiter. A hot SKU thus costs one row update
+//! per batch instead of a queue of lock waits.
+//!
+//! When the batch transaction itself fails (a lock timeout, a broken connection, a bug), no
+//! order is answered with that failure: each one runs again on its own, in its own request's
+//! task, exactly as without batching.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use sqlx::PgConnection;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::idempotency::{self, Keyed, Outcome};
+use crate::config::ServerArgs;
+use crate::db::transact;
+use crate::engine::reservations::{self as engine, NewReservation};
+use crate::error::ApiError;
+
+/// The lock wait of a batch transaction: 250 ms, or the configured one when shorter (which
+/// applies to orders running alone).
+const BATCH_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout',
+    CASE WHEN s = '0' OR s::interval > interval '250ms' THEN '250ms' ELSE s END, true)
+    FROM current_setting('lock_timeout') AS s";
+
+/// Orders waiting for a batch, at most.
+const QUEUE: usize = 4096;
+
+/// A reservation request waiting for its batch.
+#[derive(Debug)]
+struct Job {
+    req: NewReservation,
+    key: Option<Keyed>,
+    /// `None`: the batch failed as a whole; run this order on its own.
+    reply: oneshot::Sender<Option<Outcome>>,
+}
+
+/// The handle requests submit to; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Batcher {
+    /// Starts the gathering task; it ends when every handle is gone, after finishing its work.
+    pub fn spawn(db: sqlx::PgPool, config: &ServerArgs) -> Self {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let gather = Gather {
+            rx,
+            max: config.batch_max.max(1),
+            window: Duration::from_micros(config.batch_window_us),
+            slots: std::sync::Arc::new(Semaphore::new(config.batch_concurrency.max(1))),
+            db,
+        };
+        tokio::spawn(gather.run());
+        Self { queue }
+    }
+
+    /// Decides one order within a batch. `None` when it must run on its own instead.
+    pub async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Outcome> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(Job { req, key, reply }).await.ok()?;
+        answer.await.ok().flatten()
+    }
+}
+
+struct Gather {
+    rx: mpsc::Receiver<Job>,
+    max: usize,
+    window: Duration,
+    slots: std::sync::Arc<Semaphore>,
+    db: sqlx::PgPool,
+}
+
+impl Gather {
+    async fn run(mut self) {
+        // An order that could not join the previous batch (same order id or key) starts the next.
+        let mut carried: Option<Job> = None;
+        loop {
+            let first = match carried.take() {
+                Some(job) => job,
+                None => match self.rx.recv().await {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            // Waiting for a free slot lets the queue fill: the busier the database, the
+            // bigger the batches.
+            let Ok(slot) = self.slots.clone().acquire_owned().await else { return };
+            let deadline = tokio::time::Instant::now() + self.window;
+            let mut batch = vec![first];
+            while batch.len() < self.max {
+                let next = match self.rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        tokio::time::timeout_at(deadline, self.rx.recv()).await.ok().flatten()
+                    }
+                };
+                let Some(job) = next else { break };
+                if batch.iter().any(|b| clashes(b, &job)) {
+                    carried = Some(job);
+                    break;
+                }
+                batch.push(job);
+            }
+            metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
+            let db = self.db.clone();
+            tokio::spawn(async move {
+                execute(&db, batch).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Two orders that cannot share a transaction: the same order id or the same key.
+fn clashes(a: &Job, b: &Job) -> bool {
+    a.req.order_id == b.req.order_id || matches!((&a.key, &b.key), (Some(x), Some(y)) if x.key == y.key)
+}
+
+async fn execute(db: &sqlx::PgPool, batch: Vec<Job>) {
+    let (work, replies): (Vec<(NewReservation, Option<Keyed>)>, Vec<_>) =
+        batch.into_iter().map(|j| ((j.req, j.key), j.reply)).unzip();
+    match transact(db, &work, |conn, work| Box::pin(decide(conn, work))).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Some(outcome));
+            }
+        }
+        // Nobody gets a connection: running each order alone would only fail again, slower.
+        Err(err) if err.is_database_down() => {
+            tracing::warn!(error = %err, orders = work.len(), "a reservation batch found the database down");
+            for reply in replies {
+                let _ = reply.send(Some(Outcome::Refused(ApiError::Unavailable(err.to_string()))));
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, orders = work.len(), "a reservation batch failed; each order runs on its own");
+            metrics::counter!(crate::metrics::BATCH_FALLBACKS).increment(1);
+            for reply in replies {
+                let _ = reply.send(None);
+            }
+        }
+    }
+}
+
+/// The batch transaction body.
+async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)]) -> Result<Vec<Outcome>, ApiError> {
+    // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
+    // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
+    // each order run alone under the normal lock timeout.
+    sqlx::query(BATCH_LOCK_TIMEOUT).execute(&mut *conn).await?;
+    let keyed: Vec<&Keyed> = work.iter().filter_map(|(_, k)| k.as_ref()).collect();
+    let mut claims = if keyed.is_empty() { Vec::new() } else { idempotency::claim_many(conn, &keyed).await? };
+    claims.reverse();
+    // Per order: already decided by its key (replay, reuse, in progress), or to run now.
+    let mut decided: Vec<Option<Outcome>> =
+        work.iter().map(|(_, key)| if key.is_some() { claims.pop().flatten() } else { None }).collect();
+    let runs: Vec<bool> = decided.iter().map(Option::is_none).collect();
+    let live: Vec<&NewReservation> = work.iter().zip(&runs).filter(|(_, run)| **run).map(|((req, _), _)| req).collect();
+    let mut results = engine::reserve_many(conn, &live).await?.into_iter();
+    for slot in decided.iter_mut().filter(|d| d.is_none()) {
+        let result = results.next().unwrap_or_else(|| Err(ApiError::Internal("an order got no answer".into())));
+        // A server error is no answer to store: fail the batch, and each order runs alone.
+        if let Err(err) = &result
+            && err.status().is_server_error()
+        {
+            return Err(ApiError::Internal(format!("an order in the batch failed: {err}")));
+        }
+        *slot = Some(Outcome::executed(StatusCode::CREATED, result));
+    }
+    let outcomes: Vec<Outcome> = decided.into_iter().flatten().collect();
+    let ran: Vec<(&Keyed, &Outcome)> = work
+        .iter()
+        .zip(&outcomes)
+        .zip(runs)
+        .filter_map(|(((_, key), outcome), run)| key.as_ref().filter(|_| run).map(|k| (k, outcome)))
+        .collect();
+    idempotency::store_many(conn, &ran).await?;
+    Ok(outcomes)
+}

@@ -1,0 +1,131 @@
+//! The batching reservation engine: many orders in one transaction, each with its own answer;
+//! a batch that fails as a whole does not fail its orders.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use inventory::config::ServerArgs;
+use inventory::domain::allocation::{Line, Strategy};
+use inventory::engine::reservations::{NewReservation, reserve_many};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{TestApp, assert_problem};
+
+fn order(order_id: &str, lines: &[(&str, i64)]) -> NewReservation {
+    NewReservation {
+        order_id: order_id.into(),
+        lines: lines
+            .iter()
+            .map(|(sku, quantity)| Line { sku: (*sku).into(), quantity: *quantity, warehouse: None })
+            .collect(),
+        ttl_seconds: 900,
+        strategy: Strategy::Priority,
+    }
+}
+
+#[tokio::test]
+async fn one_batch_decides_orders_in_arrival_order_and_a_refused_order_leaves_no_trace() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    app.receive("A", "W1", 5).await;
+    app.receive("B", "W1", 2).await;
+    let (status, taken) =
+        app.post("/v1/reservations", json!({"order_id": "taken", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let orders = [
+        order("first", &[("A", 3)]),              // fits: A 4 → 1 available
+        order("short", &[("A", 2)]),              // 1 left: refused
+        order("ghost", &[("A", 1), ("NOPE", 1)]), // unknown SKU: refused, A untouched
+        order("taken", &[("B", 1)]),              // order id used before
+        order("last", &[("A", 1), ("B", 2)]),     // takes the last A and every B
+        order("late", &[("B", 1)]),               // nothing left
+    ];
+    let refs: Vec<&NewReservation> = orders.iter().collect();
+    let mut tx = app.db.begin().await.unwrap();
+    let answers = reserve_many(&mut tx, &refs).await.expect("the batch itself succeeds");
+    tx.commit().await.unwrap();
+
+    let outcomes: Vec<Result<String, &str>> =
+        answers.iter().map(|a| a.as_ref().map(|r| r.status.clone()).map_err(|e| e.code())).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Ok("active".into()),
+            Err("insufficient_stock"),
+            Err("not_found"),
+            Err("duplicate_order"),
+            Ok("active".into()),
+            Err("insufficient_stock"),
+        ]
+    );
+    let duplicate = answers[3].as_ref().unwrap_err().to_problem();
+    assert_eq!(duplicate["reservation_id"], taken["id"], "the duplicate names the existing reservation");
+    assert_eq!(app.level("A", "W1").await, (5, 5));
+    assert_eq!(app.level("B", "W1").await, (2, 2));
+
+    // Refused orders left no reservation, no allocation, no ledger entry behind.
+    let orders_kept: Vec<String> =
+        sqlx::query_scalar("SELECT order_id FROM reservations ORDER BY order_id").fetch_all(&app.db).await.unwrap();
+    assert_eq!(orders_kept, ["first", "last", "taken"]);
+    let entries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger WHERE kind = 'reserve'").fetch_one(&app.db).await.unwrap();
+    assert_eq!(entries, 4, "taken A, first A, last A and B");
+    for refused in ["short", "ghost", "late"] {
+        let (status, _) =
+            app.post("/v1/reservations", json!({"order_id": refused, "lines": [{"sku": "A", "quantity": 1}]})).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{refused}: its order id is free, the stock is not");
+    }
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_as_a_whole_still_answers_each_order_on_its_own_merits() {
+    // A long window puts every order below into one batch.
+    let server = ServerArgs { batch_window_us: 300_000, ..ServerArgs::default() };
+    let app = TestApp::spawn_with(server).await;
+    app.warehouse("W1", 1).await;
+    for sku in ["FREE", "STUCK"] {
+        app.sku(sku).await;
+        app.receive(sku, "W1", 100).await;
+    }
+    // Another session holds the STUCK row: the batch that includes it times out on its lock.
+    let mut held = app.db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM stock_levels WHERE sku = 'STUCK' FOR UPDATE").execute(&mut *held).await.unwrap();
+
+    let requests = (0..10).map(|i| ("FREE", format!("free-{i}"))).chain([("STUCK", "stuck-0".to_owned())]);
+    let answers = join_all(requests.map(|(sku, order_id)| {
+        let app = &app;
+        async move {
+            let body = json!({"order_id": order_id, "lines": [{"sku": sku, "quantity": 1}]});
+            let res = app.client.post(app.url("/v1/reservations")).json(&body).send().await.unwrap();
+            (sku, res)
+        }
+    }))
+    .await;
+    for (sku, res) in answers {
+        if sku == "FREE" {
+            assert_eq!(res.status(), StatusCode::CREATED, "a FREE order failed with its batch: {:?}", res.text().await);
+        } else {
+            assert_problem(res, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+        }
+    }
+    held.rollback().await.unwrap();
+
+    assert_eq!(app.level("FREE", "W1").await, (100, 10));
+    assert_eq!(app.level("STUCK", "W1").await, (100, 0));
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("reservation_batch_fallbacks_total"), "the fallback is counted");
+    // The refused order changed nothing: it can be placed now that the row is free.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        app.post("/v1/reservations", json!({"order_id": "stuck-0", "lines": [{"sku": "STUCK", "quantity": 1}]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    app.assert_invariants().await;
+}
