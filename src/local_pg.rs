@@ -233,6 +233,12 @@ impl LocalPostgres {
             );
             if durability == Durability::Throwaway {
                 options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            } else {
+                // Room for a million-level import without a checkpoint storm, the hot part of the
+                // stock table in memory, and fewer (compressed) full-page images in the WAL of
+                // random updates. Commits stay durable (fsync, synchronous_commit on).
+                options.push_str(" -c shared_buffers=256MB -c max_wal_size=4GB -c checkpoint_timeout=15min");
+                options.push_str(" -c wal_compression=on");
             }
             let log = self.cluster_dir.join("server.log").display().to_string();
             let dir = self.dir_arg();

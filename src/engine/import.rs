@@ -161,7 +161,7 @@ where
     sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
     sqlx::query(
         "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
-                                        reorder_point bigint, reorder_quantity bigint, created boolean)
+                                        reorder_point bigint, reorder_quantity bigint)
          ON COMMIT DROP",
     )
     .execute(&mut *conn)
@@ -262,13 +262,21 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
         return Err(reject(errors, total));
     }
 
-    // Create missing levels (the SKU rows share-locked, as everywhere), remember which are new,
-    // then lock every level of the import in (sku, warehouse) order.
+    // Share-lock the SKU rows (their backorder limit is copied into new levels), create missing
+    // levels directly with their imported values, then lock every level of the import in
+    // (sku, warehouse) order. A level this transaction created has its xmin.
     sqlx::query(
-        "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
-         SELECT r.sku, r.warehouse, s.backorder_limit FROM import_rows r JOIN skus s ON s.sku = r.sku
+        "SELECT count(*) FROM (
+             SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM import_rows) ORDER BY sku FOR SHARE) locked",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
+         SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
+                coalesce(r.reorder_quantity, 0)
+           FROM import_rows r JOIN skus s ON s.sku = r.sku
           ORDER BY r.sku, r.warehouse
-            FOR SHARE OF s
          ON CONFLICT (sku, warehouse) DO NOTHING",
     )
     .execute(&mut *conn)
@@ -276,13 +284,8 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
+              WHERE l.xmin <> pg_current_xact_id()::xid
               ORDER BY l.sku, l.warehouse FOR UPDATE OF l) locked",
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE import_rows r SET created = (l.xmin = pg_current_xact_id()::xid)
-           FROM stock_levels l WHERE l.sku = r.sku AND l.warehouse = r.warehouse",
     )
     .execute(&mut *conn)
     .await?;
@@ -303,7 +306,8 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     let import_id = format!("import:{}", uuid::Uuid::now_v7());
     let (ledger_entries, levels_created): (i64, i64) = sqlx::query_as(
         "WITH old AS (
-             SELECT l.sku, l.warehouse, l.on_hand AS on_hand0, l.reserved, r.on_hand, r.created,
+             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, l.xmin = pg_current_xact_id()::xid AS created,
+                    CASE WHEN l.xmin = pg_current_xact_id()::xid THEN 0 ELSE l.on_hand END AS on_hand0,
                     coalesce(r.reorder_point, l.reorder_point) AS reorder_point, r.reorder_quantity,
                     r.reorder_point IS NOT NULL OR r.reorder_quantity IS NOT NULL AS settings
                FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
@@ -312,7 +316,8 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
                 SET on_hand = o.on_hand, reorder_point = o.reorder_point,
                     reorder_quantity = coalesce(o.reorder_quantity, l.reorder_quantity), updated_at = now()
                FROM old o
-              WHERE l.sku = o.sku AND l.warehouse = o.warehouse AND (o.on_hand <> o.on_hand0 OR o.settings)
+              WHERE l.sku = o.sku AND l.warehouse = o.warehouse AND NOT o.created
+                AND (o.on_hand <> o.on_hand0 OR o.settings)
          ), entries AS (
              INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
                                  on_hand_after, reserved_after, reference, reason)

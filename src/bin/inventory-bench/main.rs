@@ -22,7 +22,7 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
 use report::{BaselineRow, ImportRow, Latency, Report, ScenarioRow};
-use scenarios::{HOT_RESTOCKED, HOT_SOLD_OUT, HOT_WAREHOUSE, Scenario, Shared};
+use scenarios::{HOT_WAREHOUSE, HotSkus, Scenario, Shared};
 
 #[derive(Debug, Parser)]
 #[command(name = "inventory-bench", about = "Benchmark the inventory service against a pgbench baseline")]
@@ -71,6 +71,9 @@ struct Args {
     /// `RUST_LOG` of the service under test.
     #[arg(long, default_value = "info")]
     service_log: String,
+    /// Keep the data set of the previous run when it has the same shape (skips the import).
+    #[arg(long)]
+    reuse_data: bool,
     /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
     #[arg(long)]
     smoke: bool,
@@ -148,8 +151,24 @@ async fn benchmark(
     });
     step("applying migrations");
     inventory_command(inventory, &dbs.service_url, &["migrate"])?;
-    let import = load_data(args, work, inventory, &dbs.service_url)?;
     let mut admin = PgConnection::connect(&dbs.service_url).await.map_err(|e| e.to_string())?;
+    let levels: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_levels WHERE sku LIKE 'SKU-%'")
+        .fetch_one(&mut admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let wanted = (args.skus * args.warehouses) as i64;
+    let import = if args.reuse_data && levels == wanted {
+        step(&format!("reusing the {levels} stock levels already loaded"));
+        None
+    } else if levels == 0 {
+        Some(load_data(args, work, inventory, &dbs.service_url)?)
+    } else {
+        return Err(format!(
+            "the database holds {levels} stock levels, not {wanted}: drop it or run without --reuse-data"
+        ));
+    };
+    let hot = HotSkus::new(&started_at);
+    load_hot(args, work, inventory, &dbs.service_url, &hot)?;
     sqlx::query("VACUUM ANALYZE").execute(&mut admin).await.map_err(|e| e.to_string())?;
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut admin).await.unwrap_or_default();
     admin.close().await.map_err(|e| e.to_string())?;
@@ -160,7 +179,11 @@ async fn benchmark(
     let pgbench = if args.no_pgbench { None } else { Some(find_pgbench()?) };
 
     let (mut service, addr) = start_service(args, work, inventory, &dbs.service_url).await?;
-    let outcome = run_scenarios(args, work, &dbs.pgbench_url, pgbench.as_deref(), service.id(), addr).await;
+    if let Err(err) = settle(&dbs.service_url).await {
+        stop(&mut service);
+        return Err(err);
+    }
+    let outcome = run_scenarios(args, work, dbs, pgbench.as_deref(), service.id(), addr, &hot).await;
     stop(&mut service);
     let (rows, sold_out_created) = outcome?;
 
@@ -169,7 +192,7 @@ async fn benchmark(
         Ok(_) => Vec::new(),
         Err(report) => vec![report],
     };
-    let sold_out_problems = verify_sold_out(args, &dbs.service_url, sold_out_created).await?;
+    let sold_out_problems = verify_sold_out(args, &dbs.service_url, &hot.sold_out, sold_out_created).await?;
     config["postgres"] = json!(version);
     Ok(Report {
         started_at,
@@ -186,10 +209,11 @@ async fn benchmark(
 async fn run_scenarios(
     args: &Args,
     work: &Path,
-    pgbench_url: &str,
+    dbs: &Databases,
     pgbench: Option<&Path>,
     pid: u32,
     addr: SocketAddr,
+    hot: &HotSkus,
 ) -> Result<(Vec<ScenarioRow>, Option<u64>), String> {
     let mut rows = Vec::new();
     let mut sold_out_created = None;
@@ -208,15 +232,18 @@ async fn run_scenarios(
                 step(&format!("pgbench baseline `{name}`, {clients} clients, {} s", args.duration_secs));
                 let run = pgbench::Run {
                     pgbench,
-                    url: pgbench_url,
+                    url: &dbs.pgbench_url,
                     work_dir: work,
                     baseline: name,
                     clients,
                     duration_secs: args.duration_secs,
                     skus: args.skus,
                     warehouses: args.warehouses,
+                    hot_sku: &hot.restocked,
                 };
-                let row = BaselineRow::of(pgbench::run(&run)?);
+                let wal = wal_bytes(&dbs.admin_url).await;
+                let mut row = BaselineRow::of(pgbench::run(&run)?);
+                row.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, row.transactions);
                 baselines.insert((name, clients), row.clone());
                 Some(row)
             }
@@ -231,7 +258,10 @@ async fn run_scenarios(
             tag: format!("bench-{}-{i}", std::process::id()),
             expire_ttl_secs: 2,
             sold_out: AtomicBool::new(false),
+            hot: hot.clone(),
         });
+        let batches_before = batch_totals(addr).await;
+        let wal_before = wal_bytes(&dbs.admin_url).await;
         let started = Instant::now();
         // The sold-out run lasts until the row is empty, within reason.
         let duration = match scenario {
@@ -247,6 +277,9 @@ async fn run_scenarios(
             tally.merge(task.await.map_err(|e| e.to_string())?);
         }
         let seconds = started.elapsed().as_secs_f64();
+        let wal_kb_per_op = per_op_kb(wal_before, wal_bytes(&dbs.admin_url).await, tally.ops);
+        let (sum, count) = batch_totals(addr).await;
+        let mean_batch = (count > batches_before.1).then(|| (sum - batches_before.0) / (count - batches_before.1));
         if scenario == Scenario::HotSoldOut {
             sold_out_created = Some(tally.by_status.get(&201).copied().unwrap_or(0));
         }
@@ -266,6 +299,8 @@ async fn run_scenarios(
             service_peak_rss_mb: peak_rss_mb(pid),
             pgbench: baseline,
             ratio,
+            mean_batch,
+            wal_kb_per_op,
         });
         let row = rows.last().expect("pushed above");
         println!(
@@ -280,13 +315,67 @@ async fn run_scenarios(
     Ok((rows, sold_out_created))
 }
 
+/// Waits until the service has relayed the events of the import (one per new level), then
+/// vacuums what that left behind, so the scenarios measure the steady state, not the backlog.
+async fn settle(url: &str) -> Result<(), String> {
+    let mut conn = PgConnection::connect(url).await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id IS NULL")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if pending == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(format!("the service still has {pending} events to relay after 10 minutes"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        step(&format!(
+            "the service relayed the import's events in {:.1} s; vacuuming",
+            started.elapsed().as_secs_f64()
+        ));
+        sqlx::query("VACUUM ANALYZE").execute(&mut conn).await.map_err(|e| e.to_string())?;
+    }
+    conn.close().await.map_err(|e| e.to_string())
+}
+
+/// Bytes of WAL the cluster has written so far (every database, background work included).
+async fn wal_bytes(url: &str) -> Option<f64> {
+    let mut conn = PgConnection::connect(url).await.ok()?;
+    let bytes = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8")
+        .fetch_one(&mut conn)
+        .await
+        .ok();
+    let _ = conn.close().await;
+    bytes
+}
+
+fn per_op_kb(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
+    Some((after? - before?) / 1024.0 / (ops.max(1) as f64))
+}
+
+/// `(sum, count)` of the service's reservation batch sizes so far, from `/metrics`.
+async fn batch_totals(addr: SocketAddr) -> (f64, f64) {
+    let mut client = load::Client::new(addr);
+    let Some(answer) = client.send(hyper::Method::GET, "/metrics", None).await else { return (0.0, 0.0) };
+    let text = String::from_utf8_lossy(&answer.body);
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
+    };
+    (value("reservation_batch_size_sum "), value("reservation_batch_size_count "))
+}
+
 /// The sold-out run must have sold exactly the stock: as many 201s as units, all held.
-async fn verify_sold_out(args: &Args, url: &str, created: Option<u64>) -> Result<Vec<String>, String> {
+async fn verify_sold_out(args: &Args, url: &str, sku: &str, created: Option<u64>) -> Result<Vec<String>, String> {
     let Some(created) = created else { return Ok(Vec::new()) };
     let mut conn = PgConnection::connect(url).await.map_err(|e| e.to_string())?;
     let (on_hand, reserved): (i64, i64) =
         sqlx::query_as("SELECT on_hand, reserved FROM stock_levels WHERE sku = $1 AND warehouse = $2")
-            .bind(HOT_SOLD_OUT)
+            .bind(sku)
             .bind(HOT_WAREHOUSE)
             .fetch_one(&mut conn)
             .await
@@ -332,13 +421,22 @@ async fn databases(args: &Args, work: &Path) -> Result<Databases, String> {
     let name = &args.database_name;
     let pgbench_name = format!("{name}_pgbench");
     let mut admin = PgConnection::connect(&admin_url).await.map_err(|e| format!("cannot connect: {e}"))?;
-    for db in [name.as_str(), pgbench_name.as_str()] {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(name)
+        .fetch_one(&mut admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let keep = args.reuse_data && exists;
+    let drop = if keep { vec![pgbench_name.as_str()] } else { vec![name.as_str(), pgbench_name.as_str()] };
+    for db in drop {
         // Identifiers cannot be bound; the names come from the command line of the operator.
         let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.replace('"', ""));
         sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
     }
-    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
-    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
+    if !keep {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
+    }
     admin.close().await.map_err(|e| e.to_string())?;
     Ok(Databases {
         local,
@@ -365,7 +463,7 @@ fn with_database(url: &str, name: &str) -> String {
 async fn copy_database(args: &Args, admin_url: &str) -> Result<(), String> {
     let mut admin = PgConnection::connect(admin_url).await.map_err(|e| e.to_string())?;
     let name = args.database_name.replace('"', "");
-    let sql = format!("CREATE DATABASE \"{name}_pgbench\" TEMPLATE \"{name}\"");
+    let sql = format!("CREATE DATABASE \"{name}_pgbench\" TEMPLATE \"{name}\" STRATEGY FILE_COPY");
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await.map_err(|e| e.to_string())?;
     admin.close().await.map_err(|e| e.to_string())
 }
@@ -389,6 +487,18 @@ fn inventory_command(inventory: &Path, url: &str, args: &[&str]) -> Result<Strin
     if output.status.success() { Ok(text) } else { Err(format!("inventory {}: {text}", args.join(" "))) }
 }
 
+/// Imports this run's hot SKUs (a tiny CSV, through the same `inventory import`).
+fn load_hot(args: &Args, work: &Path, inventory: &Path, url: &str, hot: &HotSkus) -> Result<(), String> {
+    let csv = work.join("hot.csv");
+    let text = format!(
+        "sku,warehouse,on_hand\n{},{HOT_WAREHOUSE},1000000000\n{},{HOT_WAREHOUSE},{}\n",
+        hot.restocked, hot.sold_out, args.sold_out_stock
+    );
+    std::fs::write(&csv, text).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let csv = csv.display().to_string();
+    inventory_command(inventory, url, &["import", &csv, "--create-missing"]).map(drop)
+}
+
 /// Writes the data set as CSV and loads it with `inventory import`, timed.
 fn load_data(args: &Args, work: &Path, inventory: &Path, url: &str) -> Result<ImportRow, String> {
     let csv = work.join(format!("levels-{}x{}.csv", args.skus, args.warehouses));
@@ -400,12 +510,10 @@ fn load_data(args: &Args, work: &Path, inventory: &Path, url: &str) -> Result<Im
                 writeln!(out, "{},{},{},10,100", scenarios::sku(s), scenarios::warehouse(w), args.on_hand)?;
             }
         }
-        writeln!(out, "{HOT_RESTOCKED},{HOT_WAREHOUSE},{},0,0", 1_000_000_000i64)?;
-        writeln!(out, "{HOT_SOLD_OUT},{HOT_WAREHOUSE},{},0,0", args.sold_out_stock)?;
         out.flush()
     };
     write().map_err(|e| format!("{}: {e}", csv.display()))?;
-    let levels = args.skus * args.warehouses + 2;
+    let levels = args.skus * args.warehouses;
     step(&format!("importing {levels} stock levels"));
     let log = work.join("import.log");
     let started = Instant::now();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::load::Tally;
-use crate::scenarios::{HOT_RESTOCKED, HOT_WAREHOUSE};
+use crate::scenarios::HOT_WAREHOUSE;
 
 /// The single-reservation transaction. `:sku_expr` and `:wh_expr` pick the row.
 fn script(sku_expr: &str, wh_expr: &str) -> String {
@@ -26,10 +26,11 @@ END;
     )
 }
 
-/// The pgbench script of a baseline (`uniform`: a random row; `hot`: always the same row).
+/// The pgbench script of a baseline (`uniform`: a random row; `hot`: always the same row, the
+/// SKU passed as `-D hot=…`).
 pub fn script_for(baseline: &str) -> String {
     match baseline {
-        "hot" => script(&format!("'{HOT_RESTOCKED}'"), &format!("'{HOT_WAREHOUSE}'")),
+        "hot" => script(":hot", &format!("'{HOT_WAREHOUSE}'")),
         _ => script("'SKU-' || lpad(:n::text, 6, '0')", "'WH' || :w"),
     }
 }
@@ -51,6 +52,7 @@ pub struct Run<'a> {
     pub duration_secs: u64,
     pub skus: usize,
     pub warehouses: usize,
+    pub hot_sku: &'a str,
 }
 
 /// Runs pgbench with per-transaction logging and reads its latencies back.
@@ -68,6 +70,7 @@ pub fn run(r: &Run<'_>) -> Result<Baseline, String> {
         .arg(format!("--time={}", r.duration_secs.max(1)))
         .arg(format!("--define=skus={}", r.skus))
         .arg(format!("--define=warehouses={}", r.warehouses))
+        .arg(format!("--define=hot={}", r.hot_sku))
         .arg(format!("--file={}", script_path.display()))
         .arg(r.url)
         .output()

@@ -26,12 +26,15 @@ impl Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct BaselineRow {
     pub tps: f64,
+    pub transactions: u64,
     pub latency: Latency,
+    /// WAL written per transaction, in KiB.
+    pub wal_kb_per_tx: Option<f64>,
 }
 
 impl BaselineRow {
     pub fn of(mut b: Baseline) -> Self {
-        Self { tps: b.tps, latency: Latency::of(&mut b.tally) }
+        Self { tps: b.tps, transactions: b.tally.ops, latency: Latency::of(&mut b.tally), wal_kb_per_tx: None }
     }
 }
 
@@ -52,6 +55,10 @@ pub struct ScenarioRow {
     pub pgbench: Option<BaselineRow>,
     /// Service throughput ÷ pgbench transactions per second.
     pub ratio: Option<f64>,
+    /// Reservations per batch transaction, on average.
+    pub mean_batch: Option<f64>,
+    /// WAL written per unit of work, in KiB (the whole cluster, background work included).
+    pub wal_kb_per_op: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,7 +75,8 @@ pub struct Report {
     pub commit: String,
     pub machine: BTreeMap<&'static str, String>,
     pub config: serde_json::Value,
-    pub import: ImportRow,
+    /// `None` when the data set of an earlier run was reused.
+    pub import: Option<ImportRow>,
     pub scenarios: Vec<ScenarioRow>,
     /// Broken invariants found by `inventory check` after the run (must be empty).
     pub violations: Vec<String>,
@@ -88,19 +96,25 @@ impl Report {
             let _ = writeln!(md, "- {k}: {v}");
         }
         let _ = writeln!(md, "- config: `{}`\n", self.config);
-        let i = &self.import;
-        let _ = writeln!(
-            md,
-            "Import: {} stock levels in {:.1} s ({:.0} levels/s), importer peak RSS {}\n",
-            i.levels,
-            i.seconds,
-            i.levels_per_sec,
-            mb(i.peak_rss_mb)
+        match &self.import {
+            Some(i) => {
+                let _ = writeln!(
+                    md,
+                    "Import: {} stock levels in {:.1} s ({:.0} levels/s), importer peak RSS {}\n",
+                    i.levels,
+                    i.seconds,
+                    i.levels_per_sec,
+                    mb(i.peak_rss_mb)
+                );
+            }
+            None => md.push_str("Import: the data set of an earlier run was reused\n\n"),
+        }
+        md.push_str(
+            "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | orders/batch | WAL KiB/op | service peak RSS | pgbench tps | pgbench p99 ms | pgbench WAL KiB/tx | service/pgbench |\n",
         );
         md.push_str(
-            "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | service peak RSS | pgbench tps | pgbench p99 ms | service/pgbench |\n",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
-        md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n");
         for r in &self.scenarios {
             let statuses: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
             let (tps, p99) = r.pgbench.as_ref().map_or(("—".to_owned(), "—".to_owned()), |b| {
@@ -108,7 +122,7 @@ impl Report {
             });
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} {}/s | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} {}/s | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.clients,
                 r.throughput,
@@ -117,9 +131,12 @@ impl Report {
                 r.latency.p99_ms,
                 r.latency.p999_ms,
                 statuses.join(" "),
+                r.mean_batch.map_or("—".to_owned(), |b| format!("{b:.1}")),
+                kb(r.wal_kb_per_op),
                 mb(r.service_peak_rss_mb),
                 tps,
                 p99,
+                kb(r.pgbench.as_ref().and_then(|b| b.wal_kb_per_tx)),
                 r.ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
             );
         }
@@ -142,6 +159,10 @@ impl Report {
         std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
         Ok(md)
     }
+}
+
+fn kb(value: Option<f64>) -> String {
+    value.map_or("—".to_owned(), |v| format!("{v:.1}"))
 }
 
 fn mb(value: Option<f64>) -> String {

@@ -13,12 +13,24 @@ use serde_json::{Value, json};
 
 use crate::load::{Client, Tally};
 
-/// The SKU every client of the `hot` scenario reserves; stocked so it never runs out.
-pub const HOT_RESTOCKED: &str = "HOT-RESTOCKED";
-/// The SKU of the sold-out run: exactly its stock must be sold.
-pub const HOT_SOLD_OUT: &str = "HOT-SOLDOUT";
 /// The one warehouse holding the hot SKUs.
 pub const HOT_WAREHOUSE: &str = "WH0";
+
+/// This run's hot SKUs (new in every run, so a reused data set starts them afresh).
+#[derive(Debug, Clone)]
+pub struct HotSkus {
+    /// What every client of the `hot` scenario reserves; stocked so it never runs out.
+    pub restocked: String,
+    /// The SKU of the sold-out run: exactly its stock must be sold.
+    pub sold_out: String,
+}
+
+impl HotSkus {
+    pub fn new(run: &str) -> Self {
+        let tag: String = run.chars().filter(char::is_ascii_digit).collect();
+        Self { restocked: format!("HOT-RESTOCKED-{tag}"), sold_out: format!("HOT-SOLDOUT-{tag}") }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,6 +95,7 @@ pub struct Shared {
     pub expire_ttl_secs: i64,
     /// Set once a client of the sold-out run is refused: the row is empty, everyone stops.
     pub sold_out: AtomicBool,
+    pub hot: HotSkus,
 }
 
 pub fn sku(n: usize) -> String {
@@ -110,14 +123,14 @@ pub async fn run_client(scenario: Scenario, shared: Arc<Shared>, client_no: usiz
                 sim.reserve(&mut client, lines.collect(), None).await.is_some()
             }
             Scenario::Hot => {
-                let line = json!({"sku": HOT_RESTOCKED, "quantity": 1});
+                let line = json!({"sku": shared.hot.restocked, "quantity": 1});
                 sim.reserve(&mut client, vec![line], None).await.is_some()
             }
             Scenario::HotSoldOut => {
                 if shared.sold_out.load(Ordering::Relaxed) {
                     break;
                 }
-                let line = json!({"sku": HOT_SOLD_OUT, "quantity": 1});
+                let line = json!({"sku": shared.hot.sold_out, "quantity": 1});
                 let created = sim.reserve(&mut client, vec![line], None).await.is_some();
                 if client.tally.by_status.contains_key(&409) {
                     shared.sold_out.store(true, Ordering::Relaxed);
