@@ -30,6 +30,9 @@ const BATCH_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout',
     CASE WHEN s = '0' OR s::interval > interval '250ms' THEN '250ms' ELSE s END, true)
     FROM current_setting('lock_timeout') AS s";
 
+/// A batch is split only when each part gets at least this many orders.
+const MIN_SPLIT: usize = 4;
+
 /// Orders waiting for a batch, at most.
 const QUEUE: usize = 4096;
 
@@ -57,6 +60,9 @@ impl Batcher {
             max: config.batch_max.max(1),
             window: Duration::from_micros(config.batch_window_us),
             slots: std::sync::Arc::new(Semaphore::new(config.batch_concurrency.max(1))),
+            parallelism: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(config.batch_concurrency.max(1)),
             db,
         };
         tokio::spawn(gather.run());
@@ -76,6 +82,8 @@ struct Gather {
     max: usize,
     window: Duration,
     slots: std::sync::Arc<Semaphore>,
+    /// Most batches one gathering is split into (the machine's cores).
+    parallelism: usize,
     db: sqlx::PgPool,
 }
 
@@ -111,14 +119,43 @@ impl Gather {
                 }
                 batch.push(job);
             }
-            metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
-            let db = self.db.clone();
-            tokio::spawn(async move {
-                execute(&db, batch).await;
-                drop(slot);
-            });
+            // One batch runs in one database backend, on one core. When slots are free, orders
+            // on different SKUs are split into independent batches that run side by side;
+            // orders sharing a SKU stay together (they would only queue on its row).
+            let mut slots = vec![slot];
+            while slots.len() < self.parallelism && batch.len() >= MIN_SPLIT * (slots.len() + 1) {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(slot) => slots.push(slot),
+                    Err(_) => break,
+                }
+            }
+            for (part, slot) in split(batch, slots.len()).into_iter().zip(slots) {
+                metrics::histogram!(crate::metrics::BATCH_SIZE).record(part.len() as f64);
+                let db = self.db.clone();
+                tokio::spawn(async move {
+                    execute(&db, part).await;
+                    drop(slot);
+                });
+            }
         }
     }
+}
+
+/// Splits a batch into at most `parts` batches by the first SKU of each order, keeping the
+/// arrival order within each; empty parts are dropped.
+fn split(batch: Vec<Job>, parts: usize) -> Vec<Vec<Job>> {
+    if parts <= 1 {
+        return vec![batch];
+    }
+    let mut out: Vec<Vec<Job>> = (0..parts).map(|_| Vec::new()).collect();
+    for job in batch {
+        let sku = job.req.lines.first().map_or("", |l| l.sku.as_str());
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(sku, &mut hasher);
+        out[(std::hash::Hasher::finish(&hasher) % parts as u64) as usize].push(job);
+    }
+    out.retain(|part| !part.is_empty());
+    out
 }
 
 /// Two orders that cannot share a transaction: the same order id or the same key.
