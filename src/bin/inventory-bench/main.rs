@@ -241,6 +241,7 @@ async fn run_scenarios(
                     warehouses: args.warehouses,
                     hot_sku: &hot.restocked,
                 };
+                checkpoint(&dbs.admin_url).await;
                 let wal = wal_bytes(&dbs.admin_url).await;
                 let mut row = BaselineRow::of(pgbench::run(&run)?);
                 row.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, row.transactions);
@@ -260,6 +261,7 @@ async fn run_scenarios(
             sold_out: AtomicBool::new(false),
             hot: hot.clone(),
         });
+        checkpoint(&dbs.admin_url).await;
         let batches_before = batch_totals(addr).await;
         let wal_before = wal_bytes(&dbs.admin_url).await;
         let started = Instant::now();
@@ -341,6 +343,16 @@ async fn settle(url: &str) -> Result<(), String> {
         sqlx::query("VACUUM ANALYZE").execute(&mut conn).await.map_err(|e| e.to_string())?;
     }
     conn.close().await.map_err(|e| e.to_string())
+}
+
+/// Every measured run starts right after a checkpoint, so each pays the same full-page images
+/// for the pages it touches first (without one, whichever run a checkpoint lands in loses).
+/// Needs a superuser or `pg_checkpoint`; without, runs simply start wherever the cycle is.
+async fn checkpoint(url: &str) {
+    if let Ok(mut conn) = PgConnection::connect(url).await {
+        let _ = sqlx::query("CHECKPOINT").execute(&mut conn).await;
+        let _ = conn.close().await;
+    }
 }
 
 /// Bytes of WAL the cluster has written so far (every database, background work included).
