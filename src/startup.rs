@@ -93,6 +93,9 @@ async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), R
         .execute(&mut *tx)
         .await
         .map_err(crate::error::ApiError::from)?;
+    // A whole-database check of millions of levels and ledger entries takes longer than a
+    // request may (at 5M levels: over the default 30 s); it only reads, in one snapshot.
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(crate::error::ApiError::from)?;
     let violations = crate::store::check::violations(&mut tx).await?;
     tx.rollback().await.map_err(crate::error::ApiError::from)?;
     pool.close().await;

@@ -164,7 +164,7 @@ impl Book {
     }
 
     pub fn has_sku(&self, sku: &str) -> bool {
-        self.levels.keys().any(|(s, _)| s == sku)
+        self.levels.range((sku.to_owned(), String::new())..).next().is_some_and(|((s, _), _)| s == sku)
     }
 
     pub fn has_level(&self, sku: &str, warehouse: &str) -> bool {
@@ -189,21 +189,6 @@ impl Book {
             }));
         }
         out
-    }
-
-    /// The levels as allocation candidates, as they stand now.
-    pub fn candidates(&self) -> Vec<Candidate> {
-        self.levels
-            .iter()
-            .map(|((sku, warehouse), l)| Candidate {
-                sku: sku.clone(),
-                warehouse: warehouse.clone(),
-                priority: l.priority,
-                active: l.active,
-                available: l.available(),
-                backorder_limit: l.backorder_limit,
-            })
-            .collect()
     }
 
     /// Whether a change would keep invariants 1 and 2, without making it.
