@@ -16,11 +16,23 @@ use crate::error::ApiError;
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
     pub key: Option<&'a str>,
-    pub method: &'a str,
+    pub method: &'static str,
     pub path: &'a str,
     pub body: &'a Value,
     /// Status of a successful answer.
     pub success: StatusCode,
+}
+
+impl Request<'_> {
+    /// The request as its key's claim and stored answer see it; `None` without a key.
+    pub fn keyed(&self) -> Option<Keyed> {
+        Some(Keyed {
+            key: self.key?.to_owned(),
+            method: self.method,
+            path: self.path.to_owned(),
+            fingerprint: fingerprint(self.body),
+        })
+    }
 }
 
 /// What a request with (or without) a key came to.
@@ -66,7 +78,7 @@ pub struct Keyed {
 }
 
 /// The canonical text of a JSON body (serde_json's maps are sorted).
-pub fn fingerprint(body: &Value) -> String {
+fn fingerprint(body: &Value) -> String {
     body.to_string()
 }
 
@@ -155,8 +167,8 @@ fn in_progress() -> ApiError {
 
 /// Everything one attempt needs, passed by reference into the transaction body.
 struct Attempt<'a, C: ?Sized, F> {
-    req: &'a Request<'a>,
-    key: &'a str,
+    keyed: &'a Keyed,
+    success: StatusCode,
     ctx: &'a C,
     op: &'a F,
 }
@@ -168,11 +180,11 @@ where
     T: Serialize + Send,
     F: for<'c> Fn(&'c mut PgConnection, &'c C) -> TxFuture<'c, T> + Sync,
 {
-    let Some(key) = req.key else {
+    let Some(keyed) = req.keyed() else {
         let value = transact(&state.db, ctx, op).await?;
         return Ok(json_response(req.success, serde_json::to_string(&value).unwrap_or_default(), false));
     };
-    let attempt = Attempt { req: &req, key, ctx, op: &op };
+    let attempt = Attempt { keyed: &keyed, success: req.success, ctx, op: &op };
     let outcome = transact(&state.db, &attempt, |conn, a| Box::pin(once(conn, a))).await?;
     Ok(outcome.render())
 }
@@ -183,56 +195,28 @@ where
     T: Serialize + Send,
     F: for<'c> Fn(&'c mut PgConnection, &'c C) -> TxFuture<'c, T> + Sync,
 {
-    let Attempt { req, key, ctx, op } = attempt;
-    // Held until commit: a concurrent request with the same key is told to wait, not run twice.
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7041))")
-        .bind(*key)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
-        return Err(in_progress());
+    let Attempt { keyed, success, ctx, op } = attempt;
+    // The key is held until commit: a concurrent request with it is told to wait, not run twice.
+    if let Some(decided) = claim_many(conn, &[keyed]).await?.pop().flatten() {
+        return Ok(decided);
     }
-    let fingerprint = fingerprint(req.body);
-    let stored: Option<(String, String, String, i16, String)> =
-        sqlx::query_as("SELECT method, path, request, status, response FROM idempotency_keys WHERE key = $1")
-            .bind(*key)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if let Some((method, path, request, status, response)) = stored {
-        if method == req.method && path == req.path && request == fingerprint {
-            let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
-            return Ok(Outcome::Replay(status, response));
-        }
-        return Err(ApiError::IdempotencyKeyReused);
-    }
-
     // The effect runs in a savepoint, so a refused request can still store its answer.
     let mut savepoint = conn.begin().await?;
-    let (status, body, outcome) = match op(&mut savepoint, ctx).await {
+    let result = match op(&mut savepoint, ctx).await {
         Ok(value) => {
             savepoint.commit().await?;
-            let body = serde_json::to_string(&value).map_err(|e| ApiError::Internal(e.to_string()))?;
-            (req.success, body.clone(), Outcome::Fresh(req.success, body))
+            Ok(value)
         }
         // Client errors are answers too: a retry replays them. Server errors are not stored,
         // so a retry runs again.
         Err(err) if err.status().is_client_error() => {
             savepoint.rollback().await?;
-            (err.status(), err.to_problem().to_string(), Outcome::Refused(err))
+            Err(err)
         }
         Err(err) => return Err(err),
     };
-    sqlx::query(
-        "INSERT INTO idempotency_keys (key, method, path, request, status, response) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(*key)
-    .bind(req.method)
-    .bind(req.path)
-    .bind(&fingerprint)
-    .bind(status.as_u16() as i16)
-    .bind(body)
-    .execute(&mut *conn)
-    .await?;
+    let outcome = Outcome::executed(*success, result);
+    store_many(conn, &[(keyed, &outcome)]).await?;
     Ok(outcome)
 }
 

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::catalogue::text;
 use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
-use super::idempotency::{self, Keyed, Request};
+use super::idempotency::{self, Request};
 use crate::domain::allocation::{Line, Strategy};
 use crate::domain::{Quantity, Sku, Validator, WarehouseCode};
 use crate::engine::reservations::{self as engine, NewReservation, PartLine, Settle};
@@ -119,15 +119,7 @@ pub async fn create(
         success: StatusCode::CREATED,
     };
     let batched = match &state.batcher {
-        Some(batcher) => {
-            let key = key.as_deref().map(|key| Keyed {
-                key: key.to_owned(),
-                method: "POST",
-                path: uri.path().to_owned(),
-                fingerprint: idempotency::fingerprint(&body.raw),
-            });
-            batcher.submit(req.clone(), key).await
-        }
+        Some(batcher) => batcher.submit(req.clone(), meta.keyed()).await,
         None => None,
     };
     let response = match batched {
