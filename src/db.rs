@@ -122,7 +122,7 @@ where
         let attempt = async {
             let mut tx = pool.begin().await?;
             let out = body(&mut tx, ctx).await?;
-            tx.commit().await?;
+            tx.commit().await.map_err(ApiError::from_commit)?;
             Ok::<T, ApiError>(out)
         };
         match attempt.await {

@@ -57,6 +57,10 @@ pub enum ApiError {
     /// The request ran out of time; it may or may not have committed.
     #[error("the request took longer than {0:?}")]
     Timeout(std::time::Duration),
+    /// The connection broke while the transaction was committing: the change may or may not
+    /// have been applied. Never answered as "nothing changed".
+    #[error("the outcome of the commit is unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("internal error: {0}")]
@@ -85,6 +89,16 @@ impl ApiError {
 
     pub fn field(field: &str, message: impl Into<String>) -> Self {
         Self::Validation(vec![FieldError::new(field, message)])
+    }
+
+    /// Classifies an error of COMMIT itself: an answer from the server (an error it raised)
+    /// means the transaction rolled back; anything else (the connection broke after COMMIT
+    /// was sent) leaves the outcome unknown.
+    pub fn from_commit(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::Database(_) => Self::Database(err),
+            other => Self::OutcomeUnknown(other.to_string()),
+        }
     }
 
     /// The SQLSTATE of a database error, if this is one.
@@ -121,7 +135,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout(_) | Self::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Database(err) => database_class(err).status(),
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -142,7 +156,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unavailable(_) => "unavailable",
-            Self::Timeout(_) => "timeout",
+            Self::Timeout(_) | Self::OutcomeUnknown(_) => "outcome_unknown",
             Self::Database(err) => database_class(err).code(),
             Self::Internal(_) => "internal_error",
         }
@@ -162,8 +176,11 @@ impl ApiError {
             Self::Unavailable(_) => "the service is unavailable; the request changed nothing".into(),
             Self::Timeout(limit) => format!(
                 "the request took longer than {limit:?}; it may or may not have taken effect: \
-                 retry with the same Idempotency-Key"
+                 retry with the same Idempotency-Key, or look the result up"
             ),
+            Self::OutcomeUnknown(_) => "the database connection broke while the change was being committed; it may \
+                 or may not have taken effect: retry with the same Idempotency-Key, or look the result up"
+                .into(),
             Self::Validation(errors) => format!("{} field(s) are invalid", errors.len()),
             other => other.to_string(),
         }

@@ -172,6 +172,14 @@ async fn execute(db: &sqlx::PgPool, batch: Vec<Job>) {
                 let _ = reply.send(Some(outcome));
             }
         }
+        // The batch may have committed: every order gets that answer (running them again
+        // could apply them twice; a keyed retry replays whatever was stored).
+        Err(err @ ApiError::OutcomeUnknown(_)) => {
+            tracing::warn!(error = %err, orders = work.len(), "a reservation batch's commit outcome is unknown");
+            for reply in replies {
+                let _ = reply.send(Some(Outcome::Refused(ApiError::OutcomeUnknown(err.to_string()))));
+            }
+        }
         // Nobody gets a connection: running each order alone would only fail again, slower.
         Err(err) if err.is_database_down() => {
             tracing::warn!(error = %err, orders = work.len(), "a reservation batch found the database down");

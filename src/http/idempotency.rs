@@ -87,30 +87,42 @@ fn fingerprint(body: &Value) -> String {
 /// when the request must run.
 pub async fn claim_many(conn: &mut PgConnection, keyed: &[&Keyed]) -> Result<Vec<Option<Outcome>>, ApiError> {
     let keys: Vec<&str> = keyed.iter().map(|k| k.key.as_str()).collect();
+    // First the locks, then — in a second statement — the stored answers. In READ COMMITTED a
+    // statement reads the snapshot taken when it began: a lookup in the locking statement
+    // could be older than the lock it just won from a request that committed in between, miss
+    // that request's stored answer, run it again, and fail on the key's unique index. A lock
+    // is released only after its holder's commit is visible, so a snapshot taken after the
+    // lock is held sees every stored answer.
+    let locked: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended(u.key, 7041))
+           FROM unnest($1::text[]) WITH ORDINALITY AS u(key, n)
+          ORDER BY u.n",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
     #[derive(sqlx::FromRow)]
-    struct Claim {
-        locked: bool,
+    struct Stored {
         method: Option<String>,
         path: Option<String>,
         request: Option<String>,
         status: Option<i16>,
         response: Option<String>,
     }
-    let rows: Vec<Claim> =
-        sqlx::query_as(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended(u.key, 7041)) AS locked, i.method, i.path, i.request, i.status, i.response
-               FROM unnest($1::text[]) WITH ORDINALITY AS u(key, n)
-               LEFT JOIN idempotency_keys i ON i.key = u.key
-              ORDER BY u.n",
-        )
-        .bind(&keys)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows: Vec<Stored> = sqlx::query_as(
+        "SELECT i.method, i.path, i.request, i.status, i.response
+           FROM unnest($1::text[]) WITH ORDINALITY AS u(key, n)
+           LEFT JOIN idempotency_keys i ON i.key = u.key
+          ORDER BY u.n",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(keyed
         .iter()
-        .zip(rows)
-        .map(|(k, row)| {
-            if !row.locked {
+        .zip(locked.into_iter().zip(rows))
+        .map(|(k, (locked, row))| {
+            if !locked {
                 return Some(Outcome::Refused(in_progress()));
             }
             let (method, path, request, status, response) =

@@ -41,7 +41,10 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let status = response.status().as_u16();
     let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str()).to_owned();
     let elapsed = started.elapsed();
-    let labels = [("method", method.to_string()), ("route", route), ("status", status.to_string())];
+    // Label values come from fixed sets only (known methods, route templates, status codes), so
+    // no client can grow the number of series: an unknown method is `other`, an unmatched path
+    // is `unmatched`.
+    let labels = [("method", method_label(&method)), ("route", route), ("status", status.to_string())];
     metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels).increment(1);
     metrics::histogram!(crate::metrics::HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
     span.in_scope(|| {
@@ -61,6 +64,23 @@ pub async fn layer(request: Request, next: Next) -> Response {
         response.headers_mut().insert(HEADER, value);
     }
     response
+}
+
+/// The method as a metrics label: one of the standard methods, else `other`.
+fn method_label(method: &axum::http::Method) -> String {
+    use axum::http::Method;
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    if known.contains(method) { method.as_str().to_owned() } else { "other".to_owned() }
 }
 
 /// The matched route template of a request, carried out on its response.

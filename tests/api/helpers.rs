@@ -141,7 +141,15 @@ impl TestApp {
     pub async fn spawn_with_database_args(server: ServerArgs, database: DatabaseArgs) -> Self {
         let db_url = fresh_database().await;
         let db = inventory::db::connect(&db_url, &database).await.expect("connect to the test database");
-        Self::serve(db, db_url, server).await
+        Self::serve(db.clone(), db, db_url, server).await
+    }
+
+    /// The service on the database of `db_url`, reached through `service_url` (a
+    /// fault-injecting proxy, say); the test's own pool `db` connects directly.
+    pub async fn spawn_through(server: ServerArgs, db_url: String, service_url: &str) -> Self {
+        let service = inventory::db::connect(service_url, &database_args(None)).await.expect("connect via route");
+        let db = inventory::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
+        Self::serve(db, service, db_url, server).await
     }
 
     /// The service with a pool that points at nothing: the database is "down".
@@ -150,14 +158,14 @@ impl TestApp {
         let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
         let db =
             sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)).connect_lazy(&db_url).unwrap();
-        Self::serve(db, db_url, ServerArgs::default()).await
+        Self::serve(db.clone(), db, db_url, ServerArgs::default()).await
     }
 
-    async fn serve(db: PgPool, db_url: String, mut server: ServerArgs) -> Self {
+    async fn serve(db: PgPool, service_pool: PgPool, db_url: String, mut server: ServerArgs) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         server.listen = listener.local_addr().unwrap();
         let base = format!("http://{}", server.listen);
-        let pool = db.clone();
+        let pool = service_pool;
         tokio::spawn(async move {
             inventory::startup::serve(listener, pool, server, std::future::pending()).await.unwrap();
         });

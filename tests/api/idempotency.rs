@@ -96,3 +96,84 @@ async fn a_bad_key_is_rejected() {
     assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.level("A", "W1").await, (10, 0));
 }
+
+/// The hazard the key claim must avoid, shown in PostgreSQL itself: in READ COMMITTED one
+/// statement that wins the key's lock after the first request committed still reads the
+/// snapshot taken before that commit, and so misses the stored answer. The service therefore
+/// looks answers up in a statement of their own, after the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_in_the_locking_statement_can_miss_an_answer_committed_before_the_lock_was_won() {
+    let app = TestApp::spawn().await;
+    let lock = "SELECT pg_advisory_xact_lock(hashtextextended('race-key', 7041))";
+    let mut first = app.db.begin().await.unwrap();
+    sqlx::query(lock).execute(&mut *first).await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (key, method, path, request, status, response)
+         VALUES ('race-key', 'POST', '/v1/stock/receive', '{}', 200, '{}')",
+    )
+    .execute(&mut *first)
+    .await
+    .unwrap();
+    let db = app.db.clone();
+    let second = tokio::spawn(async move {
+        let mut tx = db.begin().await.unwrap();
+        // Snapshot first (the sleep), then the lock, then the lookup, all in one statement.
+        let row: (bool, i64) = sqlx::query_as(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('race-key', 7041)),
+                    (SELECT count(*) FROM idempotency_keys WHERE key = 'race-key')
+               FROM (SELECT pg_sleep(1)) AS wait",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let after: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE key = 'race-key'")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        (row, after)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    first.commit().await.unwrap();
+    let ((locked, seen_in_statement), seen_after) = second.await.unwrap();
+    assert!(locked, "the lock was free once the first request committed");
+    assert_eq!(seen_in_statement, 0, "the locking statement's snapshot predates the commit");
+    assert_eq!(seen_after, 1, "a statement after the lock sees the stored answer");
+}
+
+async fn concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer(batch_max: usize) {
+    let server = inventory::config::ServerArgs { batch_max, ..Default::default() };
+    let app = TestApp::spawn_with(server).await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 1_000).await;
+    for round in 0..10 {
+        let key = format!("burst-{round}");
+        let body = json!({"order_id": format!("o-{round}"), "lines": [{"sku": "A", "quantity": 2}]});
+        let results = join_all((0..32).map(|_| post_with_key(&app, "/v1/reservations", &key, &body))).await;
+        let mut created: Vec<&Value> = Vec::new();
+        for (status, _, answer) in &results {
+            match *status {
+                StatusCode::CREATED => created.push(answer),
+                StatusCode::CONFLICT => assert_eq!(answer["code"], "idempotency_in_progress", "{answer}"),
+                other => panic!("batch_max {batch_max}, round {round}: unexpected {other}: {answer}"),
+            }
+        }
+        assert!(!created.is_empty(), "round {round}: someone got the answer");
+        assert!(created.iter().all(|a| *a == created[0]), "round {round}: every 201 is the same answer");
+        let (status, replayed, again) = post_with_key(&app, "/v1/reservations", &key, &body).await;
+        assert_eq!((status, replayed.as_deref()), (StatusCode::CREATED, Some("true")));
+        assert_eq!(&again, created[0]);
+    }
+    assert_eq!(app.level("A", "W1").await, (1_000, 20), "one reservation per key");
+    app.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer_batched() {
+    concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer(128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer_unbatched() {
+    concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer(1).await;
+}

@@ -62,3 +62,23 @@ async fn every_response_carries_a_request_id() {
         app.client.post(app.url("/v1/stock/receive")).header("x-request-id", "abc-1").body("{").send().await.unwrap();
     assert_eq!(res.headers()["x-request-id"], "abc-1");
 }
+
+#[tokio::test]
+async fn random_methods_and_paths_never_become_metric_labels() {
+    let app = TestApp::spawn().await;
+    let mut tokens = Vec::new();
+    for i in 0..1_000 {
+        let token = format!("ZQX{i}{:x}", rand::random::<u32>());
+        let method = reqwest::Method::from_bytes(token.as_bytes()).unwrap();
+        let path = if i % 2 == 0 { format!("/v1/{token}") } else { format!("/v1/reservations/{token}") };
+        let res = app.client.request(method, app.url(&path)).send().await.unwrap();
+        assert!(res.status().is_client_error(), "{}", res.status());
+        tokens.push(token);
+    }
+    let text = metrics(&app).await;
+    let leaked: Vec<&String> = tokens.iter().filter(|t| text.contains(t.as_str())).collect();
+    assert!(leaked.is_empty(), "{} request-made values became labels, e.g. {:?}", leaked.len(), leaked.first());
+    // The series these requests could add: one per (fixed method label, route, status).
+    let other = text.lines().filter(|l| l.starts_with("http_requests_total{") && l.contains(r#"method="other""#));
+    assert!(other.count() <= 10, "{text}");
+}
