@@ -141,21 +141,75 @@ impl Gather {
     }
 }
 
-/// Splits a batch into at most `parts` batches by the first SKU of each order, keeping the
-/// arrival order within each; empty parts are dropped.
-fn split(batch: Vec<Job>, parts: usize) -> Vec<Vec<Job>> {
+/// Splits a batch into at most `parts` batches that share no SKU: orders linked through any
+/// common SKU (directly or through other orders) stay in one part, in arrival order, so an
+/// earlier order is always decided before a later one that wants the same stock. Groups are
+/// dealt largest first to the least loaded part; empty parts are dropped.
+fn split<T: HasSkus>(batch: Vec<T>, parts: usize) -> Vec<Vec<T>> {
     if parts <= 1 {
         return vec![batch];
     }
-    let mut out: Vec<Vec<Job>> = (0..parts).map(|_| Vec::new()).collect();
-    for job in batch {
-        let sku = job.req.lines.first().map_or("", |l| l.sku.as_str());
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(sku, &mut hasher);
-        out[(std::hash::Hasher::finish(&hasher) % parts as u64) as usize].push(job);
+    let groups = connected_groups(&batch);
+    let mut sizes: Vec<(usize, usize)> = Vec::new(); // (size, group)
+    for &g in &groups {
+        match sizes.iter_mut().find(|(_, group)| *group == g) {
+            Some((size, _)) => *size += 1,
+            None => sizes.push((1, g)),
+        }
+    }
+    sizes.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut load = vec![0usize; parts];
+    let mut part_of_group = std::collections::HashMap::new();
+    for (size, group) in sizes {
+        let least = (0..parts).min_by_key(|&p| load[p]).unwrap_or(0);
+        load[least] += size;
+        part_of_group.insert(group, least);
+    }
+    let mut out: Vec<Vec<T>> = (0..parts).map(|_| Vec::new()).collect();
+    for (job, group) in batch.into_iter().zip(groups) {
+        out[part_of_group[&group]].push(job);
     }
     out.retain(|part| !part.is_empty());
     out
+}
+
+/// What [`split`] needs of an order: its SKUs.
+trait HasSkus {
+    fn skus(&self) -> impl Iterator<Item = &str>;
+}
+
+impl HasSkus for Job {
+    fn skus(&self) -> impl Iterator<Item = &str> {
+        self.req.lines.iter().map(|l| l.sku.as_str())
+    }
+}
+
+/// For each order, a group number: orders share a group exactly when they are linked through
+/// common SKUs (union-find over the orders, joined by SKU).
+fn connected_groups<T: HasSkus>(orders: &[T]) -> Vec<usize> {
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut parent: Vec<usize> = (0..orders.len()).collect();
+    let mut first_with: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, order) in orders.iter().enumerate() {
+        for sku in order.skus() {
+            match first_with.get(sku) {
+                Some(&j) => {
+                    let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                    parent[a.max(b)] = a.min(b);
+                }
+                None => {
+                    first_with.insert(sku, i);
+                }
+            }
+        }
+    }
+    (0..orders.len()).map(|i| root(&mut parent, i)).collect()
 }
 
 /// Two orders that cannot share a transaction: the same order id or the same key.
@@ -231,4 +285,52 @@ async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)
         .collect();
     idempotency::store_many(conn, &ran).await?;
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Order(usize, Vec<&'static str>);
+
+    impl HasSkus for Order {
+        fn skus(&self) -> impl Iterator<Item = &str> {
+            self.1.iter().copied()
+        }
+    }
+
+    #[test]
+    fn orders_linked_by_any_sku_stay_in_one_part_in_arrival_order() {
+        // [X, Y] comes first; [Y] later must not be decided before it in another part.
+        let batch = vec![
+            Order(0, vec!["X", "Y"]),
+            Order(1, vec!["A"]),
+            Order(2, vec!["Y"]),
+            Order(3, vec!["B"]),
+            Order(4, vec!["C", "X"]),
+            Order(5, vec!["A", "D"]),
+            Order(6, vec!["E"]),
+            Order(7, vec!["D"]),
+        ];
+        for parts in 1..=4 {
+            let split = split(batch.clone(), parts);
+            assert_eq!(split.iter().map(Vec::len).sum::<usize>(), batch.len(), "nothing lost");
+            for part in &split {
+                assert!(part.windows(2).all(|w| w[0].0 < w[1].0), "arrival order kept: {part:?}");
+            }
+            let part_of = |n: usize| split.iter().position(|p| p.iter().any(|o| o.0 == n)).unwrap();
+            for a in &batch {
+                for b in &batch {
+                    if a.1.iter().any(|s| b.1.contains(s)) {
+                        assert_eq!(part_of(a.0), part_of(b.0), "{a:?} and {b:?} share a SKU ({parts} parts)");
+                    }
+                }
+            }
+            // Transitively linked: 0-2 via Y, 0-4 via X; 1-5 via A, 5-7 via D.
+            assert_eq!(part_of(2), part_of(4));
+            assert_eq!(part_of(1), part_of(7));
+        }
+        assert!(split(batch, 4).len() > 1, "unrelated groups still run side by side");
+    }
 }
