@@ -35,9 +35,17 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         println!("config entry (add to INVENTORY_API_KEYS or --api-keys-file): {line}");
         return Ok(());
     }
-    let database = Database::locate(&cli.database).await?;
     let command = cli.command.clone().unwrap_or(Command::Serve);
     let owner = matches!(command, Command::Serve);
+    // One service per self-started cluster: it alone stops the cluster when it exits. The lock
+    // is the kernel's, so a service killed with -9 leaves no stale claim and the next one adopts
+    // the cluster it left running.
+    let _claim = if owner && cli.database.database_url.is_none() {
+        Some(claim_data_dir(&cli.database.data_dir).map_err(RunError::Config)?)
+    } else {
+        None
+    };
+    let database = Database::locate(&cli.database).await?;
     let result = match command {
         Command::Serve => serve_command(&cli, &database).await,
         Command::Migrate => migrate_command(&cli.database, &database).await,
@@ -49,6 +57,37 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     };
     database.shutdown(owner).await;
     result
+}
+
+/// Takes the data directory's exclusive `serve.lock` (held until the process ends), or says
+/// which process holds it.
+fn claim_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let path = data_dir.join("serve.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    if let Err(err) = file.try_lock() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+        return Err(match err {
+            std::fs::TryLockError::WouldBlock => format!(
+                "another `inventory serve`{who} is already using the data directory {}: stop it first, or give \
+                 this one its own --data-dir or a DATABASE_URL",
+                data_dir.display()
+            ),
+            std::fs::TryLockError::Error(e) => format!("cannot lock {}: {e}", path.display()),
+        });
+    }
+    let _ = file.set_len(0).and_then(|()| file.rewind()).and_then(|()| writeln!(file, "{}", std::process::id()));
+    Ok(file)
 }
 
 async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {

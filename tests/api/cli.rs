@@ -98,6 +98,54 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
     let _ = std::fs::remove_dir_all(&parent);
 }
 
+#[tokio::test]
+async fn a_second_serve_on_the_same_data_dir_is_refused_and_leaves_the_first_running() {
+    let dir = std::env::temp_dir().join(format!("inventory-two-serves-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let serve = |listen: &str| {
+        Command::new(BIN)
+            .args(["serve", "--listen", listen, "--data-dir", dir.to_str().unwrap()])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let mut first = serve(&listen);
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(60)).await, "first service not ready");
+
+    // Another port, and the same port (whose bind would fail): both refused, neither touches
+    // the cluster the first one runs.
+    for other in [format!("127.0.0.1:{}", free_port()), listen.clone()] {
+        let mut second = serve(&other);
+        let started = Instant::now();
+        while second.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if second.try_wait().unwrap().is_none() {
+            stop(&mut second);
+            panic!("a second serve on {other} kept running on the first one's data directory");
+        }
+        let second = second.wait_with_output().unwrap();
+        assert!(!second.status.success(), "a second serve on {other} must not run");
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        assert!(stderr.contains("already using the data directory"), "{stderr}");
+        assert!(stderr.contains(&format!("pid {}", first.id())), "names the holder: {stderr}");
+    }
+    let client = reqwest::Client::new();
+    let res = client.put(format!("{base}/v1/warehouses/STILL")).json(&serde_json::json!({"name": "s"})).send().await;
+    assert_eq!(res.unwrap().status(), 201, "the first service still has its database");
+    stop(&mut first);
+    assert!(!dir.join("pg/postmaster.pid").exists(), "the first service stops its cluster");
+    if let Ok(cluster) = std::fs::read_link(dir.join("pg")) {
+        let _ = std::fs::remove_dir_all(cluster.parent().unwrap());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// SIGTERM, then wait for a graceful exit.
 fn stop(child: &mut std::process::Child) {
     let status = Command::new("kill").arg(child.id().to_string()).status().unwrap();
