@@ -99,6 +99,20 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         .map_err(SetupError::Connect)
 }
 
+/// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).
+pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), ApiError> {
+    sqlx::query(
+        "SELECT set_config('lock_timeout',
+             CASE WHEN s = '0' OR s::interval > make_interval(secs => $1) THEN ($1 * 1000)::int8 || 'ms' ELSE s END,
+             true)
+           FROM current_setting('lock_timeout') AS s",
+    )
+    .bind(limit.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Sleeps before attempt `tries + 1`: jittered exponential backoff.
 async fn backoff(tries: u32) {
     let jitter = rand::random_range(0..(5u64 << tries));

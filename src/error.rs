@@ -114,6 +114,11 @@ impl ApiError {
         self.sqlstate().is_some_and(|code| RETRYABLE_SQLSTATES.contains(&code.as_str()))
     }
 
+    /// A lock or statement timeout: one row (or statement) is stuck, the rest are fine.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Database(err) if database_class(err) == DbClass::Busy)
+    }
+
     /// The database cannot be reached at all (not one row or request's trouble).
     pub fn is_database_down(&self) -> bool {
         match self {

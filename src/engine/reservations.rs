@@ -292,6 +292,9 @@ async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<A
     Ok((header, allocations))
 }
 
+/// The longest an expiry transaction waits for a row lock.
+pub const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Which of fulfil and release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settle {
@@ -396,9 +399,13 @@ pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Resu
     Ok(store::assemble(header, allocations))
 }
 
-/// Releases up to `batch` overdue reservations in one transaction; returns how many.
-pub async fn expire_due(conn: &mut PgConnection, batch: i64) -> Result<usize, ApiError> {
-    let due = store::lock_overdue(conn, batch).await?;
+/// Releases up to `batch` overdue reservations in one transaction, leaving out what `skips`
+/// names; returns how many. Waits at most [`SWEEP_LOCK_TIMEOUT`] for any row: a level someone
+/// holds for long fails this transaction quickly, and the sweep then leaves that level's
+/// reservations for later instead of stalling every other SKU's expiry behind it.
+pub async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize, ApiError> {
+    crate::db::cap_lock_timeout(conn, SWEEP_LOCK_TIMEOUT).await?;
+    let due = store::lock_overdue(conn, batch, skips).await?;
     if due.is_empty() {
         return Ok(0);
     }

@@ -26,9 +26,7 @@ use crate::error::ApiError;
 
 /// The lock wait of a batch transaction: 250 ms, or the configured one when shorter (which
 /// applies to orders running alone).
-const BATCH_LOCK_TIMEOUT: &str = "SELECT set_config('lock_timeout',
-    CASE WHEN s = '0' OR s::interval > interval '250ms' THEN '250ms' ELSE s END, true)
-    FROM current_setting('lock_timeout') AS s";
+const BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// A batch is split only when each part gets at least this many orders.
 const MIN_SPLIT: usize = 4;
@@ -256,7 +254,7 @@ async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)
     // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
     // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
     // each order run alone under the normal lock timeout.
-    sqlx::query(BATCH_LOCK_TIMEOUT).execute(&mut *conn).await?;
+    crate::db::cap_lock_timeout(conn, BATCH_LOCK_TIMEOUT).await?;
     let keyed: Vec<&Keyed> = work.iter().filter_map(|(_, k)| k.as_ref()).collect();
     let mut claims = if keyed.is_empty() { Vec::new() } else { idempotency::claim_many(conn, &keyed).await? };
     claims.reverse();

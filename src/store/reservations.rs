@@ -196,16 +196,75 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, A
 
 /// Locks up to `limit` active reservations whose deadline has passed (database clock),
 /// skipping rows another transaction holds, so several instances can sweep side by side.
-pub async fn lock_overdue(conn: &mut PgConnection, limit: i64) -> Result<Vec<Header>, ApiError> {
+/// What the expiry sweep leaves out this time: reservations whose expiry failed, and
+/// reservations that hold units of a level found stuck (locked by someone else for long).
+#[derive(Debug, Clone, Default)]
+pub struct SweepSkips {
+    pub ids: Vec<Uuid>,
+    pub levels: Vec<(String, String)>,
+    /// Only this reservation (the one-at-a-time fallback).
+    pub only: Option<Uuid>,
+}
+
+/// Locks up to `limit` overdue active reservations, oldest deadline first, skipping rows other
+/// transactions hold (a fulfil in progress) and whatever `skips` names.
+pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, ApiError> {
+    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
     Ok(sqlx::query_as(
-        "SELECT id, order_id, status, strategy, created_at, expires_at, true AS overdue
-           FROM reservations
-          WHERE status = 'active' AND expires_at <= now()
-          ORDER BY expires_at, id
+        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
+           FROM reservations r
+          WHERE r.status = 'active' AND r.expires_at <= now()
+            AND ($5::uuid IS NULL OR r.id = $5)
+            AND r.id <> ALL($2::uuid[])
+            AND NOT EXISTS (
+                SELECT 1 FROM reservation_allocations a
+                  JOIN unnest($3::text[], $4::text[]) AS s(sku, warehouse)
+                    ON s.sku = a.sku AND s.warehouse = a.warehouse
+                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)
+          ORDER BY r.expires_at, r.id
           LIMIT $1
-            FOR UPDATE SKIP LOCKED",
+            FOR UPDATE OF r SKIP LOCKED",
     )
     .bind(limit)
+    .bind(&skips.ids)
+    .bind(&skus)
+    .bind(&warehouses)
+    .bind(skips.only)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Ids of overdue active reservations (unlocked, a hint for the one-at-a-time fallback).
+pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Uuid>, ApiError> {
+    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
+    Ok(sqlx::query_scalar(
+        "SELECT r.id FROM reservations r
+          WHERE r.status = 'active' AND r.expires_at <= now()
+            AND r.id <> ALL($2::uuid[])
+            AND NOT EXISTS (
+                SELECT 1 FROM reservation_allocations a
+                  JOIN unnest($3::text[], $4::text[]) AS s(sku, warehouse)
+                    ON s.sku = a.sku AND s.warehouse = a.warehouse
+                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)
+          ORDER BY r.expires_at, r.id
+          LIMIT $1",
+    )
+    .bind(limit)
+    .bind(&skips.ids)
+    .bind(&skus)
+    .bind(&warehouses)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The levels a reservation still holds units of.
+pub async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(String, String)>, ApiError> {
+    Ok(sqlx::query_as(
+        "SELECT sku, warehouse FROM reservation_allocations
+          WHERE reservation_id = $1 AND quantity > fulfilled + released
+          ORDER BY sku, warehouse",
+    )
+    .bind(id)
     .fetch_all(conn)
     .await?)
 }

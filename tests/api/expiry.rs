@@ -118,3 +118,78 @@ async fn fulfil_racing_expiry_has_exactly_one_winner_per_reservation() {
     assert_eq!(app.level("A", "W1").await, (100 - 2 * fulfilled, 0), "levels are exact");
     app.assert_invariants().await;
 }
+
+/// The stored status and deadline of a reservation (what the sweep wrote, not what a read shows).
+async fn stored(app: &TestApp, id: &str) -> (String, chrono::DateTime<chrono::Utc>) {
+    sqlx::query_as("SELECT status, expires_at FROM reservations WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+/// Waits until the sweep has stored `expired`; returns how long after its deadline that was.
+async fn swept_after_deadline(app: &TestApp, id: &str, limit: Duration) -> chrono::Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let (status, deadline) = stored(app, id).await;
+        if status == "expired" {
+            return chrono::Utc::now() - deadline;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("reservation {id} was not expired by the sweep within {limit:?}");
+}
+
+async fn hold(app: &TestApp, order: &str, sku: &str, ttl: i64) -> String {
+    let body = json!({"order_id": order, "lines": [{"sku": sku, "quantity": 1}], "ttl_seconds": ttl});
+    let (status, r) = app.post("/v1/reservations", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{r}");
+    r["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_row_or_a_broken_reservation_delays_only_its_own_expiry() {
+    // The default sweep interval: the contract's 5 s bound must hold with it.
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    for sku in ["HA", "HB", "HC"] {
+        app.sku(sku).await;
+        app.receive(sku, "W1", 10).await;
+    }
+    let broken = hold(&app, "c", "HC", 1).await;
+    let stuck = hold(&app, "a", "HA", 1).await;
+    let free = hold(&app, "b", "HB", 2).await;
+    // HC's level refuses every change from now on: its reservation can never expire.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_hc() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.sku = 'HC' THEN RAISE EXCEPTION 'HC is broken'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER refuse_hc BEFORE UPDATE ON stock_levels FOR EACH ROW EXECUTE FUNCTION refuse_hc();",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // Another session holds HA's level for a long time.
+    let mut blocker = app.db.begin().await.unwrap();
+    sqlx::query("SELECT * FROM stock_levels WHERE sku = 'HA' FOR UPDATE").execute(&mut *blocker).await.unwrap();
+
+    let late = swept_after_deadline(&app, &free, Duration::from_secs(12)).await;
+    assert!(late < chrono::Duration::seconds(5), "HB expired {late} after its deadline, behind HA's stuck row");
+    assert_eq!(stored(&app, &stuck).await.0, "active", "HA's reservation waits for its row");
+    assert_eq!(stored(&app, &broken).await.0, "active", "HC's reservation cannot expire");
+    // Later holds keep expiring while both are still stuck.
+    let next = hold(&app, "d", "HB", 1).await;
+    let late = swept_after_deadline(&app, &next, Duration::from_secs(12)).await;
+    assert!(late < chrono::Duration::seconds(5), "a later hold expired {late} after its deadline");
+
+    blocker.rollback().await.unwrap();
+    let released = Instant::now();
+    swept_after_deadline(&app, &stuck, Duration::from_secs(10)).await;
+    assert!(released.elapsed() < Duration::from_secs(5), "HA expired {:?} after its row was free", released.elapsed());
+    sqlx::raw_sql("DROP TRIGGER refuse_hc ON stock_levels").execute(&app.db).await.unwrap();
+    swept_after_deadline(&app, &broken, Duration::from_secs(20)).await;
+    assert_eq!(app.level("HA", "W1").await, (10, 0));
+    assert_eq!(app.level("HB", "W1").await, (10, 0));
+    assert_eq!(app.level("HC", "W1").await, (10, 0));
+    app.assert_invariants().await;
+}
