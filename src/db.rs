@@ -99,6 +99,14 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         .map_err(SetupError::Connect)
 }
 
+/// BEGIN for a transaction that may write ledger entries or events: it announces itself as a
+/// writer (a shared advisory lock, before it has a transaction id), so readers of the ledger and
+/// the event relay wait for it and for nobody else (see `writer_horizon()` in migration 0006).
+/// One round trip, like a plain BEGIN.
+pub async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN; SELECT pg_advisory_xact_lock_shared(7041, 2)").await
+}
+
 /// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).
 pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), ApiError> {
     sqlx::query(
@@ -134,7 +142,7 @@ where
     loop {
         tries += 1;
         let attempt = async {
-            let mut tx = pool.begin().await?;
+            let mut tx = begin_writer(pool).await?;
             let out = body(&mut tx, ctx).await?;
             tx.commit().await.map_err(ApiError::from_commit)?;
             Ok::<T, ApiError>(out)

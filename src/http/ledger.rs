@@ -29,7 +29,7 @@ pub struct LedgerQuery {
     responses(
         (status = 200, description = "a page of entries, oldest first", body = crate::http::openapi::LedgerPage),
         (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
+        (status = 422, description = "`limit` out of range, or `after` names no entry", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
@@ -37,7 +37,9 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -
     let page =
         EntryPage { sku: q.sku, warehouse: q.warehouse, reference: q.reference, after: q.after.or(q.cursor), limit };
     let mut conn = state.db.acquire().await?;
-    let (items, more) = ledger::page(&mut conn, &page).await?;
+    let (items, more) = ledger::page(&mut conn, &page)
+        .await?
+        .ok_or_else(|| ApiError::field("after", "no ledger entry has this id; pass an entry id or a next_cursor"))?;
     let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();
     Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
 }

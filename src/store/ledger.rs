@@ -31,25 +31,71 @@ pub struct EntryPage {
     pub limit: i64,
 }
 
-/// One page of entries, oldest first; the flag tells whether more follow.
-pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<(Vec<Entry>, bool), ApiError> {
-    let mut rows: Vec<Entry> = sqlx::query_as(
-        "SELECT * FROM ledger
-          WHERE ($1::text IS NULL OR sku = $1)
-            AND ($2::text IS NULL OR warehouse = $2)
-            AND ($3::text IS NULL OR reference = $3)
-            AND ($4::uuid IS NULL OR id > $4)
-          ORDER BY id
-          LIMIT $5",
+/// One page of entries in commit order; the flag tells whether more follow. `None` when the
+/// `after` entry does not exist.
+///
+/// Only entries below the writer horizon are shown, in (`txid`, `id`) order: whatever commits
+/// later has a `txid` at or above it, so it comes after any cursor already handed out and a
+/// reader paging with `after` never misses it (see migration 0006). The horizon is taken in a
+/// statement before the page's. One statement per filter shape, so each can use its index.
+pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, ApiError> {
+    let (horizon, known): (i64, bool) = sqlx::query_as(
+        "SELECT writer_horizon()::text::int8, $1::uuid IS NULL OR EXISTS (SELECT 1 FROM ledger WHERE id = $1)",
     )
-    .bind(&page.sku)
-    .bind(&page.warehouse)
-    .bind(&page.reference)
     .bind(page.after)
-    .bind(page.limit + 1)
-    .fetch_all(conn)
+    .fetch_one(&mut *conn)
     .await?;
+    if !known {
+        return Ok(None);
+    }
+    let sql = match (&page.sku, &page.reference) {
+        (Some(_), _) => {
+            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
+                    reference, reason
+               FROM ledger
+              WHERE sku = $1
+                AND ($2::text IS NULL OR warehouse = $2)
+                AND ($3::text IS NULL OR reference = $3)
+                AND txid < $6::text::xid8
+                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
+              ORDER BY txid, id
+              LIMIT $5"
+        }
+        (None, Some(_)) => {
+            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
+                    reference, reason
+               FROM ledger
+              WHERE reference = $3
+                AND ($1::text IS NULL OR sku = $1)
+                AND ($2::text IS NULL OR warehouse = $2)
+                AND txid < $6::text::xid8
+                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
+              ORDER BY txid, id
+              LIMIT $5"
+        }
+        (None, None) => {
+            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
+                    reference, reason
+               FROM ledger
+              WHERE ($1::text IS NULL OR sku = $1)
+                AND ($2::text IS NULL OR warehouse = $2)
+                AND ($3::text IS NULL OR reference = $3)
+                AND txid < $6::text::xid8
+                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
+              ORDER BY txid, id
+              LIMIT $5"
+        }
+    };
+    let mut rows: Vec<Entry> = sqlx::query_as(sql)
+        .bind(&page.sku)
+        .bind(&page.warehouse)
+        .bind(&page.reference)
+        .bind(page.after)
+        .bind(page.limit + 1)
+        .bind(horizon)
+        .fetch_all(conn)
+        .await?;
     let more = rows.len() as i64 > page.limit;
     rows.truncate(page.limit as usize);
-    Ok((rows, more))
+    Ok(Some((rows, more)))
 }
