@@ -136,6 +136,10 @@ pub fn required_role(method: &Method, path: &str, metrics_public: bool) -> Optio
     if path.starts_with("/v1/reservations") { Some(Role::Orders) } else { Some(Role::Ops) }
 }
 
+/// The name of the API key a request came with (absent when no keys are configured).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
 /// Middleware: 401 without a valid key, 403 when its role does not allow the call. With no
 /// keys configured every call is allowed (the server refuses to start like that off loopback).
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -165,6 +169,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         .into_response();
     }
     tracing::Span::current().record("api_key", entry.name.as_str());
+    let mut request = request;
+    request.extensions_mut().insert(Caller(entry.name.clone()));
     next.run(request).await
 }
 

@@ -1,4 +1,5 @@
-//! Background tasks: the expiry sweep and the idempotency-key purge. Both stop when the
+//! Background tasks: the expiry sweep and the purges of idempotency keys and old events (the
+//! event relay runs in `engine::feed`). Both stop when the
 //! shutdown channel flips, and both are safe to run in several service instances at once.
 
 use std::collections::HashMap;
@@ -30,18 +31,6 @@ pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> 
             move || {
                 let (pool, sweeper) = (pool.clone(), sweeper.clone());
                 async move { sweeper.lock().await.sweep(&pool).await }
-            }
-        })),
-        tokio::spawn(every(Duration::from_millis(100), stop.clone(), {
-            let pool = pool.clone();
-            move || {
-                let pool = pool.clone();
-                async move {
-                    match events::relay(&pool).await {
-                        Ok(n) => metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(n),
-                        Err(err) => tracing::warn!(error = %err, "event relay failed; will retry"),
-                    }
-                }
             }
         })),
         tokio::spawn(every(Duration::from_secs(60), stop, move || {

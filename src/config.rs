@@ -181,6 +181,14 @@ pub struct ServerArgs {
     /// Batches in flight at once (each holds one database connection).
     #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, global = true)]
     pub batch_concurrency: usize,
+
+    /// Most live event streams open at once (more are answered 429).
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = 1024, global = true)]
+    pub max_event_streams: usize,
+
+    /// Most live event streams one API key (or, without keys, everyone together) may hold open.
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = 512, global = true)]
+    pub max_event_streams_per_key: usize,
 }
 
 impl ServerArgs {
@@ -219,6 +227,8 @@ impl Default for ServerArgs {
             batch_max: 128,
             batch_window_us: 1000,
             batch_concurrency: 4,
+            max_event_streams: 1024,
+            max_event_streams_per_key: 512,
         }
     }
 }

@@ -51,6 +51,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("no route for this method and path")]
     MethodNotAllowed,
+    /// Too many live event streams are open (in all, or for this caller).
+    #[error("{0}")]
+    TooManyStreams(String),
     /// The database cannot be reached, or a lock/statement timeout fired; nothing changed.
     #[error("service unavailable: {0}")]
     Unavailable(String),
@@ -139,6 +142,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) | Self::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Database(err) => database_class(err).status(),
@@ -160,6 +164,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooManyStreams(_) => "too_many_streams",
             Self::Unavailable(_) => "unavailable",
             Self::Timeout(_) | Self::OutcomeUnknown(_) => "outcome_unknown",
             Self::Database(err) => database_class(err).code(),

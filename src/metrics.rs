@@ -20,6 +20,7 @@ pub const EXPIRY_LAG: &str = "expiry_lag_seconds";
 pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
 pub const TX_RETRIES: &str = "db_transaction_retries_total";
 pub const EVENTS_RELAYED: &str = "events_relayed_total";
+pub const EVENT_STREAMS: &str = "event_streams_open";
 pub const BATCH_SIZE: &str = "reservation_batch_size";
 pub const BATCH_FALLBACKS: &str = "reservation_batch_fallbacks_total";
 pub const POOL_SIZE: &str = "db_pool_connections";

@@ -217,7 +217,12 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
     let batcher = (server.batch_max > 1).then(|| http::batch::Batcher::spawn(pool.clone(), &server));
-    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), batcher };
+    let limits = crate::engine::feed::StreamLimits {
+        total: server.max_event_streams,
+        per_caller: server.max_event_streams_per_key,
+    };
+    let feed = crate::engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
+    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), batcher, feed };
     let app = http::app(state);
     // Draining starts with the signal: background tasks and event streams stop, requests finish.
     let drain = async move {

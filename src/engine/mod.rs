@@ -2,6 +2,7 @@
 //! transaction, lock through `store`, decide, and write.
 
 pub mod book;
+pub mod feed;
 pub mod import;
 pub mod reservations;
 pub mod stock;

@@ -1,6 +1,7 @@
 //! The event feed: pages (`GET /v1/events`) and a live Server-Sent Events stream.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use super::extract::Query;
 use super::{AppState, page_limit};
+use crate::engine::feed::{self, Slice, StreamSlot};
 use crate::error::ApiError;
 use crate::store::events::{self, Event, TYPES};
 
@@ -56,13 +58,18 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) ->
     let limit = page_limit(q.limit, &state)?;
     let types = types(q.kind.as_deref())?;
     let after = q.after.unwrap_or(0).max(0);
-    // Number whatever has committed, so a reader sees its own writes without waiting for the relay.
-    events::relay(&state.db).await?;
+    // A reader sees its own writes: wait for a relay run that began after this request (one
+    // run serves every reader waiting for it), instead of each reader relaying on its own.
+    state.feed.catch_up(CATCH_UP).await;
     let mut conn = state.db.acquire().await?;
-    let items = events::page(&mut conn, after, limit, &types).await?;
-    let next_cursor = items.last().map_or(after, |e| e.id);
+    let (items, next_cursor) = events::scan(&mut conn, after, limit, &types, MAX_SCAN).await?;
     Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
 }
+
+/// The longest a page waits for the relay to number what has just committed.
+const CATCH_UP: Duration = Duration::from_secs(1);
+/// Most events one filtered page looks at; `next_cursor` then moves past what it looked at.
+const MAX_SCAN: i64 = 10_000;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -81,11 +88,13 @@ pub struct StreamQuery {
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
     responses(
         (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream")
+        (status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
+        (status = 429, description = "too many streams open (in all, or for this API key)", body = crate::http::openapi::Problem, content_type = "application/problem+json")
     )
 )]
 pub async fn stream(
     State(state): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
@@ -100,25 +109,28 @@ pub async fn stream(
         None => None,
     };
     let after = resume.or(q.after).unwrap_or(0).max(0);
-    let poll = Duration::from_millis(200);
-    let feed = Feed { state, after, types, buffer: Vec::new() };
-    let stream = stream::unfold(feed, move |mut feed| async move {
+    let caller = caller.map_or_else(|| "anonymous".to_owned(), |c| c.0.0.clone());
+    let slot = state.feed.open_stream(&caller)?;
+    let news = state.feed.subscribe();
+    let reader = Reader { state, after, types, buffer: Vec::new(), news, _slot: slot };
+    let stream = stream::unfold(reader, move |mut reader| async move {
         loop {
-            if *feed.state.shutdown.borrow() {
+            if *reader.state.shutdown.borrow() {
                 return None;
             }
-            if let Some(event) = feed.buffer.pop() {
-                feed.after = event.id;
-                return Some((Ok(to_sse(&event)), feed));
+            if let Some(event) = reader.buffer.pop() {
+                return Some((Ok(to_sse(&event)), reader));
             }
-            match feed.fetch().await {
+            match reader.fetch().await {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(err) => tracing::warn!(error = %err, "event stream read failed; retrying"),
             }
-            let mut shutdown = feed.state.shutdown.clone();
+            // Nothing new: sleep until the relay brings something (or shutdown).
+            let mut shutdown = reader.state.shutdown.clone();
             tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
+                _ = reader.news.changed() => {}
+                _ = tokio::time::sleep(IDLE_RECHECK) => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -126,23 +138,47 @@ pub async fn stream(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("heartbeat")))
 }
 
-struct Feed {
+/// A stream also looks again this often without news (a relay that failed, say).
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
+
+/// One live stream's position.
+struct Reader {
     state: AppState,
+    /// The highest id looked at: events up to it were sent or did not match.
     after: i64,
     types: Vec<String>,
-    /// Fetched but not yet sent, newest first (popped from the end).
-    buffer: Vec<Event>,
+    /// Taken but not yet sent, newest first (popped from the end).
+    buffer: Vec<Arc<Event>>,
+    news: tokio::sync::watch::Receiver<i64>,
+    /// Holds the stream's place under the limits until the stream is dropped.
+    _slot: StreamSlot,
 }
 
-impl Feed {
-    /// Fills the buffer; `true` when something new arrived.
+impl Reader {
+    /// Fills the buffer from the feed's memory, or from the database while far behind;
+    /// `true` when there is something to send.
     async fn fetch(&mut self) -> Result<bool, ApiError> {
-        events::relay(&self.state.db).await?;
-        let mut conn = self.state.db.acquire().await?;
-        let mut items = events::page(&mut conn, self.after, 500, &self.types).await?;
-        items.reverse();
-        self.buffer = items;
-        Ok(!self.buffer.is_empty())
+        self.news.mark_unchanged();
+        let slice = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
+            Some(slice) => slice,
+            None => {
+                let mut conn = self.state.db.acquire().await?;
+                let page = events::page(&mut conn, self.after, feed::PAGE, &[]).await?;
+                let scanned_to = page.last().map_or(self.after, |e| e.id);
+                let events = page
+                    .into_iter()
+                    .filter(|e| self.types.is_empty() || self.types.contains(&e.kind))
+                    .map(Arc::new)
+                    .collect();
+                Slice { events, scanned_to }
+            }
+        };
+        // A filter that skipped a stretch looks again at once: more may follow it.
+        let moved = slice.scanned_to > self.after;
+        self.after = slice.scanned_to;
+        self.buffer = slice.events;
+        self.buffer.reverse();
+        Ok(!self.buffer.is_empty() || moved)
     }
 }
 

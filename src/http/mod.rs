@@ -39,6 +39,8 @@ pub struct AppState {
     pub keys: Arc<crate::auth::Keys>,
     /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
     pub batcher: Option<batch::Batcher>,
+    /// The event relay and the live streams' shared memory of recent events.
+    pub feed: crate::engine::feed::Feed,
 }
 
 /// The whole API, ready to serve.

@@ -87,6 +87,50 @@ pub async fn page(conn: &mut PgConnection, after: i64, limit: i64, types: &[Stri
     .await?)
 }
 
+/// The highest relayed id (0 when none).
+pub async fn last_id(conn: &mut PgConnection) -> Result<i64, ApiError> {
+    Ok(sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(conn).await?)
+}
+
+/// Events after `after` matching `types` (all when empty), at most `limit`, looking at no more
+/// than `max_scan` events: returns them and the cursor to continue from — the last event
+/// returned when `limit` was reached, else the last event looked at, so that a filter for a
+/// rare type moves on instead of scanning the same stretch again on every poll.
+pub async fn scan(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+    types: &[String],
+    max_scan: i64,
+) -> Result<(Vec<Event>, i64), ApiError> {
+    if types.is_empty() {
+        let items = page(conn, after, limit, types).await?;
+        let cursor = items.last().map_or(after, |e| e.id);
+        return Ok((items, cursor));
+    }
+    let (mut cursor, mut scanned, mut found) = (after, 0, Vec::new());
+    while scanned < max_scan {
+        let chunk = page(conn, cursor, 1_000.min(max_scan - scanned), &[]).await?;
+        let Some(last) = chunk.last().map(|e| e.id) else { break };
+        let full = chunk.len() as i64 == 1_000.min(max_scan - scanned);
+        scanned += chunk.len() as i64;
+        for event in chunk {
+            cursor = event.id;
+            if types.contains(&event.kind) {
+                found.push(event);
+                if found.len() as i64 >= limit {
+                    return Ok((found, cursor));
+                }
+            }
+        }
+        cursor = last;
+        if !full {
+            break;
+        }
+    }
+    Ok((found, cursor))
+}
+
 /// Deletes relayed events older than the retention, but never the newest one: it carries the
 /// counter the next ids continue from.
 pub async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, ApiError> {

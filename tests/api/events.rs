@@ -226,3 +226,109 @@ async fn the_stream_is_live_and_resumes_after_last_event_id() {
     let mut resumed = app.client.get(app.url("/v1/events/stream")).header("last-event-id", "2").send().await.unwrap();
     assert_eq!(read_sse_ids(&mut resumed, 1).await, [3], "resumes right after the last seen id");
 }
+
+#[tokio::test]
+async fn a_filtered_page_moves_its_cursor_past_the_events_it_skipped() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 100).await;
+    for i in 0..20 {
+        let (status, _) = app
+            .post("/v1/reservations", json!({"order_id": format!("f{i}"), "lines": [{"sku": "A", "quantity": 1}]}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let (_, all) = app.get("/v1/events?limit=1000").await;
+    let last = all["items"].as_array().unwrap().last().unwrap()["id"].as_i64().unwrap();
+    assert!(last >= 21, "{all}");
+    // No stock.low event exists: the page is empty, but the cursor has moved past what it saw,
+    // so the next poll does not scan the same stretch again.
+    let (status, page) = app.get("/v1/events?type=stock.low").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["items"], json!([]));
+    assert_eq!(page["next_cursor"], last, "{page}");
+    // A filter that matches stops at its last match when the page is full.
+    let (_, page) = app.get("/v1/events?type=reservation.created&limit=5").await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    assert_eq!(page["next_cursor"], items[4]["id"]);
+}
+
+#[tokio::test]
+async fn streams_beyond_the_limits_are_429_and_a_closed_stream_frees_its_place() {
+    use inventory::auth::{Role, mint};
+    let (a, a_line) = mint("a", Role::Read);
+    let (b, b_line) = mint("b", Role::Read);
+    let (ops, ops_line) = mint("ops", Role::Ops);
+    let server = inventory::config::ServerArgs {
+        api_keys: Some(format!("{a_line},{b_line},{ops_line}")),
+        max_event_streams: 3,
+        max_event_streams_per_key: 2,
+        ..Default::default()
+    };
+    let app = TestApp::spawn_with(server).await;
+    let open = |key: &str| app.client.get(app.url("/v1/events/stream")).bearer_auth(key).send();
+    let a1 = open(&a).await.unwrap();
+    let a2 = open(&a).await.unwrap();
+    assert_eq!((a1.status(), a2.status()), (StatusCode::OK, StatusCode::OK));
+    let refused = open(&a).await.unwrap();
+    crate::helpers::assert_problem(refused, StatusCode::TOO_MANY_REQUESTS, "too_many_streams").await;
+    let b1 = open(&b).await.unwrap();
+    assert_eq!(b1.status(), StatusCode::OK);
+    let refused = open(&b).await.unwrap();
+    let body = crate::helpers::assert_problem(refused, StatusCode::TOO_MANY_REQUESTS, "too_many_streams").await;
+    assert!(body["detail"].as_str().unwrap().contains("3 event streams"), "the total limit: {body}");
+    drop(a1);
+    // The server notices the closed stream at its next write (a heartbeat or an event).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ops_put = |path: &str| app.client.put(app.url(path)).bearer_auth(&ops).json(&json!({"name": "x"})).send();
+    assert!(ops_put("/v1/warehouses/W1").await.unwrap().status().is_success());
+    assert!(ops_put("/v1/skus/A").await.unwrap().status().is_success());
+    loop {
+        // An event makes the server write to every stream, and so find the closed one.
+        let receive = json!({"sku": "A", "warehouse": "W1", "quantity": 1});
+        let res = app.client.post(app.url("/v1/stock/receive")).bearer_auth(&ops).json(&receive).send().await;
+        assert!(res.unwrap().status().is_success());
+        let again = open(&b).await.unwrap();
+        if again.status() == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a closed stream never gave its place back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop((a2, b1));
+}
+
+/// Open streams share one relay: 200 idle streams make the database do hardly more work than
+/// none, and a new event still reaches every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_open_streams_share_one_relay_and_all_get_each_event() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    let mut streams = Vec::new();
+    for n in 0..200 {
+        let path = if n % 4 == 3 { "/v1/events/stream?type=stock.back_in_stock" } else { "/v1/events/stream" };
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        streams.push(res);
+    }
+    let commits = || async {
+        let n: i64 = sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        n
+    };
+    let before = commits().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = commits().await - before;
+    // One relay (≈10 runs/s) and the expiry sweep; one query per stream per poll would be
+    // thousands.
+    assert!(idle < 400, "{idle} transactions in 2 s with 200 idle streams");
+
+    app.receive("A", "W1", 5).await;
+    let ids = join_all(streams.iter_mut().map(|res| read_sse_ids(res, 1))).await;
+    assert!(ids.iter().all(|got| got == &[1]), "every stream got the back-in-stock event");
+}

@@ -132,3 +132,61 @@ pub async fn wait_ready(addr: SocketAddr, path: &str, timeout: Duration) -> bool
     }
     false
 }
+
+/// What the live event streams held open during a scenario received.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct StreamTally {
+    /// Streams that were answered 200 and held to the end.
+    pub held: u64,
+    /// Streams refused or broken.
+    pub failed: u64,
+    /// Events received over all streams.
+    pub events: u64,
+}
+
+/// Holds one `GET /v1/events/stream` open until `deadline`, counting the events it receives;
+/// every fourth stream filters for a type that rarely occurs.
+pub async fn hold_stream(addr: SocketAddr, n: usize, deadline: Instant) -> StreamTally {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tally = StreamTally::default();
+    let query = if n % 4 == 3 { "?type=stock.low" } else { "" };
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        tally.failed = 1;
+        return tally;
+    };
+    let request = format!("GET /v1/events/stream{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        tally.failed = 1;
+        return tally;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    let mut ok = None;
+    loop {
+        let read = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await;
+        let n = match read {
+            Err(_) => break,
+            Ok(Ok(0) | Err(_)) => {
+                ok = Some(false);
+                break;
+            }
+            Ok(Ok(n)) => n,
+        };
+        if ok.is_none() {
+            head.extend_from_slice(&buf[..n]);
+            if head.len() >= 12 {
+                ok = Some(head.starts_with(b"HTTP/1.1 200"));
+                if ok == Some(false) {
+                    break;
+                }
+            }
+        }
+        tally.events += buf[..n].windows(4).filter(|w| w == b"\nid:" || w == b"\rid:").count() as u64;
+    }
+    if ok == Some(false) {
+        tally.failed = 1
+    } else {
+        tally.held = 1
+    }
+    tally
+}

@@ -74,6 +74,10 @@ struct Args {
     /// Keep the data set of the previous run when it has the same shape (skips the import).
     #[arg(long)]
     reuse_data: bool,
+    /// Live event streams (`GET /v1/events/stream`, every fourth filtered by type) held open
+    /// during every scenario, to measure what consumers of the feed cost the order path.
+    #[arg(long, default_value_t = 0)]
+    event_streams: usize,
     /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
     #[arg(long)]
     smoke: bool,
@@ -271,6 +275,8 @@ async fn run_scenarios(
             _ => Duration::from_secs(args.duration_secs),
         };
         let deadline = started + duration;
+        let streams: Vec<_> =
+            (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, deadline))).collect();
         let tasks: Vec<_> = (0..clients)
             .map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline)))
             .collect();
@@ -279,6 +285,13 @@ async fn run_scenarios(
             tally.merge(task.await.map_err(|e| e.to_string())?);
         }
         let seconds = started.elapsed().as_secs_f64();
+        let mut held = load::StreamTally::default();
+        for stream in streams {
+            let one = stream.await.map_err(|e| e.to_string())?;
+            held.held += one.held;
+            held.failed += one.failed;
+            held.events += one.events;
+        }
         let wal_kb_per_op = per_op_kb(wal_before, wal_bytes(&dbs.admin_url).await, tally.ops);
         let (sum, count) = batch_totals(addr).await;
         let mean_batch = (count > batches_before.1).then(|| (sum - batches_before.0) / (count - batches_before.1));
@@ -303,6 +316,7 @@ async fn run_scenarios(
             ratio,
             mean_batch,
             wal_kb_per_op,
+            streams: (args.event_streams > 0).then_some(held),
         });
         let row = rows.last().expect("pushed above");
         println!(
@@ -313,6 +327,12 @@ async fn run_scenarios(
             row.statuses,
             if tally.failures() > 0 { "  <- failures" } else { "" }
         );
+        if let Some(streams) = &row.streams {
+            println!(
+                "  event streams: {} held, {} refused or broken, {} events delivered",
+                streams.held, streams.failed, streams.events
+            );
+        }
     }
     Ok((rows, sold_out_created))
 }

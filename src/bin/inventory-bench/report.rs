@@ -59,6 +59,8 @@ pub struct ScenarioRow {
     pub mean_batch: Option<f64>,
     /// WAL written per unit of work, in KiB (the whole cluster, background work included).
     pub wal_kb_per_op: Option<f64>,
+    /// The live event streams held open during the run (`--event-streams`).
+    pub streams: Option<crate::load::StreamTally>,
 }
 
 #[derive(Debug, Serialize)]

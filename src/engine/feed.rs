@@ -1,0 +1,219 @@
+//! The event feed of one process: ONE task relays committed events into the public order and
+//! keeps the most recent ones in memory; live streams are woken by it and read from that
+//! memory, so a thousand open streams cost no more database work than one. A stream that is far
+//! behind catches up from the database a page at a time, then joins the others.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{Notify, watch};
+
+use crate::error::ApiError;
+use crate::store::events::{self, Event};
+
+/// Events kept in memory for live streams.
+const RECENT: usize = 10_000;
+/// Events read from the database at a time (a stream catching up, or the relay task).
+pub const PAGE: i64 = 500;
+/// How often the relay runs when nobody asks for it.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The process's feed; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The newest relayed events, ids contiguous and ascending.
+    recent: RwLock<VecDeque<Arc<Event>>>,
+    /// The highest id in `recent` (or known at start); streams wait for it to move.
+    head: watch::Sender<i64>,
+    /// `head` has been read from the database (history before it is not kept in memory).
+    known: AtomicBool,
+    /// Relay runs begun and finished, for readers that must see their own writes.
+    started: AtomicU64,
+    finished: watch::Sender<u64>,
+    kick: Notify,
+    streams: Mutex<StreamCount>,
+    limits: StreamLimits,
+}
+
+/// Most live streams open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub total: usize,
+    pub per_caller: usize,
+}
+
+#[derive(Debug, Default)]
+struct StreamCount {
+    total: usize,
+    by_caller: std::collections::HashMap<String, usize>,
+}
+
+/// What a stream reads next.
+#[derive(Debug)]
+pub struct Slice {
+    /// Matching events after the cursor, oldest first.
+    pub events: Vec<Arc<Event>>,
+    /// The highest id looked at (matching or not): the cursor moves here.
+    pub scanned_to: i64,
+}
+
+impl Feed {
+    /// The feed, with its relay task running until `stop` flips. It needs no database to
+    /// start: the first relay run that reaches one learns where the feed stands.
+    pub fn start(db: PgPool, limits: StreamLimits, stop: watch::Receiver<bool>) -> Self {
+        let feed = Self {
+            inner: Arc::new(Inner {
+                recent: RwLock::new(VecDeque::new()),
+                head: watch::Sender::new(0),
+                known: AtomicBool::new(false),
+                started: AtomicU64::new(0),
+                finished: watch::Sender::new(0),
+                kick: Notify::new(),
+                streams: Mutex::default(),
+                limits,
+            }),
+        };
+        tokio::spawn(feed.clone().relay_loop(db, stop));
+        feed
+    }
+
+    async fn relay_loop(self, db: PgPool, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.inner.kick.notified() => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+            self.inner.started.fetch_add(1, Ordering::SeqCst);
+            if let Err(err) = self.relay_once(&db).await {
+                tracing::warn!(error = %err, "event relay failed; will retry");
+            }
+            self.inner.finished.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Numbers what has committed, then takes every event after the head into memory (also
+    /// those another instance numbered).
+    async fn relay_once(&self, db: &PgPool) -> Result<(), ApiError> {
+        let relayed = events::relay(db).await?;
+        metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(relayed);
+        let mut conn = db.acquire().await?;
+        if !self.inner.known.load(Ordering::SeqCst) {
+            self.inner.head.send_replace(events::last_id(&mut conn).await?);
+            self.inner.known.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        loop {
+            let head = *self.inner.head.borrow();
+            let fresh = events::page(&mut conn, head, PAGE, &[]).await?;
+            let Some(last) = fresh.last().map(|e| e.id) else { return Ok(()) };
+            let full = fresh.len() as i64 == PAGE;
+            {
+                let mut recent = self.inner.recent.write().unwrap_or_else(|e| e.into_inner());
+                recent.extend(fresh.into_iter().map(Arc::new));
+                while recent.len() > RECENT {
+                    recent.pop_front();
+                }
+            }
+            self.inner.head.send_replace(last);
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) until a relay run that began after this call has finished, so
+    /// that a reader sees what it committed before asking. Many callers share one run.
+    pub async fn catch_up(&self, limit: Duration) {
+        let needed = self.inner.started.load(Ordering::SeqCst) + 1;
+        let mut finished = self.inner.finished.subscribe();
+        self.inner.kick.notify_one();
+        let _ = tokio::time::timeout(limit, finished.wait_for(|n| *n >= needed)).await;
+    }
+
+    /// A receiver that changes whenever new events arrive.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.inner.head.subscribe()
+    }
+
+    /// Events after `after` from memory, matching `types` (all when empty), at most `limit`;
+    /// `None` when memory does not reach back that far.
+    pub fn recent_after(&self, after: i64, types: &[String], limit: usize) -> Option<Slice> {
+        let head = *self.inner.head.borrow();
+        let recent = self.inner.recent.read().unwrap_or_else(|e| e.into_inner());
+        if after >= head {
+            return Some(Slice { events: Vec::new(), scanned_to: after });
+        }
+        let first = recent.front()?.id;
+        if after + 1 < first {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - first).unwrap_or(0);
+        let mut scanned_to = after;
+        let mut events = Vec::new();
+        for event in recent.iter().skip(skip) {
+            scanned_to = event.id;
+            if types.is_empty() || types.contains(&event.kind) {
+                events.push(event.clone());
+                if events.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Some(Slice { events, scanned_to })
+    }
+
+    /// Opens a stream slot for `caller`, or says which limit is reached.
+    pub fn open_stream(&self, caller: &str) -> Result<StreamSlot, ApiError> {
+        let mut count = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let limits = self.inner.limits;
+        if count.total >= limits.total {
+            return Err(ApiError::TooManyStreams(format!("{} event streams are open, the most allowed", limits.total)));
+        }
+        let mine = count.by_caller.entry(caller.to_owned()).or_default();
+        if *mine >= limits.per_caller {
+            return Err(ApiError::TooManyStreams(format!(
+                "this caller has {} event streams open, the most allowed per key",
+                limits.per_caller
+            )));
+        }
+        *mine += 1;
+        count.total += 1;
+        metrics::gauge!(crate::metrics::EVENT_STREAMS).set(count.total as f64);
+        Ok(StreamSlot { feed: self.clone(), caller: caller.to_owned() })
+    }
+}
+
+/// An open stream's place; given back when the stream ends.
+#[derive(Debug)]
+pub struct StreamSlot {
+    feed: Feed,
+    caller: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut count = self.feed.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        count.total = count.total.saturating_sub(1);
+        if let Some(mine) = count.by_caller.get_mut(&self.caller) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                count.by_caller.remove(&self.caller);
+            }
+        }
+        metrics::gauge!(crate::metrics::EVENT_STREAMS).set(count.total as f64);
+    }
+}
