@@ -263,8 +263,10 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     }
 
     // Share-lock the SKU rows (their backorder limit is copied into new levels), create missing
-    // levels directly with their imported values, then lock every level of the import in
-    // (sku, warehouse) order. A level this transaction created has its xmin.
+    // levels directly with their imported values, then lock every other level of the import in
+    // (sku, warehouse) order. Which levels are new is what the INSERT itself reports: RETURNING
+    // yields exactly the rows it inserted, never one that already existed or that a concurrent
+    // transaction inserted first (transaction ids are not compared: they wrap around).
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM import_rows) ORDER BY sku FOR SHARE) locked",
@@ -272,19 +274,27 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
-         SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
-                coalesce(r.reorder_quantity, 0)
-           FROM import_rows r JOIN skus s ON s.sku = r.sku
-          ORDER BY r.sku, r.warehouse
-         ON CONFLICT (sku, warehouse) DO NOTHING",
+        "CREATE TEMP TABLE import_created (sku text, warehouse text, PRIMARY KEY (sku, warehouse)) ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "WITH created AS (
+             INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
+             SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
+                    coalesce(r.reorder_quantity, 0)
+               FROM import_rows r JOIN skus s ON s.sku = r.sku
+              ORDER BY r.sku, r.warehouse
+             ON CONFLICT (sku, warehouse) DO NOTHING
+             RETURNING sku, warehouse)
+         INSERT INTO import_created (sku, warehouse) SELECT sku, warehouse FROM created",
     )
     .execute(&mut *conn)
     .await?;
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
-              WHERE l.xmin <> pg_current_xact_id()::xid
+              WHERE NOT EXISTS (SELECT 1 FROM import_created c WHERE c.sku = l.sku AND c.warehouse = l.warehouse)
               ORDER BY l.sku, l.warehouse FOR UPDATE OF l) locked",
     )
     .execute(&mut *conn)
@@ -306,11 +316,12 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     let import_id = format!("import:{}", uuid::Uuid::now_v7());
     let (ledger_entries, levels_created): (i64, i64) = sqlx::query_as(
         "WITH old AS (
-             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, l.xmin = pg_current_xact_id()::xid AS created,
-                    CASE WHEN l.xmin = pg_current_xact_id()::xid THEN 0 ELSE l.on_hand END AS on_hand0,
+             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, c.sku IS NOT NULL AS created,
+                    CASE WHEN c.sku IS NOT NULL THEN 0 ELSE l.on_hand END AS on_hand0,
                     coalesce(r.reorder_point, l.reorder_point) AS reorder_point, r.reorder_quantity,
                     r.reorder_point IS NOT NULL OR r.reorder_quantity IS NOT NULL AS settings
                FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
+               LEFT JOIN import_created c ON c.sku = l.sku AND c.warehouse = l.warehouse
          ), upd AS (
              UPDATE stock_levels l
                 SET on_hand = o.on_hand, reorder_point = o.reorder_point,
