@@ -91,7 +91,11 @@ impl Loader {
 
     fn line(&mut self, raw: &str) {
         self.line += 1;
-        let raw = raw.trim_end_matches('\r');
+        let mut raw = raw.trim_end_matches('\r');
+        // Spreadsheet programs start UTF-8 CSV with a byte order mark; it belongs to no field.
+        if self.line == 1 {
+            raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
+        }
         if raw.trim().is_empty() {
             return;
         }

@@ -142,3 +142,15 @@ async fn an_existing_level_is_counted_even_when_its_row_carries_the_import_trans
     assert_eq!(entries, [("A", "adjust", json!("count"), 2), ("B", "receive", Value::Null, 3)]);
     app.assert_invariants().await;
 }
+
+#[tokio::test]
+async fn a_utf8_byte_order_mark_at_the_start_of_the_csv_is_ignored() {
+    let app = TestApp::spawn().await;
+    let (status, report) = import(&app, "?create_missing=true", "\u{feff}sku,warehouse,on_hand\nA,W1,5\n").await;
+    assert_eq!(status, StatusCode::OK, "with a header: {report}");
+    assert_eq!(report["rows"], 1);
+    let (status, report) = import(&app, "?create_missing=true", "\u{feff}B,W1,6\n").await;
+    assert_eq!(status, StatusCode::OK, "without a header: {report}");
+    assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (6, 0)));
+    app.assert_invariants().await;
+}
