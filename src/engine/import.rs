@@ -15,6 +15,8 @@ use crate::error::ApiError;
 const MAX_REPORTED: usize = 100;
 /// Rows are sent to COPY in chunks of about this many bytes.
 const COPY_CHUNK: usize = 256 * 1024;
+/// Longest line accepted (without its line break); a longer one is a malformed body.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -63,6 +65,8 @@ struct Loader {
     errors: Vec<FieldError>,
     bad_rows: usize,
     out: String,
+    /// The start of a line whose end has not arrived yet (at most `MAX_LINE_BYTES`).
+    partial: Vec<u8>,
 }
 
 fn unquote(field: &str) -> &str {
@@ -79,7 +83,58 @@ fn quantity(raw: &str, what: &str) -> Result<i64, String> {
 
 impl Loader {
     fn new() -> Self {
-        Self { columns: None, line: 0, rows: 0, errors: Vec::new(), bad_rows: 0, out: String::new() }
+        Self {
+            columns: None,
+            line: 0,
+            rows: 0,
+            errors: Vec::new(),
+            bad_rows: 0,
+            out: String::new(),
+            partial: Vec::new(),
+        }
+    }
+
+    /// Checks every line `chunk` completes. Each byte is looked at once: only the new bytes are
+    /// searched for a line break, never the unfinished line kept from earlier chunks.
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        let mut rest = chunk;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            let mut partial = std::mem::take(&mut self.partial);
+            let line = if partial.is_empty() {
+                &rest[..end]
+            } else {
+                partial.extend_from_slice(&rest[..end]);
+                &partial[..]
+            };
+            self.check_length(line.len())?;
+            self.line(&String::from_utf8_lossy(line));
+            partial.clear();
+            self.partial = partial;
+            rest = &rest[end + 1..];
+        }
+        self.check_length(self.partial.len() + rest.len())?;
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// Checks the last line, when the input does not end with a line break.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let last = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&last));
+        }
+    }
+
+    /// A line (complete or not) of `len` bytes is refused beyond the limit: the body is not
+    /// the CSV it claims to be, and buffering it would be unbounded.
+    fn check_length(&self, len: usize) -> Result<(), ApiError> {
+        if len > MAX_LINE_BYTES {
+            return Err(ApiError::Malformed(format!(
+                "line {} is longer than {MAX_LINE_BYTES} bytes: not a CSV of stock levels",
+                self.line + 1
+            )));
+        }
+        Ok(())
     }
 
     fn fail(&mut self, message: String) {
@@ -176,29 +231,20 @@ where
         )
         .await?;
     let mut loader = Loader::new();
-    let mut pending: Vec<u8> = Vec::new();
     while let Some(chunk) = chunks.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                let _ = copy.abort("input failed").await;
-                return Err(ApiError::Malformed(format!("cannot read the CSV: {err}")));
-            }
+        let checked = match chunk {
+            Ok(chunk) => loader.push(&chunk),
+            Err(err) => Err(ApiError::Malformed(format!("cannot read the CSV: {err}"))),
         };
-        pending.extend_from_slice(&chunk);
-        let mut start = 0;
-        while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
-            loader.line(&String::from_utf8_lossy(&pending[start..start + end]));
-            start += end + 1;
+        if let Err(err) = checked {
+            let _ = copy.abort("input refused").await;
+            return Err(err);
         }
-        pending.drain(..start);
         if loader.out.len() >= COPY_CHUNK {
             copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
         }
     }
-    if !pending.is_empty() {
-        loader.line(&String::from_utf8_lossy(&pending));
-    }
+    loader.finish();
     if !loader.out.is_empty() {
         copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
     }
@@ -380,6 +426,28 @@ mod tests {
         let lines: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(lines, ["line 3", "line 4", "line 7"]);
         assert_eq!(l.out, "2,A,W1,5,2,\n5,C,W1,7,,\n");
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined_and_the_last_needs_no_line_break() {
+        let mut l = Loader::new();
+        for chunk in ["A,W", "1,5\r\nB,W1,", "", "6\n", "C,W1,7"] {
+            l.push(chunk.as_bytes()).unwrap();
+        }
+        l.finish();
+        assert_eq!(l.out, "1,A,W1,5,,\n2,B,W1,6,,\n3,C,W1,7,,\n");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_with_its_number_even_before_it_ends() {
+        let mut l = Loader::new();
+        l.push(format!("A,W1,1\nB,W1,{}\n", "1".repeat(MAX_LINE_BYTES - 5)).as_bytes()).unwrap();
+        assert_eq!(l.rows, 1, "a line of exactly the limit is a line");
+        assert_eq!(l.bad_rows, 1);
+        l.push(b"C,W1,").unwrap();
+        let err = (0..MAX_LINE_BYTES).find_map(|_| l.push(b"1").err()).expect("refused");
+        assert!(matches!(&err, ApiError::Malformed(m) if m.starts_with("line 3 ")), "{err:?}");
+        assert!(l.partial.len() <= MAX_LINE_BYTES);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, assert_problem};
 
 async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
     let res = app
@@ -152,5 +152,23 @@ async fn a_utf8_byte_order_mark_at_the_start_of_the_csv_is_ignored() {
     let (status, report) = import(&app, "?create_missing=true", "\u{feff}B,W1,6\n").await;
     assert_eq!(status, StatusCode::OK, "without a header: {report}");
     assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (6, 0)));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_line_over_the_length_limit_is_400_naming_its_line_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let csv = format!("sku,warehouse,on_hand\nA,W1,1\nB,W1,{}\nC,W1,1\n", "9".repeat(100_000));
+    let res = app
+        .client
+        .post(app.url("/v1/stock/import?create_missing=true"))
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
+    assert!(problem["detail"].as_str().unwrap().contains("line 3"), "{problem}");
+    assert_eq!(app.ledger_count().await, 0, "nothing applied");
     app.assert_invariants().await;
 }
