@@ -1,12 +1,18 @@
-//! Bulk load of stock levels from CSV: rows are checked in Rust while they stream into a
-//! `COPY` staging table, then merged in one set-based transaction that writes `receive` (new
-//! level) or `adjust`/`count` (existing level) ledger entries and availability events. Any bad
-//! row — reported by line number — and nothing is applied.
+//! Bulk load of stock levels from CSV in two steps. [`stage`] reads the upload to the end
+//! before any transaction begins, checking every line in Rust, into a spool file on disk;
+//! [`apply`] then `COPY`s the spool into a staging table and merges it in one set-based
+//! transaction that writes `receive` (new level) or `adjust`/`count` (existing level) ledger
+//! entries and availability events. Any bad row — reported by line number — and nothing is
+//! applied.
+
+use std::path::PathBuf;
 
 use axum::body::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::domain::{Code, FieldError, MAX_QUANTITY};
 use crate::error::ApiError;
@@ -205,50 +211,83 @@ impl Loader {
     }
 }
 
-/// Imports CSV `chunks` inside the caller's transaction. `create_missing` creates unknown SKUs
-/// and warehouses (named after their code) instead of rejecting their rows.
-pub async fn import<S, E>(
-    conn: &mut PgConnection,
-    mut chunks: S,
-    create_missing: bool,
-) -> Result<ImportReport, ApiError>
+/// A temporary file under the system's temp directory, deleted when dropped: after the import,
+/// and also when it fails or its request is cancelled.
+#[derive(Debug)]
+struct Spool {
+    path: PathBuf,
+}
+
+impl Spool {
+    async fn create(dir: &std::path::Path) -> Result<(Self, tokio::fs::File), ApiError> {
+        let path = dir.join(format!("inventory-import-{}.rows", uuid::Uuid::now_v7()));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(|e| spool_error(&path, &e))?;
+        Ok((Self { path }, file))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn spool_error(path: &std::path::Path, err: &std::io::Error) -> ApiError {
+    ApiError::Internal(format!("import spool {}: {err}", path.display()))
+}
+
+/// An upload whose every row passed the format checks, spooled to disk as COPY input: ready to
+/// be applied in a short transaction.
+#[derive(Debug)]
+pub struct Staged {
+    spool: Spool,
+    rows: i64,
+    sha256: String,
+}
+
+impl Staged {
+    /// The SHA-256 of the uploaded bytes, in hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
+/// Reads CSV `chunks` to the end, checking every line, into a spool file. No database work
+/// happens here: an upload takes as long as its client sends, and a transaction open that long
+/// would hold back the event relay for everyone.
+pub async fn stage<S, E>(chunks: S) -> Result<Staged, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    // A million rows take longer than a request's statement timeout; row locks still time out.
-    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
-    sqlx::query(
-        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
-                                        reorder_point bigint, reorder_quantity bigint)
-         ON COMMIT DROP",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
-        )
-        .await?;
+    stage_in(&std::env::temp_dir(), chunks).await
+}
+
+async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S) -> Result<Staged, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (spool, mut file) = Spool::create(dir).await?;
     let mut loader = Loader::new();
+    let mut digest = Sha256::new();
     while let Some(chunk) = chunks.next().await {
-        let checked = match chunk {
-            Ok(chunk) => loader.push(&chunk),
-            Err(err) => Err(ApiError::Malformed(format!("cannot read the CSV: {err}"))),
-        };
-        if let Err(err) = checked {
-            let _ = copy.abort("input refused").await;
-            return Err(err);
-        }
+        let chunk = chunk.map_err(|err| ApiError::Malformed(format!("cannot read the CSV: {err}")))?;
+        digest.update(&chunk);
+        loader.push(&chunk)?;
         if loader.out.len() >= COPY_CHUNK {
-            copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
+            spool_out(&spool, &mut file, &mut loader).await?;
         }
     }
     loader.finish();
-    if !loader.out.is_empty() {
-        copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
-    }
-    copy.finish().await?;
+    spool_out(&spool, &mut file, &mut loader).await?;
+    file.flush().await.map_err(|e| spool_error(&spool.path, &e))?;
     if loader.bad_rows > 0 {
         return Err(reject(loader.errors, loader.bad_rows));
     }
@@ -258,7 +297,55 @@ where
             "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]",
         ));
     }
-    merge(conn, create_missing, loader.rows).await
+    Ok(Staged { spool, rows: loader.rows, sha256: hex::encode(digest.finalize()) })
+}
+
+/// Writes the checked rows so far to the spool (nothing once a bad row is found: the import
+/// will be refused).
+async fn spool_out(spool: &Spool, file: &mut tokio::fs::File, loader: &mut Loader) -> Result<(), ApiError> {
+    let out = std::mem::take(&mut loader.out);
+    if loader.bad_rows == 0 {
+        file.write_all(out.as_bytes()).await.map_err(|e| spool_error(&spool.path, &e))?;
+    }
+    Ok(())
+}
+
+/// Applies a staged upload inside the caller's transaction. `create_missing` creates unknown
+/// SKUs and warehouses (named after their code) instead of rejecting their rows. Can be run
+/// again (the transaction retried): the spool is only read.
+pub async fn apply(conn: &mut PgConnection, staged: &Staged, create_missing: bool) -> Result<ImportReport, ApiError> {
+    // A million rows take longer than a request's statement timeout; row locks still time out.
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
+    sqlx::query(
+        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
+                                        reorder_point bigint, reorder_quantity bigint)
+         ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let path = &staged.spool.path;
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| spool_error(path, &e))?;
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
+        )
+        .await?;
+    let mut buf = vec![0; COPY_CHUNK];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(err) => {
+                let _ = copy.abort("cannot read the import spool").await;
+                return Err(spool_error(path, &err));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        copy.send(&buf[..n]).await?;
+    }
+    copy.finish().await?;
+    merge(conn, create_missing, staged.rows).await
 }
 
 fn reject(mut errors: Vec<FieldError>, total: usize) -> ApiError {
@@ -448,6 +535,26 @@ mod tests {
         let err = (0..MAX_LINE_BYTES).find_map(|_| l.push(b"1").err()).expect("refused");
         assert!(matches!(&err, ApiError::Malformed(m) if m.starts_with("line 3 ")), "{err:?}");
         assert!(l.partial.len() <= MAX_LINE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn the_spool_file_is_deleted_after_the_import_and_when_the_upload_fails() {
+        let dir = std::env::temp_dir().join(format!("inventory-spool-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir(&dir).unwrap();
+        let files = || std::fs::read_dir(&dir).unwrap().count();
+        let chunks = |items: Vec<Result<&'static str, &'static str>>| {
+            futures_util::stream::iter(items.into_iter().map(|item| item.map(Bytes::from)))
+        };
+        let staged = stage_in(&dir, chunks(vec![Ok("A,W1,5\nB,"), Ok("W1,6\n")])).await.unwrap();
+        assert_eq!((staged.rows, files()), (2, 1));
+        assert_eq!(std::fs::read_to_string(&staged.spool.path).unwrap(), "1,A,W1,5,,\n2,B,W1,6,,\n");
+        drop(staged);
+        assert_eq!(files(), 0);
+        for failing in [vec![Ok("A,W1,5\n"), Err("connection reset")], vec![Ok("A,W1,x\n")], vec![Ok("")]] {
+            assert!(stage_in(&dir, chunks(failing)).await.is_err());
+            assert_eq!(files(), 0);
+        }
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

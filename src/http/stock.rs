@@ -12,6 +12,7 @@ use super::idempotency::{self, Request};
 use super::{AppState, page_limit};
 use crate::db::transact;
 use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
+use crate::engine::import;
 use crate::engine::stock::{self as ops, Adjust, Receive, Transfer};
 use crate::error::ApiError;
 use crate::store::catalogue;
@@ -408,9 +409,9 @@ pub async fn import(
     if mime != "text/csv" && mime != "text/plain" && mime != "application/csv" {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let mut tx = state.db.begin().await?;
-    let report =
-        crate::engine::import::import(&mut tx, body.into_data_stream(), q.create_missing.unwrap_or(false)).await?;
-    tx.commit().await?;
+    // The whole body is checked and spooled before the transaction begins (see `stage`).
+    let staged = import::stage(body.into_data_stream()).await?;
+    let create_missing = q.create_missing.unwrap_or(false);
+    let report = transact(&state.db, &staged, |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await?;
     Ok(axum::Json(report).into_response())
 }

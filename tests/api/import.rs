@@ -1,5 +1,8 @@
 //! Bulk import of stock levels from CSV, over HTTP and from the command line.
 
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -15,6 +18,49 @@ async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
         .await
         .unwrap();
     (res.status(), res.json().await.unwrap())
+}
+
+/// An upload whose body the test sends piece by piece, on its own connection.
+struct SlowUpload {
+    body: tokio::sync::mpsc::Sender<axum::body::Bytes>,
+    answer: tokio::task::JoinHandle<(StatusCode, Value)>,
+}
+
+impl SlowUpload {
+    /// Sends the request head at once; the body follows with `send` and ends with `finish`.
+    async fn start(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Self {
+        let (body, pieces) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
+        let stream = futures::stream::unfold(pieces, |mut pieces| async move {
+            let piece = pieces.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(piece)), pieces))
+        });
+        let host = app.base.trim_start_matches("http://").to_owned();
+        let tcp = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = hyper::Request::post(path).header("host", host).header("content-type", "text/csv");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(http_body_util::StreamBody::new(stream)).unwrap();
+        let answer = tokio::spawn(async move {
+            let res = sender.send_request(req).await.unwrap();
+            let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap())
+        });
+        Self { body, answer }
+    }
+
+    async fn send(&self, piece: &str) {
+        self.body.send(axum::body::Bytes::from(piece.to_owned())).await.unwrap();
+    }
+
+    async fn finish(self) -> (StatusCode, Value) {
+        drop(self.body);
+        self.answer.await.unwrap()
+    }
 }
 
 #[tokio::test]
@@ -118,7 +164,8 @@ async fn an_existing_level_is_counted_even_when_its_row_carries_the_import_trans
     let mut tx = app.db.begin().await.unwrap();
     sqlx::query("UPDATE stock_levels SET updated_at = now() WHERE sku = 'A'").execute(&mut *tx).await.unwrap();
     let chunks = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("A,W1,7\nB,W1,3\n"))]);
-    let report = inventory::engine::import::import(&mut tx, chunks, false).await.unwrap();
+    let staged = inventory::engine::import::stage(chunks).await.unwrap();
+    let report = inventory::engine::import::apply(&mut tx, &staged, false).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!((report.levels_created, report.ledger_entries), (1, 2), "{report:?}");
     assert_eq!(app.level("A", "W1").await, (7, 0));
@@ -170,5 +217,37 @@ async fn a_line_over_the_length_limit_is_400_naming_its_line_and_changes_nothing
     let problem = assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
     assert!(problem["detail"].as_str().unwrap().contains("line 3"), "{problem}");
     assert_eq!(app.ledger_count().await, 0, "nothing applied");
+    app.assert_invariants().await;
+}
+
+/// The event feed only numbers events of transactions older than the oldest one running: an
+/// upload must not hold a transaction open while its body is still arriving.
+#[tokio::test]
+async fn the_event_feed_keeps_moving_while_an_upload_is_still_arriving() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    let upload = SlowUpload::start(&app, "/v1/stock/import", &[]).await;
+    upload.send("sku,warehouse,on_hand\nA,W1,5\n").await;
+    // Long enough for the service to be reading the body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.receive("B", "W1", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, page) = app.get("/v1/events?limit=100").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        if page["items"].as_array().unwrap().iter().any(|e| e["sku"] == "B") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the receive made during the upload is not in the feed: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!upload.answer.is_finished(), "the upload is still open");
+    upload.send("B,W1,4\n").await;
+    let (status, report) = upload.finish().await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["rows"].clone(), report["levels_created"].clone()), (json!(2), json!(1)));
+    assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (4, 0)));
     app.assert_invariants().await;
 }
