@@ -142,7 +142,8 @@ async fn import_command(
     let started = std::time::Instant::now();
     // The file is checked and spooled before the transaction begins, as over HTTP.
     let result = async {
-        let staged = crate::engine::import::stage(Box::pin(chunks)).await?;
+        // A local file has no size limit (that one protects the service from its clients).
+        let staged = crate::engine::import::stage(Box::pin(chunks), usize::MAX).await?;
         let mut tx = pool.begin().await?;
         let report = crate::engine::import::apply(&mut tx, &staged, create_missing).await?;
         tx.commit().await?;

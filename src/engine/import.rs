@@ -258,18 +258,18 @@ impl Staged {
     }
 }
 
-/// Reads CSV `chunks` to the end, checking every line, into a spool file. No database work
-/// happens here: an upload takes as long as its client sends, and a transaction open that long
-/// would hold back the event relay for everyone.
-pub async fn stage<S, E>(chunks: S) -> Result<Staged, ApiError>
+/// Reads CSV `chunks` to the end, checking every line, into a spool file; more than
+/// `max_bytes` in all is refused. No database work happens here: an upload takes as long as its
+/// client sends, and a transaction open that long would hold back the event relay for everyone.
+pub async fn stage<S, E>(chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    stage_in(&std::env::temp_dir(), chunks).await
+    stage_in(&std::env::temp_dir(), chunks, max_bytes).await
 }
 
-async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S) -> Result<Staged, ApiError>
+async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -277,8 +277,13 @@ where
     let (spool, mut file) = Spool::create(dir).await?;
     let mut loader = Loader::new();
     let mut digest = Sha256::new();
+    let mut received = 0usize;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|err| ApiError::Malformed(format!("cannot read the CSV: {err}")))?;
+        received = received.saturating_add(chunk.len());
+        if received > max_bytes {
+            return Err(ApiError::PayloadTooLarge { limit: max_bytes });
+        }
         digest.update(&chunk);
         loader.push(&chunk)?;
         if loader.out.len() >= COPY_CHUNK {
@@ -545,13 +550,18 @@ mod tests {
         let chunks = |items: Vec<Result<&'static str, &'static str>>| {
             futures_util::stream::iter(items.into_iter().map(|item| item.map(Bytes::from)))
         };
-        let staged = stage_in(&dir, chunks(vec![Ok("A,W1,5\nB,"), Ok("W1,6\n")])).await.unwrap();
-        assert_eq!((staged.rows, files()), (2, 1));
+        let staged = stage_in(&dir, chunks(vec![Ok("A,W1,5\nB,"), Ok("W1,6\n")]), 14).await.unwrap();
+        assert_eq!((staged.rows, files()), (2, 1), "a body of exactly the limit is accepted");
         assert_eq!(std::fs::read_to_string(&staged.spool.path).unwrap(), "1,A,W1,5,,\n2,B,W1,6,,\n");
         drop(staged);
         assert_eq!(files(), 0);
-        for failing in [vec![Ok("A,W1,5\n"), Err("connection reset")], vec![Ok("A,W1,x\n")], vec![Ok("")]] {
-            assert!(stage_in(&dir, chunks(failing)).await.is_err());
+        for failing in [
+            vec![Ok("A,W1,5\n"), Err("connection reset")],
+            vec![Ok("A,W1,x\n")],
+            vec![Ok("")],
+            vec![Ok("A,W1,5\nB,"), Ok("W1,60\n")],
+        ] {
+            assert!(stage_in(&dir, chunks(failing), 14).await.is_err());
             assert_eq!(files(), 0);
         }
         std::fs::remove_dir(&dir).unwrap();

@@ -396,6 +396,7 @@ pub struct ImportQuery {
         (status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
         (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn import(
@@ -409,8 +410,13 @@ pub async fn import(
     if mime != "text/csv" && mime != "text/plain" && mime != "application/csv" {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let limit = state.config.import_max_bytes;
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
     // The whole body is checked and spooled before the transaction begins (see `stage`).
-    let staged = import::stage(body.into_data_stream()).await?;
+    let staged = import::stage(body.into_data_stream(), limit).await?;
     let create_missing = q.create_missing.unwrap_or(false);
     let report = transact(&state.db, &staged, |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await?;
     Ok(axum::Json(report).into_response())

@@ -6,6 +6,8 @@ use http_body_util::BodyExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use inventory::config::ServerArgs;
+
 use crate::helpers::{TestApp, assert_problem};
 
 async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
@@ -53,8 +55,9 @@ impl SlowUpload {
         Self { body, answer }
     }
 
+    /// Adds to the body; a piece the service no longer reads (it has answered) is dropped.
     async fn send(&self, piece: &str) {
-        self.body.send(axum::body::Bytes::from(piece.to_owned())).await.unwrap();
+        let _ = self.body.send(axum::body::Bytes::from(piece.to_owned())).await;
     }
 
     async fn finish(self) -> (StatusCode, Value) {
@@ -164,7 +167,7 @@ async fn an_existing_level_is_counted_even_when_its_row_carries_the_import_trans
     let mut tx = app.db.begin().await.unwrap();
     sqlx::query("UPDATE stock_levels SET updated_at = now() WHERE sku = 'A'").execute(&mut *tx).await.unwrap();
     let chunks = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("A,W1,7\nB,W1,3\n"))]);
-    let staged = inventory::engine::import::stage(chunks).await.unwrap();
+    let staged = inventory::engine::import::stage(chunks, usize::MAX).await.unwrap();
     let report = inventory::engine::import::apply(&mut tx, &staged, false).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!((report.levels_created, report.ledger_entries), (1, 2), "{report:?}");
@@ -249,5 +252,39 @@ async fn the_event_feed_keeps_moving_while_an_upload_is_still_arriving() {
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!((report["rows"].clone(), report["levels_created"].clone()), (json!(2), json!(1)));
     assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (4, 0)));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn an_import_over_the_size_limit_is_413_and_changes_nothing() {
+    let app = TestApp::spawn_with(ServerArgs { import_max_bytes: 1000, ..ServerArgs::default() }).await;
+    let rows = |from: usize, n: usize| (from..from + n).map(|i| format!("S{i:04},W1,{i}\n")).collect::<String>();
+    assert!(rows(0, 60).len() < 1000);
+    let (status, report) = import(&app, "?create_missing=true", &rows(0, 60)).await;
+    assert_eq!(status, StatusCode::OK, "under the limit: {report}");
+    let before = app.ledger_count().await;
+
+    // Declared too large up front (Content-Length).
+    let res = app
+        .client
+        .post(app.url("/v1/stock/import?create_missing=true"))
+        .header("content-type", "text/csv")
+        .body(rows(100, 200))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+
+    // Found too large while it streams in (chunked, no length).
+    let upload = SlowUpload::start(&app, "/v1/stock/import?create_missing=true", &[]).await;
+    for piece in 0..4 {
+        upload.send(&rows(100 + piece * 50, 50)).await;
+    }
+    let (status, problem) = upload.finish().await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+
+    assert_eq!(app.ledger_count().await, before, "nothing applied");
+    let skus: i64 = sqlx::query_scalar("SELECT count(*) FROM skus").fetch_one(&app.db).await.unwrap();
+    assert_eq!(skus, 60, "no SKU created");
     app.assert_invariants().await;
 }
