@@ -389,7 +389,7 @@ pub struct ImportQuery {
     post,
     path = "/v1/stock/import",
     tag = "stock",
-    params(ImportQuery),
+    params(ImportQuery, ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key, CSV and options replays the first answer")),
     request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
     responses(
         (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
@@ -397,10 +397,13 @@ pub struct ImportQuery {
         (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn import(
     State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
     Query(q): Query<ImportQuery>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -418,6 +421,9 @@ pub async fn import(
     // The whole body is checked and spooled before the transaction begins (see `stage`).
     let staged = import::stage(body.into_data_stream(), limit).await?;
     let create_missing = q.create_missing.unwrap_or(false);
-    let report = transact(&state.db, &staged, |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await?;
-    Ok(axum::Json(report).into_response())
+    // The request as its Idempotency-Key sees it: the CSV by its digest, and the option.
+    let request = json!({ "csv_sha256": staged.sha256(), "create_missing": create_missing });
+    let meta =
+        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &request, success: StatusCode::OK };
+    idempotency::run(&state, meta, &staged, move |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await
 }

@@ -288,3 +288,59 @@ async fn an_import_over_the_size_limit_is_413_and_changes_nothing() {
     assert_eq!(skus, 60, "no SKU created");
     app.assert_invariants().await;
 }
+
+async fn import_with_key(app: &TestApp, query: &str, key: &str, csv: &str) -> (StatusCode, Option<String>, Value) {
+    let res = app
+        .client
+        .post(app.url(&format!("/v1/stock/import{query}")))
+        .header("content-type", "text/csv")
+        .header("idempotency-key", key)
+        .body(csv.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let replayed = res.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());
+    (status, replayed, res.json().await.unwrap())
+}
+
+/// A retried import must not set old absolute counts over stock movements made since.
+#[tokio::test]
+async fn a_retried_import_with_its_key_replays_the_first_answer_and_keeps_later_movements() {
+    let app = TestApp::spawn().await;
+    let csv = "sku,warehouse,on_hand\nA,W1,10\nB,W1,4\n";
+    let (status, replayed, first) = import_with_key(&app, "?create_missing=true", "import-1", csv).await;
+    assert_eq!((status, replayed), (StatusCode::OK, None), "{first}");
+    app.receive("A", "W1", 5).await;
+    let ledger = app.ledger_count().await;
+
+    let (status, replayed, again) = import_with_key(&app, "?create_missing=true", "import-1", csv).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::OK, Some("true")), "{again}");
+    assert_eq!(again, first, "the first answer, import_id included");
+    assert_eq!(app.level("A", "W1").await, (15, 0), "the receive made after the import is kept");
+    assert_eq!(app.ledger_count().await, ledger, "nothing applied twice");
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn an_import_key_reused_for_another_csv_or_other_options_is_422() {
+    let app = TestApp::spawn().await;
+    let (status, _, first) = import_with_key(&app, "?create_missing=true", "import-1", "A,W1,10\n").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let ledger = app.ledger_count().await;
+    for (query, csv) in [("?create_missing=true", "A,W1,3\n"), ("", "A,W1,10\n")] {
+        let res = app
+            .client
+            .post(app.url(&format!("/v1/stock/import{query}")))
+            .header("content-type", "text/csv")
+            .header("idempotency-key", "import-1")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    }
+    assert_eq!(app.level("A", "W1").await, (10, 0));
+    assert_eq!(app.ledger_count().await, ledger, "nothing applied");
+    app.assert_invariants().await;
+}
