@@ -115,6 +115,9 @@ impl DatabaseArgs {
     }
 }
 
+/// The default of `--import-max-bytes`: 512 MiB.
+pub const DEFAULT_IMPORT_MAX_BYTES: usize = 512 * 1024 * 1024;
+
 /// How the HTTP server behaves.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -125,6 +128,11 @@ pub struct ServerArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "INVENTORY_BODY_LIMIT", default_value_t = 1024 * 1024, global = true)]
     pub body_limit: usize,
+
+    /// Largest accepted CSV body of `POST /v1/stock/import`, in bytes (it is spooled to disk,
+    /// not held in memory).
+    #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true)]
+    pub import_max_bytes: usize,
 
     /// Seconds a request may take before it is answered 503 (also bounds graceful shutdown).
     #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT", default_value_t = 30, global = true)]
@@ -213,6 +221,7 @@ impl Default for ServerArgs {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit: 1024 * 1024,
+            import_max_bytes: DEFAULT_IMPORT_MAX_BYTES,
             request_timeout_secs: 30,
             max_page_size: 1000,
             max_reservation_lines: 100,
@@ -246,6 +255,15 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve)));
         assert_eq!(cli.server.listen.port(), 9999);
         assert_eq!(cli.database.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn the_import_size_limit_defaults_to_512_mib_and_is_a_flag() {
+        let cli = Cli::try_parse_from(["inventory"]).unwrap();
+        assert_eq!(cli.server.import_max_bytes, 512 * 1024 * 1024);
+        assert_eq!(ServerArgs::default().import_max_bytes, cli.server.import_max_bytes);
+        let cli = Cli::try_parse_from(["inventory", "serve", "--import-max-bytes", "1000"]).unwrap();
+        assert_eq!(cli.server.import_max_bytes, 1000);
     }
 
     #[test]

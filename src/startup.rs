@@ -179,8 +179,16 @@ async fn import_command(
         }
     });
     let started = std::time::Instant::now();
-    let mut tx = pool.begin().await.map_err(crate::error::ApiError::from)?;
-    let result = crate::engine::import::import(&mut tx, Box::pin(chunks), create_missing).await;
+    // The file is checked and spooled before the transaction begins, as over HTTP.
+    let result = async {
+        // A local file has no size limit (that one protects the service from its clients).
+        let staged = crate::engine::import::stage(Box::pin(chunks), usize::MAX).await?;
+        let mut tx = pool.begin().await?;
+        let report = crate::engine::import::apply(&mut tx, &staged, create_missing).await?;
+        tx.commit().await?;
+        Ok::<_, crate::error::ApiError>(report)
+    }
+    .await;
     let report = match result {
         Ok(report) => report,
         Err(crate::error::ApiError::Validation(errors)) => {
@@ -189,9 +197,11 @@ async fn import_command(
             }
             return Err(RunError::Config("nothing imported: fix the rows above".into()));
         }
+        Err(crate::error::ApiError::Malformed(problem)) => {
+            return Err(RunError::Config(format!("nothing imported: {problem}")));
+        }
         Err(other) => return Err(other.into()),
     };
-    tx.commit().await.map_err(crate::error::ApiError::from)?;
     pool.close().await;
     println!(
         "imported {} rows in {:.1}s: {} levels created, {} ledger entries (reference {})",

@@ -1,12 +1,18 @@
-//! Bulk load of stock levels from CSV: rows are checked in Rust while they stream into a
-//! `COPY` staging table, then merged in one set-based transaction that writes `receive` (new
-//! level) or `adjust`/`count` (existing level) ledger entries and availability events. Any bad
-//! row — reported by line number — and nothing is applied.
+//! Bulk load of stock levels from CSV in two steps. [`stage`] reads the upload to the end
+//! before any transaction begins, checking every line in Rust, into a spool file on disk;
+//! [`apply`] then `COPY`s the spool into a staging table and merges it in one set-based
+//! transaction that writes `receive` (new level) or `adjust`/`count` (existing level) ledger
+//! entries and availability events. Any bad row — reported by line number — and nothing is
+//! applied.
+
+use std::path::PathBuf;
 
 use axum::body::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::domain::{Code, FieldError, MAX_QUANTITY};
 use crate::error::ApiError;
@@ -15,6 +21,8 @@ use crate::error::ApiError;
 const MAX_REPORTED: usize = 100;
 /// Rows are sent to COPY in chunks of about this many bytes.
 const COPY_CHUNK: usize = 256 * 1024;
+/// Longest line accepted (without its line break); a longer one is a malformed body.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -63,6 +71,8 @@ struct Loader {
     errors: Vec<FieldError>,
     bad_rows: usize,
     out: String,
+    /// The start of a line whose end has not arrived yet (at most `MAX_LINE_BYTES`).
+    partial: Vec<u8>,
 }
 
 fn unquote(field: &str) -> &str {
@@ -79,7 +89,58 @@ fn quantity(raw: &str, what: &str) -> Result<i64, String> {
 
 impl Loader {
     fn new() -> Self {
-        Self { columns: None, line: 0, rows: 0, errors: Vec::new(), bad_rows: 0, out: String::new() }
+        Self {
+            columns: None,
+            line: 0,
+            rows: 0,
+            errors: Vec::new(),
+            bad_rows: 0,
+            out: String::new(),
+            partial: Vec::new(),
+        }
+    }
+
+    /// Checks every line `chunk` completes. Each byte is looked at once: only the new bytes are
+    /// searched for a line break, never the unfinished line kept from earlier chunks.
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        let mut rest = chunk;
+        while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+            let mut partial = std::mem::take(&mut self.partial);
+            let line = if partial.is_empty() {
+                &rest[..end]
+            } else {
+                partial.extend_from_slice(&rest[..end]);
+                &partial[..]
+            };
+            self.check_length(line.len())?;
+            self.line(&String::from_utf8_lossy(line));
+            partial.clear();
+            self.partial = partial;
+            rest = &rest[end + 1..];
+        }
+        self.check_length(self.partial.len() + rest.len())?;
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+
+    /// Checks the last line, when the input does not end with a line break.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let last = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&last));
+        }
+    }
+
+    /// A line (complete or not) of `len` bytes is refused beyond the limit: the body is not
+    /// the CSV it claims to be, and buffering it would be unbounded.
+    fn check_length(&self, len: usize) -> Result<(), ApiError> {
+        if len > MAX_LINE_BYTES {
+            return Err(ApiError::Malformed(format!(
+                "line {} is longer than {MAX_LINE_BYTES} bytes: not a CSV of stock levels",
+                self.line + 1
+            )));
+        }
+        Ok(())
     }
 
     fn fail(&mut self, message: String) {
@@ -91,7 +152,11 @@ impl Loader {
 
     fn line(&mut self, raw: &str) {
         self.line += 1;
-        let raw = raw.trim_end_matches('\r');
+        let mut raw = raw.trim_end_matches('\r');
+        // Spreadsheet programs start UTF-8 CSV with a byte order mark; it belongs to no field.
+        if self.line == 1 {
+            raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
+        }
         if raw.trim().is_empty() {
             return;
         }
@@ -146,59 +211,88 @@ impl Loader {
     }
 }
 
-/// Imports CSV `chunks` inside the caller's transaction. `create_missing` creates unknown SKUs
-/// and warehouses (named after their code) instead of rejecting their rows.
-pub async fn import<S, E>(
-    conn: &mut PgConnection,
-    mut chunks: S,
-    create_missing: bool,
-) -> Result<ImportReport, ApiError>
+/// A temporary file under the system's temp directory, deleted when dropped: after the import,
+/// and also when it fails or its request is cancelled.
+#[derive(Debug)]
+struct Spool {
+    path: PathBuf,
+}
+
+impl Spool {
+    async fn create(dir: &std::path::Path) -> Result<(Self, tokio::fs::File), ApiError> {
+        let path = dir.join(format!("inventory-import-{}.rows", uuid::Uuid::now_v7()));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .await
+            .map_err(|e| spool_error(&path, &e))?;
+        Ok((Self { path }, file))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn spool_error(path: &std::path::Path, err: &std::io::Error) -> ApiError {
+    ApiError::Internal(format!("import spool {}: {err}", path.display()))
+}
+
+/// An upload whose every row passed the format checks, spooled to disk as COPY input: ready to
+/// be applied in a short transaction.
+#[derive(Debug)]
+pub struct Staged {
+    spool: Spool,
+    rows: i64,
+    sha256: String,
+}
+
+impl Staged {
+    /// The SHA-256 of the uploaded bytes, in hex.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+}
+
+/// Reads CSV `chunks` to the end, checking every line, into a spool file; more than
+/// `max_bytes` in all is refused. No database work happens here: an upload takes as long as its
+/// client sends, and a transaction open that long would hold back the event relay for everyone.
+pub async fn stage<S, E>(chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    // A million rows take longer than a request's statement timeout; row locks still time out.
-    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
-    sqlx::query(
-        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
-                                        reorder_point bigint, reorder_quantity bigint)
-         ON COMMIT DROP",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
-        )
-        .await?;
+    stage_in(&std::env::temp_dir(), chunks, max_bytes).await
+}
+
+async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let (spool, mut file) = Spool::create(dir).await?;
     let mut loader = Loader::new();
-    let mut pending: Vec<u8> = Vec::new();
+    let mut digest = Sha256::new();
+    let mut received = 0usize;
     while let Some(chunk) = chunks.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                let _ = copy.abort("input failed").await;
-                return Err(ApiError::Malformed(format!("cannot read the CSV: {err}")));
-            }
-        };
-        pending.extend_from_slice(&chunk);
-        let mut start = 0;
-        while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
-            loader.line(&String::from_utf8_lossy(&pending[start..start + end]));
-            start += end + 1;
+        let chunk = chunk.map_err(|err| ApiError::Malformed(format!("cannot read the CSV: {err}")))?;
+        received = received.saturating_add(chunk.len());
+        if received > max_bytes {
+            return Err(ApiError::PayloadTooLarge { limit: max_bytes });
         }
-        pending.drain(..start);
+        digest.update(&chunk);
+        loader.push(&chunk)?;
         if loader.out.len() >= COPY_CHUNK {
-            copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
+            spool_out(&spool, &mut file, &mut loader).await?;
         }
     }
-    if !pending.is_empty() {
-        loader.line(&String::from_utf8_lossy(&pending));
-    }
-    if !loader.out.is_empty() {
-        copy.send(std::mem::take(&mut loader.out).into_bytes()).await?;
-    }
-    copy.finish().await?;
+    loader.finish();
+    spool_out(&spool, &mut file, &mut loader).await?;
+    file.flush().await.map_err(|e| spool_error(&spool.path, &e))?;
     if loader.bad_rows > 0 {
         return Err(reject(loader.errors, loader.bad_rows));
     }
@@ -208,7 +302,55 @@ where
             "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]",
         ));
     }
-    merge(conn, create_missing, loader.rows).await
+    Ok(Staged { spool, rows: loader.rows, sha256: hex::encode(digest.finalize()) })
+}
+
+/// Writes the checked rows so far to the spool (nothing once a bad row is found: the import
+/// will be refused).
+async fn spool_out(spool: &Spool, file: &mut tokio::fs::File, loader: &mut Loader) -> Result<(), ApiError> {
+    let out = std::mem::take(&mut loader.out);
+    if loader.bad_rows == 0 {
+        file.write_all(out.as_bytes()).await.map_err(|e| spool_error(&spool.path, &e))?;
+    }
+    Ok(())
+}
+
+/// Applies a staged upload inside the caller's transaction. `create_missing` creates unknown
+/// SKUs and warehouses (named after their code) instead of rejecting their rows. Can be run
+/// again (the transaction retried): the spool is only read.
+pub async fn apply(conn: &mut PgConnection, staged: &Staged, create_missing: bool) -> Result<ImportReport, ApiError> {
+    // A million rows take longer than a request's statement timeout; row locks still time out.
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
+    sqlx::query(
+        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
+                                        reorder_point bigint, reorder_quantity bigint)
+         ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let path = &staged.spool.path;
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| spool_error(path, &e))?;
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
+        )
+        .await?;
+    let mut buf = vec![0; COPY_CHUNK];
+    loop {
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(err) => {
+                let _ = copy.abort("cannot read the import spool").await;
+                return Err(spool_error(path, &err));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        copy.send(&buf[..n]).await?;
+    }
+    copy.finish().await?;
+    merge(conn, create_missing, staged.rows).await
 }
 
 fn reject(mut errors: Vec<FieldError>, total: usize) -> ApiError {
@@ -263,8 +405,10 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     }
 
     // Share-lock the SKU rows (their backorder limit is copied into new levels), create missing
-    // levels directly with their imported values, then lock every level of the import in
-    // (sku, warehouse) order. A level this transaction created has its xmin.
+    // levels directly with their imported values, then lock every other level of the import in
+    // (sku, warehouse) order. Which levels are new is what the INSERT itself reports: RETURNING
+    // yields exactly the rows it inserted, never one that already existed or that a concurrent
+    // transaction inserted first (transaction ids are not compared: they wrap around).
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM import_rows) ORDER BY sku FOR SHARE) locked",
@@ -272,19 +416,27 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     .execute(&mut *conn)
     .await?;
     sqlx::query(
-        "INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
-         SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
-                coalesce(r.reorder_quantity, 0)
-           FROM import_rows r JOIN skus s ON s.sku = r.sku
-          ORDER BY r.sku, r.warehouse
-         ON CONFLICT (sku, warehouse) DO NOTHING",
+        "CREATE TEMP TABLE import_created (sku text, warehouse text, PRIMARY KEY (sku, warehouse)) ON COMMIT DROP",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "WITH created AS (
+             INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
+             SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
+                    coalesce(r.reorder_quantity, 0)
+               FROM import_rows r JOIN skus s ON s.sku = r.sku
+              ORDER BY r.sku, r.warehouse
+             ON CONFLICT (sku, warehouse) DO NOTHING
+             RETURNING sku, warehouse)
+         INSERT INTO import_created (sku, warehouse) SELECT sku, warehouse FROM created",
     )
     .execute(&mut *conn)
     .await?;
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
-              WHERE l.xmin <> pg_current_xact_id()::xid
+              WHERE NOT EXISTS (SELECT 1 FROM import_created c WHERE c.sku = l.sku AND c.warehouse = l.warehouse)
               ORDER BY l.sku, l.warehouse FOR UPDATE OF l) locked",
     )
     .execute(&mut *conn)
@@ -306,11 +458,12 @@ async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Resu
     let import_id = format!("import:{}", uuid::Uuid::now_v7());
     let (ledger_entries, levels_created): (i64, i64) = sqlx::query_as(
         "WITH old AS (
-             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, l.xmin = pg_current_xact_id()::xid AS created,
-                    CASE WHEN l.xmin = pg_current_xact_id()::xid THEN 0 ELSE l.on_hand END AS on_hand0,
+             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, c.sku IS NOT NULL AS created,
+                    CASE WHEN c.sku IS NOT NULL THEN 0 ELSE l.on_hand END AS on_hand0,
                     coalesce(r.reorder_point, l.reorder_point) AS reorder_point, r.reorder_quantity,
                     r.reorder_point IS NOT NULL OR r.reorder_quantity IS NOT NULL AS settings
                FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
+               LEFT JOIN import_created c ON c.sku = l.sku AND c.warehouse = l.warehouse
          ), upd AS (
              UPDATE stock_levels l
                 SET on_hand = o.on_hand, reorder_point = o.reorder_point,
@@ -365,6 +518,53 @@ mod tests {
         let lines: Vec<&str> = l.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(lines, ["line 3", "line 4", "line 7"]);
         assert_eq!(l.out, "2,A,W1,5,2,\n5,C,W1,7,,\n");
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined_and_the_last_needs_no_line_break() {
+        let mut l = Loader::new();
+        for chunk in ["A,W", "1,5\r\nB,W1,", "", "6\n", "C,W1,7"] {
+            l.push(chunk.as_bytes()).unwrap();
+        }
+        l.finish();
+        assert_eq!(l.out, "1,A,W1,5,,\n2,B,W1,6,,\n3,C,W1,7,,\n");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_refused_with_its_number_even_before_it_ends() {
+        let mut l = Loader::new();
+        l.push(format!("A,W1,1\nB,W1,{}\n", "1".repeat(MAX_LINE_BYTES - 5)).as_bytes()).unwrap();
+        assert_eq!(l.rows, 1, "a line of exactly the limit is a line");
+        assert_eq!(l.bad_rows, 1);
+        l.push(b"C,W1,").unwrap();
+        let err = (0..MAX_LINE_BYTES).find_map(|_| l.push(b"1").err()).expect("refused");
+        assert!(matches!(&err, ApiError::Malformed(m) if m.starts_with("line 3 ")), "{err:?}");
+        assert!(l.partial.len() <= MAX_LINE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn the_spool_file_is_deleted_after_the_import_and_when_the_upload_fails() {
+        let dir = std::env::temp_dir().join(format!("inventory-spool-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir(&dir).unwrap();
+        let files = || std::fs::read_dir(&dir).unwrap().count();
+        let chunks = |items: Vec<Result<&'static str, &'static str>>| {
+            futures_util::stream::iter(items.into_iter().map(|item| item.map(Bytes::from)))
+        };
+        let staged = stage_in(&dir, chunks(vec![Ok("A,W1,5\nB,"), Ok("W1,6\n")]), 14).await.unwrap();
+        assert_eq!((staged.rows, files()), (2, 1), "a body of exactly the limit is accepted");
+        assert_eq!(std::fs::read_to_string(&staged.spool.path).unwrap(), "1,A,W1,5,,\n2,B,W1,6,,\n");
+        drop(staged);
+        assert_eq!(files(), 0);
+        for failing in [
+            vec![Ok("A,W1,5\n"), Err("connection reset")],
+            vec![Ok("A,W1,x\n")],
+            vec![Ok("")],
+            vec![Ok("A,W1,5\nB,"), Ok("W1,60\n")],
+        ] {
+            assert!(stage_in(&dir, chunks(failing), 14).await.is_err());
+            assert_eq!(files(), 0);
+        }
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

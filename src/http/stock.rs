@@ -12,6 +12,7 @@ use super::idempotency::{self, Request};
 use super::{AppState, page_limit};
 use crate::db::transact;
 use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
+use crate::engine::import;
 use crate::engine::stock::{self as ops, Adjust, Receive, Transfer};
 use crate::error::ApiError;
 use crate::store::catalogue;
@@ -388,17 +389,21 @@ pub struct ImportQuery {
     post,
     path = "/v1/stock/import",
     tag = "stock",
-    params(ImportQuery),
+    params(ImportQuery, ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key, CSV and options replays the first answer")),
     request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
     responses(
         (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
         (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
         (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn import(
     State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
+    uri: Uri,
     Query(q): Query<ImportQuery>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -408,9 +413,17 @@ pub async fn import(
     if mime != "text/csv" && mime != "text/plain" && mime != "application/csv" {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let mut tx = state.db.begin().await?;
-    let report =
-        crate::engine::import::import(&mut tx, body.into_data_stream(), q.create_missing.unwrap_or(false)).await?;
-    tx.commit().await?;
-    Ok(axum::Json(report).into_response())
+    let limit = state.config.import_max_bytes;
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    // The whole body is checked and spooled before the transaction begins (see `stage`).
+    let staged = import::stage(body.into_data_stream(), limit).await?;
+    let create_missing = q.create_missing.unwrap_or(false);
+    // The request as its Idempotency-Key sees it: the CSV by its digest, and the option.
+    let request = json!({ "csv_sha256": staged.sha256(), "create_missing": create_missing });
+    let meta =
+        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &request, success: StatusCode::OK };
+    idempotency::run(&state, meta, &staged, move |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await
 }

@@ -1,9 +1,14 @@
 //! Bulk import of stock levels from CSV, over HTTP and from the command line.
 
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::TestApp;
+use inventory::config::ServerArgs;
+
+use crate::helpers::{TestApp, assert_problem};
 
 async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
     let res = app
@@ -15,6 +20,50 @@ async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
         .await
         .unwrap();
     (res.status(), res.json().await.unwrap())
+}
+
+/// An upload whose body the test sends piece by piece, on its own connection.
+struct SlowUpload {
+    body: tokio::sync::mpsc::Sender<axum::body::Bytes>,
+    answer: tokio::task::JoinHandle<(StatusCode, Value)>,
+}
+
+impl SlowUpload {
+    /// Sends the request head at once; the body follows with `send` and ends with `finish`.
+    async fn start(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Self {
+        let (body, pieces) = tokio::sync::mpsc::channel::<axum::body::Bytes>(4);
+        let stream = futures::stream::unfold(pieces, |mut pieces| async move {
+            let piece = pieces.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(piece)), pieces))
+        });
+        let host = app.base.trim_start_matches("http://").to_owned();
+        let tcp = tokio::net::TcpStream::connect(&host).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = hyper::Request::post(path).header("host", host).header("content-type", "text/csv");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(http_body_util::StreamBody::new(stream)).unwrap();
+        let answer = tokio::spawn(async move {
+            let res = sender.send_request(req).await.unwrap();
+            let status = StatusCode::from_u16(res.status().as_u16()).unwrap();
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice(&bytes).unwrap())
+        });
+        Self { body, answer }
+    }
+
+    /// Adds to the body; a piece the service no longer reads (it has answered) is dropped.
+    async fn send(&self, piece: &str) {
+        let _ = self.body.send(axum::body::Bytes::from(piece.to_owned())).await;
+    }
+
+    async fn finish(self) -> (StatusCode, Value) {
+        drop(self.body);
+        self.answer.await.unwrap()
+    }
 }
 
 #[tokio::test]
@@ -101,5 +150,197 @@ async fn the_import_command_loads_a_file() {
     assert_eq!(app.level("S1999", "W3").await, (49, 0));
     let levels: i64 = sqlx::query_scalar("SELECT count(*) FROM stock_levels").fetch_one(&app.db).await.unwrap();
     assert_eq!(levels, 2000);
+    app.assert_invariants().await;
+}
+
+/// Whether a level existed before the import must not depend on comparing transaction ids: an
+/// existing level whose row version carries the importing transaction's xid (here it was
+/// touched earlier in the same transaction; in production, an old level after xid wraparound)
+/// is still an existing level, locked and counted with `adjust`/`count`.
+#[tokio::test]
+async fn an_existing_level_is_counted_even_when_its_row_carries_the_import_transactions_xid() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    app.receive("A", "W1", 5).await;
+    let mut tx = app.db.begin().await.unwrap();
+    sqlx::query("UPDATE stock_levels SET updated_at = now() WHERE sku = 'A'").execute(&mut *tx).await.unwrap();
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("A,W1,7\nB,W1,3\n"))]);
+    let staged = inventory::engine::import::stage(chunks, usize::MAX).await.unwrap();
+    let report = inventory::engine::import::apply(&mut tx, &staged, false).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((report.levels_created, report.ledger_entries), (1, 2), "{report:?}");
+    assert_eq!(app.level("A", "W1").await, (7, 0));
+    assert_eq!(app.level("B", "W1").await, (3, 0));
+    let (_, ledger) = app.get(&format!("/v1/ledger?reference={}", report.import_id)).await;
+    let entries: Vec<(&str, &str, Value, i64)> = ledger["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["sku"].as_str().unwrap(),
+                e["kind"].as_str().unwrap(),
+                e["reason"].clone(),
+                e["on_hand_delta"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut entries = entries;
+    entries.sort_by_key(|e| e.0);
+    assert_eq!(entries, [("A", "adjust", json!("count"), 2), ("B", "receive", Value::Null, 3)]);
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_utf8_byte_order_mark_at_the_start_of_the_csv_is_ignored() {
+    let app = TestApp::spawn().await;
+    let (status, report) = import(&app, "?create_missing=true", "\u{feff}sku,warehouse,on_hand\nA,W1,5\n").await;
+    assert_eq!(status, StatusCode::OK, "with a header: {report}");
+    assert_eq!(report["rows"], 1);
+    let (status, report) = import(&app, "?create_missing=true", "\u{feff}B,W1,6\n").await;
+    assert_eq!(status, StatusCode::OK, "without a header: {report}");
+    assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (6, 0)));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn a_line_over_the_length_limit_is_400_naming_its_line_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let csv = format!("sku,warehouse,on_hand\nA,W1,1\nB,W1,{}\nC,W1,1\n", "9".repeat(100_000));
+    let res = app
+        .client
+        .post(app.url("/v1/stock/import?create_missing=true"))
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(res, StatusCode::BAD_REQUEST, "malformed_request").await;
+    assert!(problem["detail"].as_str().unwrap().contains("line 3"), "{problem}");
+    assert_eq!(app.ledger_count().await, 0, "nothing applied");
+    app.assert_invariants().await;
+}
+
+/// The event feed only numbers events of transactions older than the oldest one running: an
+/// upload must not hold a transaction open while its body is still arriving.
+#[tokio::test]
+async fn the_event_feed_keeps_moving_while_an_upload_is_still_arriving() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    let upload = SlowUpload::start(&app, "/v1/stock/import", &[]).await;
+    upload.send("sku,warehouse,on_hand\nA,W1,5\n").await;
+    // Long enough for the service to be reading the body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.receive("B", "W1", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, page) = app.get("/v1/events?limit=100").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        if page["items"].as_array().unwrap().iter().any(|e| e["sku"] == "B") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the receive made during the upload is not in the feed: {page}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!upload.answer.is_finished(), "the upload is still open");
+    upload.send("B,W1,4\n").await;
+    let (status, report) = upload.finish().await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["rows"].clone(), report["levels_created"].clone()), (json!(2), json!(1)));
+    assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (4, 0)));
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn an_import_over_the_size_limit_is_413_and_changes_nothing() {
+    let app = TestApp::spawn_with(ServerArgs { import_max_bytes: 1000, ..ServerArgs::default() }).await;
+    let rows = |from: usize, n: usize| (from..from + n).map(|i| format!("S{i:04},W1,{i}\n")).collect::<String>();
+    assert!(rows(0, 60).len() < 1000);
+    let (status, report) = import(&app, "?create_missing=true", &rows(0, 60)).await;
+    assert_eq!(status, StatusCode::OK, "under the limit: {report}");
+    let before = app.ledger_count().await;
+
+    // Declared too large up front (Content-Length).
+    let res = app
+        .client
+        .post(app.url("/v1/stock/import?create_missing=true"))
+        .header("content-type", "text/csv")
+        .body(rows(100, 200))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+
+    // Found too large while it streams in (chunked, no length).
+    let upload = SlowUpload::start(&app, "/v1/stock/import?create_missing=true", &[]).await;
+    for piece in 0..4 {
+        upload.send(&rows(100 + piece * 50, 50)).await;
+    }
+    let (status, problem) = upload.finish().await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+
+    assert_eq!(app.ledger_count().await, before, "nothing applied");
+    let skus: i64 = sqlx::query_scalar("SELECT count(*) FROM skus").fetch_one(&app.db).await.unwrap();
+    assert_eq!(skus, 60, "no SKU created");
+    app.assert_invariants().await;
+}
+
+async fn import_with_key(app: &TestApp, query: &str, key: &str, csv: &str) -> (StatusCode, Option<String>, Value) {
+    let res = app
+        .client
+        .post(app.url(&format!("/v1/stock/import{query}")))
+        .header("content-type", "text/csv")
+        .header("idempotency-key", key)
+        .body(csv.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let replayed = res.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());
+    (status, replayed, res.json().await.unwrap())
+}
+
+/// A retried import must not set old absolute counts over stock movements made since.
+#[tokio::test]
+async fn a_retried_import_with_its_key_replays_the_first_answer_and_keeps_later_movements() {
+    let app = TestApp::spawn().await;
+    let csv = "sku,warehouse,on_hand\nA,W1,10\nB,W1,4\n";
+    let (status, replayed, first) = import_with_key(&app, "?create_missing=true", "import-1", csv).await;
+    assert_eq!((status, replayed), (StatusCode::OK, None), "{first}");
+    app.receive("A", "W1", 5).await;
+    let ledger = app.ledger_count().await;
+
+    let (status, replayed, again) = import_with_key(&app, "?create_missing=true", "import-1", csv).await;
+    assert_eq!((status, replayed.as_deref()), (StatusCode::OK, Some("true")), "{again}");
+    assert_eq!(again, first, "the first answer, import_id included");
+    assert_eq!(app.level("A", "W1").await, (15, 0), "the receive made after the import is kept");
+    assert_eq!(app.ledger_count().await, ledger, "nothing applied twice");
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn an_import_key_reused_for_another_csv_or_other_options_is_422() {
+    let app = TestApp::spawn().await;
+    let (status, _, first) = import_with_key(&app, "?create_missing=true", "import-1", "A,W1,10\n").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let ledger = app.ledger_count().await;
+    for (query, csv) in [("?create_missing=true", "A,W1,3\n"), ("", "A,W1,10\n")] {
+        let res = app
+            .client
+            .post(app.url(&format!("/v1/stock/import{query}")))
+            .header("content-type", "text/csv")
+            .header("idempotency-key", "import-1")
+            .body(csv)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    }
+    assert_eq!(app.level("A", "W1").await, (10, 0));
+    assert_eq!(app.ledger_count().await, ledger, "nothing applied");
     app.assert_invariants().await;
 }
