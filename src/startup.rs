@@ -183,9 +183,10 @@ async fn import_command(
     let result = async {
         // A local file has no size limit (that one protects the service from its clients).
         let staged = crate::engine::import::stage(Box::pin(chunks), usize::MAX).await?;
-        let mut tx = pool.begin().await?;
+        // A writer of ledger entries and events: readers of both wait for it (see db::begin_writer).
+        let mut tx = db::begin_writer(&pool).await?;
         let report = crate::engine::import::apply(&mut tx, &staged, create_missing).await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(crate::error::ApiError::from_commit)?;
         Ok::<_, crate::error::ApiError>(report)
     }
     .await;
