@@ -34,7 +34,8 @@ pub enum ProblemCode {
     Unauthorized,
     Forbidden,
     Unavailable,
-    Timeout,
+    OutcomeUnknown,
+    TooManyStreams,
     InternalError,
 }
 

@@ -277,6 +277,7 @@ async fn run_scenarios(
         let deadline = started + duration;
         let streams: Vec<_> =
             (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, deadline))).collect();
+        let lag = tokio::spawn(watch_expiry_lag(addr, deadline));
         let tasks: Vec<_> = (0..clients)
             .map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline)))
             .collect();
@@ -285,6 +286,7 @@ async fn run_scenarios(
             tally.merge(task.await.map_err(|e| e.to_string())?);
         }
         let seconds = started.elapsed().as_secs_f64();
+        let max_expiry_lag_secs = lag.await.ok();
         let mut held = load::StreamTally::default();
         for stream in streams {
             let one = stream.await.map_err(|e| e.to_string())?;
@@ -317,6 +319,7 @@ async fn run_scenarios(
             mean_batch,
             wal_kb_per_op,
             streams: (args.event_streams > 0).then_some(held),
+            max_expiry_lag_secs,
         });
         let row = rows.last().expect("pushed above");
         println!(
@@ -332,6 +335,9 @@ async fn run_scenarios(
                 "  event streams: {} held, {} refused or broken, {} events delivered",
                 streams.held, streams.failed, streams.events
             );
+        }
+        if let Some(lag) = row.max_expiry_lag_secs.filter(|l| *l > 0.0) {
+            println!("  expiry lag (oldest overdue hold at a sweep), worst: {lag:.1} s");
         }
     }
     Ok((rows, sold_out_created))
@@ -388,6 +394,22 @@ async fn wal_bytes(url: &str) -> Option<f64> {
 
 fn per_op_kb(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
     Some((after? - before?) / 1024.0 / (ops.max(1) as f64))
+}
+
+/// The largest `expiry_lag_seconds` (the oldest overdue hold at a sweep) seen once a second
+/// until `deadline`.
+async fn watch_expiry_lag(addr: SocketAddr, deadline: Instant) -> f64 {
+    let mut client = load::Client::new(addr);
+    let mut worst: f64 = 0.0;
+    while Instant::now() < deadline {
+        if let Some(answer) = client.send(hyper::Method::GET, "/metrics", None).await {
+            let text = String::from_utf8_lossy(&answer.body);
+            let lag = text.lines().find_map(|l| l.strip_prefix("expiry_lag_seconds ")?.trim().parse::<f64>().ok());
+            worst = worst.max(lag.unwrap_or(0.0));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    worst
 }
 
 /// `(sum, count)` of the service's reservation batch sizes so far, from `/metrics`.

@@ -61,6 +61,8 @@ pub struct ScenarioRow {
     pub wal_kb_per_op: Option<f64>,
     /// The live event streams held open during the run (`--event-streams`).
     pub streams: Option<crate::load::StreamTally>,
+    /// The worst `expiry_lag_seconds` sampled once a second during the run.
+    pub max_expiry_lag_secs: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
