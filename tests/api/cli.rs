@@ -17,6 +17,7 @@ async fn check_passes_on_a_consistent_database_and_reports_a_corrupted_row() {
     let ok = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 
+    app.expect_broken_invariants();
     sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 1 WHERE sku = 'A'").execute(&app.db).await.unwrap();
     let bad = Command::new(BIN).args(["check", "--database-url", &app.db_url]).output().unwrap();
     assert_eq!(bad.status.code(), Some(1));

@@ -74,22 +74,26 @@ async fn extending_a_hold_prevents_its_expiry() {
 async fn fulfil_racing_expiry_has_exactly_one_winner_per_reservation() {
     let app = fast_expiry_shop().await;
     let mut ids = Vec::new();
+    let mut deadlines = Vec::new();
     for i in 0..40 {
         let (status, r) = app
             .post(
                 "/v1/reservations",
-                json!({"order_id": format!("o-{i}"), "ttl_seconds": 1, "lines": [{"sku": "A", "quantity": 2}]}),
+                json!({"order_id": format!("o-{i}"), "ttl_seconds": 2, "lines": [{"sku": "A", "quantity": 2}]}),
             )
             .await;
         assert_eq!(status, StatusCode::CREATED);
         ids.push(r["id"].as_str().unwrap().to_owned());
+        deadlines.push(r["expires_at"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap());
     }
-    // Fire the fulfils around the deadline so that some land before and some after the sweep.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let results: Vec<(StatusCode, Value)> = join_all(ids.iter().enumerate().map(|(i, id)| {
+    // Each fulfil fires at its own reservation's deadline plus an offset from -400 ms to
+    // +380 ms, so some land before the deadline and some after (and around the sweep).
+    let results: Vec<(StatusCode, Value)> = join_all(ids.iter().zip(&deadlines).enumerate().map(|(i, (id, at))| {
         let app = &app;
         async move {
-            tokio::time::sleep(Duration::from_millis(15 * i as u64)).await;
+            let fire = *at + chrono::Duration::milliseconds(-400 + 20 * i as i64);
+            let wait = (fire - chrono::Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(wait).await;
             app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/fulfil"), None).await
         }
     }))
@@ -115,6 +119,7 @@ async fn fulfil_racing_expiry_has_exactly_one_winner_per_reservation() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
+    assert!(0 < fulfilled && fulfilled < 40, "no race happened: {fulfilled} of 40 fulfils won");
     assert_eq!(app.level("A", "W1").await, (100 - 2 * fulfilled, 0), "levels are exact");
     app.assert_invariants().await;
 }
@@ -191,5 +196,42 @@ async fn a_stuck_row_or_a_broken_reservation_delays_only_its_own_expiry() {
     assert_eq!(app.level("HA", "W1").await, (10, 0));
     assert_eq!(app.level("HB", "W1").await, (10, 0));
     assert_eq!(app.level("HC", "W1").await, (10, 0));
+    app.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_fifty_overdue_holds_all_expire_within_five_seconds_at_the_default_interval() {
+    // The default sweep (every second, 100 per transaction): 250 holds take several batches.
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 1_000).await;
+    let created = join_all((0..250).map(|i| {
+        let app = &app;
+        async move {
+            let body = json!({"order_id": format!("x{i}"), "ttl_seconds": 1, "lines": [{"sku": "A", "quantity": 1}]});
+            app.post("/v1/reservations", body).await
+        }
+    }))
+    .await;
+    assert!(created.iter().all(|(s, _)| *s == StatusCode::CREATED));
+    let mut first_seen: std::collections::HashMap<String, chrono::Duration> = std::collections::HashMap::new();
+    let started = Instant::now();
+    while first_seen.len() < 250 {
+        assert!(started.elapsed() < Duration::from_secs(20), "only {} of 250 expired", first_seen.len());
+        let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT id::text, expires_at FROM reservations WHERE status = 'expired'")
+                .fetch_all(&app.db)
+                .await
+                .unwrap();
+        let now = chrono::Utc::now();
+        for (id, deadline) in rows {
+            first_seen.entry(id).or_insert(now - deadline);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let worst = first_seen.values().max().unwrap();
+    assert!(*worst < chrono::Duration::seconds(5), "a hold expired {worst} after its deadline");
+    assert_eq!(app.level("A", "W1").await, (1_000, 0));
     app.assert_invariants().await;
 }

@@ -125,6 +125,62 @@ pub struct TestApp {
     pub db: PgPool,
     pub db_url: String,
     pub client: reqwest::Client,
+    /// Checks the invariants (and that the service did not panic) when the test is done.
+    pub teardown: TearDown,
+}
+
+/// The end of every test, which no test can forget: when the [`TestApp`] is dropped at the end
+/// of a test that has not failed, the contract's invariants are checked over its database, and
+/// a service task that panicked fails the test.
+#[derive(Debug)]
+pub struct TearDown {
+    db_url: String,
+    check: std::sync::atomic::AtomicBool,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TearDown {
+    pub fn new(db_url: &str, server: Option<tokio::task::JoinHandle<()>>) -> Self {
+        Self { db_url: db_url.to_owned(), check: std::sync::atomic::AtomicBool::new(true), server }
+    }
+}
+
+impl Drop for TearDown {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(server) = self.server.take() {
+            if server.is_finished() {
+                if let Some(Err(err)) = futures::FutureExt::now_or_never(server) {
+                    panic!("the service task failed: {err}");
+                }
+            } else {
+                server.abort();
+            }
+        }
+        if !self.check.load(Ordering::SeqCst) {
+            return;
+        }
+        // Drop cannot await: check on a thread of its own, with a runtime of its own.
+        let url = self.db_url.clone();
+        let violations = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.ok()?;
+                inventory::store::check::violations(&mut conn).await.ok()
+            })
+        })
+        .join()
+        .expect("the invariant check panicked");
+        if let Some(violations) = violations {
+            assert!(
+                violations.is_empty(),
+                "invariants broken at the end of the test:\n{}",
+                violations.iter().map(|v| format!("  {v}\n")).collect::<String>()
+            );
+        }
+    }
 }
 
 impl TestApp {
@@ -166,11 +222,12 @@ impl TestApp {
         server.listen = listener.local_addr().unwrap();
         let base = format!("http://{}", server.listen);
         let pool = service_pool;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             inventory::startup::serve(listener, pool, server, std::future::pending()).await.unwrap();
         });
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        Self { base, db, db_url, client }
+        let teardown = TearDown::new(&db_url, Some(task));
+        Self { base, db, db_url, client, teardown }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -237,6 +294,31 @@ impl TestApp {
         sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(&self.db).await.unwrap()
     }
 
+    /// For a test that breaks the invariants on purpose: no check at the end.
+    pub fn expect_broken_invariants(&self) {
+        self.teardown.check.store(false, Ordering::SeqCst);
+    }
+
+    /// Deadlocks PostgreSQL has detected in this test's database so far.
+    pub async fn deadlocks(&self) -> i64 {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.db_url).await.unwrap();
+        sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Checks the invariants, then closes the service's connections (their backends report
+    /// their statistics as they exit) and asserts that no deadlock happened since `before`
+    /// ([`TestApp::deadlocks`]). The service retries a deadlock quietly, so only the database's
+    /// own count can show one. Ends the service's use of its database.
+    pub async fn assert_invariants_and_no_deadlock(&self, before: i64) {
+        self.assert_invariants().await;
+        self.db.close().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(self.deadlocks().await - before, 0, "PostgreSQL detected deadlocks (retried by the service)");
+    }
+
     /// The contract's invariants over the whole test database: panics listing every violation.
     pub async fn assert_invariants(&self) {
         let mut conn = self.db.acquire().await.unwrap();
@@ -247,6 +329,20 @@ impl TestApp {
             violations.iter().map(|v| format!("  {v}\n")).collect::<String>()
         );
     }
+}
+
+/// Whether this run is CI (`CI` set to anything but empty or `false`), where nothing may skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Declares that `test` cannot run here, and why. Under CI that is a failure. Elsewhere the
+/// line goes straight to the terminal's stderr, past the test harness's output capture, so the
+/// skip shows in the normal `cargo test` output next to the `ok` the harness prints.
+pub fn skip(test: &str, reason: &str) {
+    assert!(!in_ci(), "{test} cannot be skipped under CI: {reason}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "\nSKIPPED {test}: {reason}");
 }
 
 /// Asserts a problem+json answer with the given status and code; returns the body.

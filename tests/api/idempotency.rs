@@ -177,3 +177,49 @@ async fn concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answe
 async fn concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer_unbatched() {
     concurrent_retries_of_one_reservation_key_have_one_effect_and_one_answer(1).await;
 }
+
+async fn concurrent_posts_of_one_order_id_under_different_keys_create_it_once(batch_max: usize) {
+    let server = inventory::config::ServerArgs { batch_max, ..Default::default() };
+    let app = TestApp::spawn_with(server).await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 1_000).await;
+    for round in 0..5 {
+        let body = json!({"order_id": format!("same-{round}"), "lines": [{"sku": "A", "quantity": 3}]});
+        let results = join_all((0..24).map(|n| {
+            let (app, body) = (&app, &body);
+            async move { post_with_key(app, "/v1/reservations", &format!("k-{round}-{n}"), body).await }
+        }))
+        .await;
+        let mut created = 0;
+        let mut winner = None;
+        for (status, _, answer) in &results {
+            match *status {
+                StatusCode::CREATED => {
+                    created += 1;
+                    winner = answer["id"].as_str().map(str::to_owned);
+                }
+                StatusCode::CONFLICT => assert_eq!(answer["code"], "duplicate_order", "{answer}"),
+                other => panic!("batch_max {batch_max}: unexpected {other}: {answer}"),
+            }
+        }
+        assert_eq!(created, 1, "batch_max {batch_max}, round {round}: exactly one 201");
+        for (status, _, answer) in &results {
+            if *status == StatusCode::CONFLICT {
+                assert_eq!(answer["reservation_id"].as_str(), winner.as_deref(), "names the existing reservation");
+            }
+        }
+    }
+    assert_eq!(app.level("A", "W1").await, (1_000, 15));
+    app.assert_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_of_one_order_id_under_different_keys_create_it_once_batched() {
+    concurrent_posts_of_one_order_id_under_different_keys_create_it_once(128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_of_one_order_id_under_different_keys_create_it_once_unbatched() {
+    concurrent_posts_of_one_order_id_under_different_keys_create_it_once(1).await;
+}

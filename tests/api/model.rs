@@ -1229,7 +1229,10 @@ impl<'a> Runner<'a> {
 
 fn env_number(name: &str) -> Option<u64> {
     let raw = std::env::var(name).ok()?;
-    Some(raw.trim().parse().unwrap_or_else(|_| panic!("{name} must be a whole number, not {raw:?}")))
+    let n = raw.trim().parse().unwrap_or_else(|_| panic!("{name} must be a whole number, not {raw:?}"));
+    // A seed may be 0; zero steps or zero seeds would run nothing and still say `ok`.
+    assert!(n > 0 || name == "MODEL_SEED", "{name}=0 would run nothing; leave it unset for the default");
+    Some(n)
 }
 
 #[tokio::test]
