@@ -381,6 +381,18 @@ mod tests {
         (lines, cands)
     }
 
+    #[test]
+    fn strategies_parse_from_their_names_and_nothing_else() {
+        for strategy in [Strategy::Priority, Strategy::Single] {
+            assert_eq!(Strategy::parse(strategy.as_str()), Ok(strategy));
+        }
+        assert_eq!((Strategy::Priority.as_str(), Strategy::Single.as_str()), ("priority", "single"));
+        for bad in ["", "Priority", "SINGLE", "cheapest", "single "] {
+            assert!(Strategy::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Strategy::default(), Strategy::Priority);
+    }
+
     fn strategies() -> impl Gen<Value = Strategy> {
         prop_oneof![Just(Strategy::Priority), Just(Strategy::Single)]
     }
@@ -439,6 +451,42 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// Independent of how the allocator works: an order is refused exactly when it cannot be
+        /// filled. `priority`: every pinned warehouse can hold what is pinned to it, and the
+        /// SKU's active warehouses together can hold everything (unpinned units may go anywhere,
+        /// so this is the whole condition). `single`: one active warehouse (the pinned one, if
+        /// lines are pinned) can hold every SKU's total.
+        #[test]
+        fn an_order_is_refused_exactly_when_it_cannot_be_filled((lines, cands) in arb_case(), strategy in strategies()) {
+            let capacity = |sku: &str, warehouse: &str| {
+                cands.iter().find(|c| c.active && c.sku == sku && c.warehouse == warehouse).map_or(0, |c| (c.available + c.backorder_limit).max(0))
+            };
+            let fillable = match strategy {
+                Strategy::Priority => demand(&lines).iter().all(|(sku, total)| {
+                    let mut pinned: BTreeMap<&str, i64> = BTreeMap::new();
+                    for l in lines.iter().filter(|l| l.sku == *sku) {
+                        if let Some(w) = &l.warehouse {
+                            *pinned.entry(w.as_str()).or_default() += l.quantity;
+                        }
+                    }
+                    let everywhere: i64 = cands.iter().filter(|c| c.sku == *sku).map(|c| capacity(sku, &c.warehouse)).sum();
+                    pinned.iter().all(|(w, q)| *q <= capacity(sku, w)) && *total <= everywhere
+                }),
+                Strategy::Single => {
+                    let mut pins: Vec<&str> = lines.iter().filter_map(|l| l.warehouse.as_deref()).collect();
+                    pins.sort_unstable();
+                    pins.dedup();
+                    let mut homes: Vec<&str> = cands.iter().filter(|c| c.active).map(|c| c.warehouse.as_str()).collect();
+                    homes.sort_unstable();
+                    homes.dedup();
+                    homes.iter().filter(|w| pins.is_empty() || pins == [**w]).any(|w| {
+                        demand(&lines).iter().all(|(sku, total)| *total <= capacity(sku, w))
+                    })
+                }
+            };
+            prop_assert_eq!(allocate(&lines, &cands, strategy).is_ok(), fillable, "lines {:?}", lines);
         }
 
         #[test]

@@ -362,7 +362,9 @@ async fn a_stuck_row_lock_fails_its_sku_fast_while_other_skus_keep_selling() {
     // lock_timeout bounds each lock acquisition, not the statement: a request queued behind
     // another waiter first waits for the row's tuple lock, then for the holder's transaction,
     // so one of them takes about twice the timeout (seen: 1.0-1.1 s of 500 ms).
-    let bound = lock_timeout * 2 + Duration::from_secs(1);
+    // The slack is for a loaded 2-core machine: what matters is that a stuck request fails in
+    // the order of the lock timeout, not after the request timeout (30 s).
+    let bound = lock_timeout * 2 + Duration::from_secs(3);
     let (stuck_min, stuck_max) = min_max(&stuck_times);
     assert!(stuck_max <= bound, "a STUCK request took {stuck_max:?} to fail; the lock timeout is {lock_timeout:?}");
     assert!(
@@ -380,7 +382,7 @@ async fn a_stuck_row_lock_fails_its_sku_fast_while_other_skus_keep_selling() {
         app.post("/v1/stock/receive", json!({"sku": "FREE", "warehouse": WAREHOUSE, "quantity": 1})).await;
     let after = sent.elapsed();
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(after < Duration::from_secs(1), "a request after the stuck ones took {after:?}");
+    assert!(after < Duration::from_secs(3), "a request after the stuck ones took {after:?}");
 
     // Nothing of the refused requests was applied.
     assert_eq!(app.level("STUCK", WAREHOUSE).await, (100, 0));
