@@ -924,11 +924,9 @@ impl Fuzz {
         Ok(())
     }
 
-    /// Every operation, `CASES_PER_OP` cases each, from the fixed seed. Runs on a blocking
-    /// thread: proptest's runner is synchronous, each case blocks on the async request.
-    fn run(&self, handle: &tokio::runtime::Handle) -> Result<usize, String> {
-        let (base_seed, per_op) =
-            (env_or("INVENTORY_FUZZ_SEED", SEED), env_count("INVENTORY_FUZZ_CASES", CASES_PER_OP as usize) as u32);
+    /// Every operation, `per_op` cases each, from `base_seed`. Runs on a blocking thread:
+    /// proptest's runner is synchronous, each case blocks on the async request.
+    fn run(&self, handle: &tokio::runtime::Handle, base_seed: u64, per_op: u32) -> Result<usize, String> {
         let mut cases = 0;
         for (i, op) in OPS.iter().enumerate() {
             let mut seed = [0u8; 32];
@@ -948,16 +946,33 @@ impl Fuzz {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzzed_requests_never_get_a_5xx_always_get_a_problem_and_change_nothing_when_refused() {
+    let seed = env_or("INVENTORY_FUZZ_SEED", SEED);
+    fuzz_from(seed, env_count("INVENTORY_FUZZ_CASES", CASES_PER_OP as usize) as u32).await;
+}
+
+/// The long run (`cargo test --test api -- --ignored`, the CI workflow's `long` job): a fresh
+/// seed every time, printed before it runs (replay with `INVENTORY_FUZZ_SEED=…`), and eight times
+/// the cases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: a fresh seed and 128 cases per operation; run with --ignored"]
+async fn fuzzed_requests_from_a_fresh_seed_never_get_a_5xx() {
+    let seed = rand::random::<u64>();
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "fuzz: fresh seed {seed} (replay with INVENTORY_FUZZ_SEED={seed})");
+    fuzz_from(seed, env_count("INVENTORY_FUZZ_CASES", 8 * CASES_PER_OP as usize) as u32).await;
+}
+
+async fn fuzz_from(seed: u64, per_op: u32) {
     let fuzz = std::sync::Arc::new(Fuzz::start().await);
     let handle = tokio::runtime::Handle::current();
     let runner = fuzz.clone();
-    let outcome = tokio::task::spawn_blocking(move || runner.run(&handle)).await.unwrap();
+    let outcome = tokio::task::spawn_blocking(move || runner.run(&handle, seed, per_op)).await.unwrap();
     let requests = fuzz.requests.load(Ordering::Relaxed);
     let cases = outcome.as_ref().map_or_else(|_| "failed after some".to_owned(), ToString::to_string);
     eprintln!("fuzz: {cases} cases, {requests} requests, answers by status: {:?}", fuzz.statuses.lock().unwrap());
     if let Err(failure) = outcome {
         panic!(
-            "{failure}\nThe seed is fixed: the same run reproduces it. The curl line replays the request against a \
+            "{failure}\nINVENTORY_FUZZ_SEED={seed} reproduces it. The curl line replays the request against a \
              service seeded as in `Fuzz::seed` (BASE=http://host:port, your own key as the bearer)."
         );
     }

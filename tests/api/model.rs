@@ -1354,6 +1354,23 @@ async fn random_operation_sequences_agree_with_the_reference_model() {
         Some(seed) => vec![seed],
         None => (1..=env_number("MODEL_SEEDS").unwrap_or(8)).collect(),
     };
+    agree(seeds, steps).await;
+}
+
+/// The long run (`cargo test --test api -- --ignored`, the CI workflow's `long` job): fresh seeds
+/// every time, printed before they run so a failure replays with `MODEL_SEED=…`, and ten times the
+/// steps.
+#[tokio::test]
+#[ignore = "long: fresh seeds and 600 steps each; run with --ignored"]
+async fn random_operation_sequences_from_fresh_seeds_agree_with_the_reference_model() {
+    let base = rand::random::<u32>() as u64;
+    let seeds: Vec<u64> = (0..4).map(|i| base * 4 + i).collect();
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "model: fresh seeds {seeds:?} (replay one with MODEL_SEED=…)");
+    agree(seeds, env_number("MODEL_STEPS").unwrap_or(600) as usize).await;
+}
+
+async fn agree(seeds: Vec<u64>, steps: usize) {
     let strict = std::env::var("MODEL_STRICT").map_or(true, |v| v != "0");
     let mut total = Stats::default();
     let started = Instant::now();
