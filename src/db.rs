@@ -100,11 +100,13 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
 }
 
 /// BEGIN for a transaction that may write ledger entries or events: it announces itself as a
-/// writer (a shared advisory lock, before it has a transaction id), so readers of the ledger and
-/// the event relay wait for it and for nobody else (see `writer_horizon()` in migration 0006).
-/// One round trip, like a plain BEGIN.
+/// writer (a shared advisory lock, taken before it has a transaction id), so readers of the
+/// ledger and the event relay wait for it and for nobody else (see `writer_horizon()` in
+/// migration 0006).
 pub async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    pool.begin_with("BEGIN; SELECT pg_advisory_xact_lock_shared(7041, 2)").await
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await?;
+    Ok(tx)
 }
 
 /// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).

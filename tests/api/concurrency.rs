@@ -144,3 +144,49 @@ async fn crossing_multi_line_orders_never_deadlock_or_lose_a_unit() {
     app.assert_invariants_and_no_deadlock(deadlocks).await;
     eprintln!("240 crossing orders took {:?}", started.elapsed());
 }
+
+/// What the service acknowledged exists: a reservation answered 201 can be fulfilled or
+/// released at once, by every one of many clients running through the batcher side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_reservation_can_be_settled_at_once_under_load() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.warehouse("W2", 2).await;
+    for i in 0..50 {
+        app.sku(&format!("L{i}")).await;
+        app.receive(&format!("L{i}"), "W1", 1_000).await;
+        app.receive(&format!("L{i}"), "W2", 1_000).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let clients = (0..64).map(|c| {
+        let app = &app;
+        async move {
+            let mut n = 0;
+            while std::time::Instant::now() < deadline {
+                n += 1;
+                let sku = format!("L{}", (c * 7 + n) % 50);
+                let warehouse = if n % 2 == 0 { "W1" } else { "W2" };
+                let line = json!({"sku": sku, "quantity": 1, "warehouse": warehouse});
+                let mut body = json!({"order_id": format!("c{c}-{n}"), "lines": [line]});
+                if n % 10 == 9 {
+                    // Some holds are left to expire while the others are settled.
+                    body["ttl_seconds"] = json!(1);
+                }
+                let (status, created) = app.post("/v1/reservations", body).await;
+                assert_eq!(status, StatusCode::CREATED, "{created}");
+                let id = created["id"].as_str().unwrap();
+                if n % 10 == 9 {
+                    continue;
+                }
+                let verb = if n % 3 == 0 { "release" } else { "fulfil" };
+                let (status, settled) =
+                    app.call(reqwest::Method::POST, &format!("/v1/reservations/{id}/{verb}"), None).await;
+                assert_eq!(status, StatusCode::OK, "{verb} of {id}, acknowledged as created: {settled}");
+            }
+            n
+        }
+    });
+    let total: usize = join_all(clients).await.into_iter().sum();
+    assert!(total > 64, "{total}");
+    app.assert_invariants().await;
+}
