@@ -29,8 +29,8 @@ pub struct Feed {
 
 #[derive(Debug)]
 struct Inner {
-    /// The newest relayed events, ids contiguous and ascending.
-    recent: RwLock<VecDeque<Arc<Event>>>,
+    /// The newest relayed events, ids contiguous and ascending, each with its SSE frame.
+    recent: RwLock<VecDeque<Arc<Framed>>>,
     /// The highest id in `recent` (or known at start); streams wait for it to move.
     head: watch::Sender<i64>,
     /// `head` has been read from the database (history before it is not kept in memory).
@@ -41,6 +41,27 @@ struct Inner {
     kick: Notify,
     streams: Mutex<StreamCount>,
     limits: StreamLimits,
+    /// Streams reading the database at once (catching up from far behind): a crowd of them
+    /// must not take the connections the order path needs.
+    catching_up: tokio::sync::Semaphore,
+}
+
+/// Streams that may read the database at the same time.
+const CATCHING_UP: usize = 2;
+
+/// An event with its Server-Sent Events frame, rendered once for every stream.
+#[derive(Debug)]
+pub struct Framed {
+    pub event: Event,
+    pub frame: axum::body::Bytes,
+}
+
+impl Framed {
+    pub fn new(event: Event) -> Self {
+        let data = serde_json::to_string(&event).unwrap_or_default();
+        let frame = format!("id: {}\nevent: {}\ndata: {data}\n\n", event.id, event.kind);
+        Self { event, frame: frame.into() }
+    }
 }
 
 /// Most live streams open at once.
@@ -60,7 +81,7 @@ struct StreamCount {
 #[derive(Debug)]
 pub struct Slice {
     /// Matching events after the cursor, oldest first.
-    pub events: Vec<Arc<Event>>,
+    pub events: Vec<Arc<Framed>>,
     /// The highest id looked at (matching or not): the cursor moves here.
     pub scanned_to: i64,
 }
@@ -79,6 +100,7 @@ impl Feed {
                 kick: Notify::new(),
                 streams: Mutex::default(),
                 limits,
+                catching_up: tokio::sync::Semaphore::new(CATCHING_UP),
             }),
         };
         tokio::spawn(feed.clone().relay_loop(db, stop));
@@ -123,7 +145,7 @@ impl Feed {
             let full = fresh.len() as i64 == PAGE;
             {
                 let mut recent = self.inner.recent.write().unwrap_or_else(|e| e.into_inner());
-                recent.extend(fresh.into_iter().map(Arc::new));
+                recent.extend(fresh.into_iter().map(|e| Arc::new(Framed::new(e))));
                 while recent.len() > RECENT {
                     recent.pop_front();
                 }
@@ -157,23 +179,38 @@ impl Feed {
         if after >= head {
             return Some(Slice { events: Vec::new(), scanned_to: after });
         }
-        let first = recent.front()?.id;
+        let first = recent.front()?.event.id;
         if after + 1 < first {
             return None;
         }
         let skip = usize::try_from(after + 1 - first).unwrap_or(0);
         let mut scanned_to = after;
         let mut events = Vec::new();
-        for event in recent.iter().skip(skip) {
-            scanned_to = event.id;
-            if types.is_empty() || types.contains(&event.kind) {
-                events.push(event.clone());
+        for framed in recent.iter().skip(skip) {
+            scanned_to = framed.event.id;
+            if types.is_empty() || types.contains(&framed.event.kind) {
+                events.push(framed.clone());
                 if events.len() >= limit {
                     break;
                 }
             }
         }
         Some(Slice { events, scanned_to })
+    }
+
+    /// Events after `after` from the database (a stream far behind the memory), at most one
+    /// page, filtered by `types`; waits its turn among the streams doing the same.
+    pub async fn from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice, ApiError> {
+        let _turn = self.inner.catching_up.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut conn = db.acquire().await?;
+        let page = events::page(&mut conn, after, PAGE, &[]).await?;
+        let scanned_to = page.last().map_or(after, |e| e.id);
+        let events = page
+            .into_iter()
+            .filter(|e| types.is_empty() || types.contains(&e.kind))
+            .map(|e| Arc::new(Framed::new(e)))
+            .collect();
+        Ok(Slice { events, scanned_to })
     }
 
     /// Opens a stream slot for `caller`, or says which limit is reached.

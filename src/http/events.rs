@@ -1,22 +1,22 @@
 //! The event feed: pages (`GET /v1/events`) and a live Server-Sent Events stream.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{self, KeepAlive, Sse};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream};
+use futures_util::stream;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::extract::Query;
 use super::{AppState, page_limit};
-use crate::engine::feed::{self, Slice, StreamSlot};
+use crate::engine::feed::{self, StreamSlot};
 use crate::error::ApiError;
-use crate::store::events::{self, Event, TYPES};
+use crate::store::events::{self, TYPES};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -97,7 +97,7 @@ pub async fn stream(
     caller: Option<axum::Extension<crate::auth::Caller>>,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
-) -> Result<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let types = types(q.kind.as_deref())?;
     let resume = match headers.get("last-event-id") {
         Some(v) => Some(
@@ -112,34 +112,38 @@ pub async fn stream(
     let caller = caller.map_or_else(|| "anonymous".to_owned(), |c| c.0.0.clone());
     let slot = state.feed.open_stream(&caller)?;
     let news = state.feed.subscribe();
-    let reader = Reader { state, after, types, buffer: Vec::new(), news, _slot: slot };
-    let stream = stream::unfold(reader, move |mut reader| async move {
+    let reader = Reader { state, after, types, news, _slot: slot };
+    // Each wake sends everything that is new as one chunk of frames rendered once per event
+    // (not once per stream), and an idle stream a heartbeat comment now and then.
+    let body = stream::unfold(reader, |mut reader| async move {
         loop {
             if *reader.state.shutdown.borrow() {
                 return None;
             }
-            if let Some(event) = reader.buffer.pop() {
-                return Some((Ok(to_sse(&event)), reader));
-            }
-            match reader.fetch().await {
-                Ok(true) => continue,
-                Ok(false) => {}
+            match reader.next_chunk().await {
+                Ok(Some(chunk)) => return Some((Ok::<_, Infallible>(chunk), reader)),
+                Ok(None) => {}
                 Err(err) => tracing::warn!(error = %err, "event stream read failed; retrying"),
             }
-            // Nothing new: sleep until the relay brings something (or shutdown).
             let mut shutdown = reader.state.shutdown.clone();
             tokio::select! {
                 _ = reader.news.changed() => {}
-                _ = tokio::time::sleep(IDLE_RECHECK) => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {
+                    return Some((Ok(Bytes::from_static(b":heartbeat\n\n")), reader));
+                }
                 _ = shutdown.changed() => {}
             }
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("heartbeat")))
+    let mut response = Response::new(axum::body::Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
-/// A stream also looks again this often without news (a relay that failed, say).
-const IDLE_RECHECK: Duration = Duration::from_secs(5);
+/// An idle stream sends a comment this often, so proxies and clients see it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// One live stream's position.
 struct Reader {
@@ -147,44 +151,34 @@ struct Reader {
     /// The highest id looked at: events up to it were sent or did not match.
     after: i64,
     types: Vec<String>,
-    /// Taken but not yet sent, newest first (popped from the end).
-    buffer: Vec<Arc<Event>>,
     news: tokio::sync::watch::Receiver<i64>,
     /// Holds the stream's place under the limits until the stream is dropped.
     _slot: StreamSlot,
 }
 
 impl Reader {
-    /// Fills the buffer from the feed's memory, or from the database while far behind;
-    /// `true` when there is something to send.
-    async fn fetch(&mut self) -> Result<bool, ApiError> {
-        self.news.mark_unchanged();
-        let slice = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
-            Some(slice) => slice,
-            None => {
-                let mut conn = self.state.db.acquire().await?;
-                let page = events::page(&mut conn, self.after, feed::PAGE, &[]).await?;
-                let scanned_to = page.last().map_or(self.after, |e| e.id);
-                let events = page
-                    .into_iter()
-                    .filter(|e| self.types.is_empty() || self.types.contains(&e.kind))
-                    .map(Arc::new)
-                    .collect();
-                Slice { events, scanned_to }
+    /// The frames of the events after the cursor, from the feed's memory, or from the database
+    /// while far behind; `None` when nothing new has arrived.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+        loop {
+            self.news.mark_unchanged();
+            let slice = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
+                Some(slice) => slice,
+                None => self.state.feed.from_database(&self.state.db, self.after, &self.types).await?,
+            };
+            let moved = slice.scanned_to > self.after;
+            self.after = slice.scanned_to;
+            if !slice.events.is_empty() {
+                let mut chunk = Vec::with_capacity(slice.events.iter().map(|f| f.frame.len()).sum());
+                for framed in &slice.events {
+                    chunk.extend_from_slice(&framed.frame);
+                }
+                return Ok(Some(Bytes::from(chunk)));
             }
-        };
-        // A filter that skipped a stretch looks again at once: more may follow it.
-        let moved = slice.scanned_to > self.after;
-        self.after = slice.scanned_to;
-        self.buffer = slice.events;
-        self.buffer.reverse();
-        Ok(!self.buffer.is_empty() || moved)
+            // A filter that skipped a stretch looks on at once: more may follow it.
+            if !moved {
+                return Ok(None);
+            }
+        }
     }
-}
-
-fn to_sse(event: &Event) -> sse::Event {
-    sse::Event::default()
-        .id(event.id.to_string())
-        .event(event.kind.clone())
-        .data(serde_json::to_string(event).unwrap_or_default())
 }

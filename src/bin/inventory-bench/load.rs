@@ -144,12 +144,12 @@ pub struct StreamTally {
     pub events: u64,
 }
 
-/// Holds one `GET /v1/events/stream` open until `deadline`, counting the events it receives;
-/// every fourth stream filters for a type that rarely occurs.
-pub async fn hold_stream(addr: SocketAddr, n: usize, deadline: Instant) -> StreamTally {
+/// Holds one `GET /v1/events/stream?after=…` open until `deadline`, counting the events it
+/// receives; every fourth stream filters for a type that rarely occurs.
+pub async fn hold_stream(addr: SocketAddr, n: usize, after: i64, deadline: Instant) -> StreamTally {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tally = StreamTally::default();
-    let query = if n % 4 == 3 { "?type=stock.low" } else { "" };
+    let query = if n % 4 == 3 { format!("?after={after}&type=stock.low") } else { format!("?after={after}") };
     let Ok(mut stream) = TcpStream::connect(addr).await else {
         tally.failed = 1;
         return tally;

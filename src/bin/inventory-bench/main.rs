@@ -275,8 +275,11 @@ async fn run_scenarios(
             _ => Duration::from_secs(args.duration_secs),
         };
         let deadline = started + duration;
+        // Live consumers: they start at the feed's current end, as a consumer resuming from its
+        // cursor does (one starting from 0 replays the whole retained history first).
+        let head = if args.event_streams > 0 { feed_head(&dbs.service_url).await } else { 0 };
         let streams: Vec<_> =
-            (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, deadline))).collect();
+            (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, head, deadline))).collect();
         let lag = tokio::spawn(watch_expiry_lag(addr, deadline));
         let tasks: Vec<_> = (0..clients)
             .map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline)))
@@ -394,6 +397,12 @@ async fn wal_bytes(url: &str) -> Option<f64> {
 
 fn per_op_kb(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
     Some((after? - before?) / 1024.0 / (ops.max(1) as f64))
+}
+
+/// The highest event id relayed so far (0 when unknown).
+async fn feed_head(url: &str) -> i64 {
+    let Ok(mut conn) = PgConnection::connect(url).await else { return 0 };
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(&mut conn).await.unwrap_or(0)
 }
 
 /// The largest `expiry_lag_seconds` (the oldest overdue hold at a sweep) seen once a second
