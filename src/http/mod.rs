@@ -86,6 +86,7 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn(reject_nul_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), crate::auth::layer))
+        .layer(middleware::from_fn(move |req: Request, next: Next| read_unused_body(body_limit, timeout, req, next)))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
@@ -107,6 +108,23 @@ async fn reject_nul_bytes(req: Request, next: Next) -> Response {
         return ApiError::Malformed("the path or query contains a NUL byte (%00)".into()).into_response();
     }
     next.run(req).await
+}
+
+/// A GET, HEAD, DELETE or OPTIONS request has no use for a body, and no handler reads one. A
+/// body left unread when the answer goes out makes the server close the connection with data
+/// still unread, which the kernel turns into a reset that can cut the answer off on its way to
+/// the client. So such a body is read (up to the body limit, else 413) and dropped first.
+async fn read_unused_body(limit: usize, wait: std::time::Duration, req: Request, next: Next) -> Response {
+    use axum::http::Method;
+    if ![Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS].contains(req.method()) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(wait, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(_)) => next.run(Request::from_parts(parts, axum::body::Body::empty())).await,
+        Ok(Err(_)) => ApiError::PayloadTooLarge { limit }.into_response(),
+        Err(_) => ApiError::Malformed("the request body did not arrive in time".into()).into_response(),
+    }
 }
 
 /// Bounds every request (and so graceful shutdown). A request cut off here is rolled back,

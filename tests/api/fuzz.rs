@@ -958,7 +958,10 @@ async fn fuzzed_requests_never_get_a_5xx_always_get_a_problem_and_change_nothing
 async fn fuzzed_requests_from_a_fresh_seed_never_get_a_5xx() {
     let seed = rand::random::<u64>();
     use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "fuzz: fresh seed {seed} (replay with INVENTORY_FUZZ_SEED={seed})");
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "fuzz: fresh seed {seed} (replay: INVENTORY_FUZZ_SEED={seed} cargo test --test api fuzzed_requests_never)"
+    );
     fuzz_from(seed, env_count("INVENTORY_FUZZ_CASES", 8 * CASES_PER_OP as usize) as u32).await;
 }
 
