@@ -48,43 +48,30 @@ pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(V
     if !known {
         return Ok(None);
     }
+    // The same page; only the leading condition differs, so that each shape uses its index.
+    macro_rules! page_where {
+        ($lead:literal) => {
+            concat!(
+                "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
+                        reference, reason
+                   FROM ledger
+                  WHERE ",
+                $lead,
+                "
+                    AND ($1::text IS NULL OR sku = $1)
+                    AND ($2::text IS NULL OR warehouse = $2)
+                    AND ($3::text IS NULL OR reference = $3)
+                    AND txid < $6::text::xid8
+                    AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
+                  ORDER BY txid, id
+                  LIMIT $5"
+            )
+        };
+    }
     let sql = match (&page.sku, &page.reference) {
-        (Some(_), _) => {
-            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
-                    reference, reason
-               FROM ledger
-              WHERE sku = $1
-                AND ($2::text IS NULL OR warehouse = $2)
-                AND ($3::text IS NULL OR reference = $3)
-                AND txid < $6::text::xid8
-                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
-              ORDER BY txid, id
-              LIMIT $5"
-        }
-        (None, Some(_)) => {
-            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
-                    reference, reason
-               FROM ledger
-              WHERE reference = $3
-                AND ($1::text IS NULL OR sku = $1)
-                AND ($2::text IS NULL OR warehouse = $2)
-                AND txid < $6::text::xid8
-                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
-              ORDER BY txid, id
-              LIMIT $5"
-        }
-        (None, None) => {
-            "SELECT id, at, sku, warehouse, kind, on_hand_delta, reserved_delta, on_hand_after, reserved_after,
-                    reference, reason
-               FROM ledger
-              WHERE ($1::text IS NULL OR sku = $1)
-                AND ($2::text IS NULL OR warehouse = $2)
-                AND ($3::text IS NULL OR reference = $3)
-                AND txid < $6::text::xid8
-                AND ($4::uuid IS NULL OR (txid, id) > (SELECT txid, id FROM ledger WHERE id = $4))
-              ORDER BY txid, id
-              LIMIT $5"
-        }
+        (Some(_), _) => page_where!("sku = $1"),
+        (None, Some(_)) => page_where!("reference = $3"),
+        (None, None) => page_where!("true"),
     };
     let mut rows: Vec<Entry> = sqlx::query_as(sql)
         .bind(&page.sku)

@@ -194,8 +194,6 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, A
     .await?)
 }
 
-/// Locks up to `limit` active reservations whose deadline has passed (database clock),
-/// skipping rows another transaction holds, so several instances can sweep side by side.
 /// What the expiry sweep leaves out this time: reservations whose expiry failed, and
 /// reservations that hold units of a level found stuck (locked by someone else for long).
 #[derive(Debug, Clone, Default)]
@@ -206,25 +204,35 @@ pub struct SweepSkips {
     pub only: Option<Uuid>,
 }
 
-/// Locks up to `limit` overdue active reservations, oldest deadline first, skipping rows other
-/// transactions hold (a fulfil in progress) and whatever `skips` names.
-pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, ApiError> {
-    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    Ok(sqlx::query_as(
-        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
-           FROM reservations r
+/// The sweep's condition on `reservations r`: active and overdue, not one of the ids in `$2`,
+/// holding nothing of the levels `($3[i], $4[i])`.
+macro_rules! overdue_and_not_skipped {
+    () => {
+        "
           WHERE r.status = 'active' AND r.expires_at <= now()
-            AND ($5::uuid IS NULL OR r.id = $5)
             AND r.id <> ALL($2::uuid[])
             AND NOT EXISTS (
                 SELECT 1 FROM reservation_allocations a
                   JOIN unnest($3::text[], $4::text[]) AS s(sku, warehouse)
                     ON s.sku = a.sku AND s.warehouse = a.warehouse
-                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)
-          ORDER BY r.expires_at, r.id
-          LIMIT $1
-            FOR UPDATE OF r SKIP LOCKED",
-    )
+                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)"
+    };
+}
+
+/// Locks up to `limit` active reservations whose deadline has passed (database clock), oldest
+/// deadline first, skipping rows other transactions hold (a fulfil in progress, another
+/// instance's sweep) and whatever `skips` names.
+pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, ApiError> {
+    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
+    Ok(sqlx::query_as(concat!(
+        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
+               FROM reservations r",
+        overdue_and_not_skipped!(),
+        " AND ($5::uuid IS NULL OR r.id = $5)
+              ORDER BY r.expires_at, r.id
+              LIMIT $1
+                FOR UPDATE OF r SKIP LOCKED"
+    ))
     .bind(limit)
     .bind(&skips.ids)
     .bind(&skus)
@@ -237,18 +245,11 @@ pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkip
 /// Ids of overdue active reservations (unlocked, a hint for the one-at-a-time fallback).
 pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Uuid>, ApiError> {
     let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    Ok(sqlx::query_scalar(
-        "SELECT r.id FROM reservations r
-          WHERE r.status = 'active' AND r.expires_at <= now()
-            AND r.id <> ALL($2::uuid[])
-            AND NOT EXISTS (
-                SELECT 1 FROM reservation_allocations a
-                  JOIN unnest($3::text[], $4::text[]) AS s(sku, warehouse)
-                    ON s.sku = a.sku AND s.warehouse = a.warehouse
-                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)
-          ORDER BY r.expires_at, r.id
-          LIMIT $1",
-    )
+    Ok(sqlx::query_scalar(concat!(
+        "SELECT r.id FROM reservations r",
+        overdue_and_not_skipped!(),
+        " ORDER BY r.expires_at, r.id LIMIT $1"
+    ))
     .bind(limit)
     .bind(&skips.ids)
     .bind(&skus)
