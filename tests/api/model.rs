@@ -227,6 +227,18 @@ struct Planned {
     quantity: i64,
 }
 
+/// A new order's request and what the model expects of it.
+#[derive(Debug)]
+struct PreparedOrder {
+    order_id: String,
+    body: Value,
+    expected: Class,
+    planned: Result<Vec<Planned>, Vec<Short>>,
+    /// The model's reservation with this order id, when it is taken.
+    existing: Option<usize>,
+    ttl: Option<i64>,
+}
+
 /// A SKU the model expects to be short: `(sku, requested, available)`.
 type Short = (String, i64, i64);
 
@@ -612,7 +624,8 @@ impl<'a> Runner<'a> {
             0..13 => "receive",
             13..23 => "adjust",
             23..31 => "transfer",
-            31..55 => "reserve",
+            31..50 => "reserve",
+            50..55 => "wave",
             55..68 => "fulfil",
             68..79 => "release",
             79..84 => "extend",
@@ -627,9 +640,10 @@ impl<'a> Runner<'a> {
             0..13 => self.receive().await,
             13..23 => self.adjust().await,
             23..31 => self.transfer().await,
-            31..55 => {
+            31..50 => {
                 self.reserve(None).await;
             }
+            50..55 => self.wave().await,
             55..68 => self.settle(true, None).await,
             68..79 => self.settle(false, None).await,
             79..84 => self.extend().await,
@@ -862,14 +876,64 @@ impl<'a> Runner<'a> {
     /// Reserves a random order; `ttl` forces a TTL (the expiry steps). Returns the model index
     /// of the reservation when it was created.
     async fn reserve(&mut self, ttl: Option<i64>) -> Option<usize> {
-        let strategy = match self.rng.random_range(0..10) {
-            0..4 => None,
-            4..7 => Some("priority"),
-            _ => Some("single"),
-        };
+        let strategy = self.any_strategy();
         let (order_id, duplicate) = self.order_id();
         let lines = self.random_lines(strategy, duplicate);
         let ttl = ttl.or_else(|| self.chance(0.5).then(|| self.rng.random_range(3600..=86_400)));
+        let order = self.prepare_reserve(order_id, lines, strategy, ttl);
+        let (status, answer) = self.send(Method::POST, "/v1/reservations", Some(order.body.clone())).await;
+        self.finish_reserve(order, status, answer)
+    }
+
+    fn any_strategy(&mut self) -> Option<&'static str> {
+        match self.rng.random_range(0..10) {
+            0..4 => None,
+            4..7 => Some("priority"),
+            _ => Some("single"),
+        }
+    }
+
+    /// A wave: up to five new orders over pairwise disjoint SKUs, sent at once so that the
+    /// service decides them together (in one batch, mostly). Sharing no SKU, their outcomes do
+    /// not depend on the order they are decided in, so the model takes them one by one.
+    async fn wave(&mut self) {
+        let mut free: Vec<&'static str> = SKUS.to_vec();
+        let mut orders = Vec::new();
+        for _ in 0..self.rng.random_range(2..=5) {
+            if free.is_empty() {
+                break;
+            }
+            let strategy = self.any_strategy();
+            let mut lines = Vec::new();
+            for _ in 0..self.rng.random_range(1..=2usize).min(free.len()) {
+                let sku = free.swap_remove(self.rng.random_range(0..free.len()));
+                let warehouse = self.chance(0.2).then(|| self.any_warehouse().to_owned());
+                lines.push(Line { sku: sku.to_owned(), quantity: self.rng.random_range(1..=6), warehouse });
+            }
+            self.model.next_order += 1;
+            let order_id = format!("order-{}-{}", self.seed, self.model.next_order);
+            let ttl = self.chance(0.5).then(|| self.rng.random_range(3600..=86_400));
+            orders.push(self.prepare_reserve(order_id, lines, strategy, ttl));
+        }
+        let app = self.app;
+        let answers = futures::future::join_all(orders.iter().map(|o| async move {
+            let (status, answer) = app.call(Method::POST, "/v1/reservations", Some(o.body.clone())).await;
+            (status.as_u16(), answer)
+        }))
+        .await;
+        for (order, (status, answer)) in orders.into_iter().zip(answers) {
+            self.finish_reserve(order, status, answer);
+        }
+    }
+
+    /// The request of a new order and what the model expects of it, from the model's state now.
+    fn prepare_reserve(
+        &self,
+        order_id: String,
+        lines: Vec<Line>,
+        strategy: Option<&str>,
+        ttl: Option<i64>,
+    ) -> PreparedOrder {
         let mut body = json!({
             "order_id": order_id,
             "lines": lines.iter().map(|l| {
@@ -909,8 +973,12 @@ impl<'a> Runner<'a> {
         } else {
             CREATED
         };
+        PreparedOrder { order_id, body, expected, planned, existing, ttl }
+    }
 
-        let (status, answer) = self.send(Method::POST, "/v1/reservations", Some(body.clone())).await;
+    /// Checks the service's answer to a prepared order and takes it into the model.
+    fn finish_reserve(&mut self, order: PreparedOrder, status: u16, answer: Value) -> Option<usize> {
+        let PreparedOrder { order_id, body, expected, planned, existing, ttl } = order;
         self.expect("reserve", &body.to_string(), expected, status, &answer);
         match (expected, planned) {
             (CREATED, Ok(planned)) => {
