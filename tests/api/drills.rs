@@ -880,12 +880,12 @@ async fn verify_exactly_once(app: &TestApp, clients: &[Client], tag: &str) -> us
 
 /// The release binary serving one database on a fixed loopback port; killed if still running
 /// when dropped.
-struct Service {
+pub(crate) struct Service {
     child: Child,
 }
 
 impl Service {
-    fn start(database_url: &str, listen: &str, log: &Path, extra: &[&str]) -> Self {
+    pub(crate) fn start(database_url: &str, listen: &str, log: &Path, extra: &[&str]) -> Self {
         let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--database-url", database_url, "--listen", listen])
@@ -908,7 +908,7 @@ impl Service {
     }
 
     /// SIGTERM and a graceful exit.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").arg(self.pid().to_string()).status();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
@@ -933,16 +933,16 @@ impl Drop for Service {
 
 /// The service's log for one drill, in the temp directory: deleted when the drill passes, kept
 /// (and named) when it fails.
-struct DrillLog(PathBuf);
+pub(crate) struct DrillLog(PathBuf);
 
 impl DrillLog {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let path = std::env::temp_dir().join(format!("inventory-drill-{name}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&path);
         Self(path)
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -964,7 +964,7 @@ impl Drop for DrillLog {
 }
 
 /// A [`TestApp`] for a service running elsewhere (the binary), with its own pool on `db_url`.
-async fn app_for(listen: &str, db_url: &str) -> TestApp {
+pub(crate) async fn app_for(listen: &str, db_url: &str) -> TestApp {
     TestApp {
         base: format!("http://{listen}"),
         db: PgPool::connect(db_url).await.expect("connect to the drill's database"),
@@ -987,12 +987,12 @@ fn load_client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(32).build().unwrap()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `/health/ready` until it answers 200; returns how long that took.
-async fn wait_ready(base: &str, deadline: Duration) -> Option<Duration> {
+pub(crate) async fn wait_ready(base: &str, deadline: Duration) -> Option<Duration> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
     let started = Instant::now();
     while started.elapsed() < deadline {

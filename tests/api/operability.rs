@@ -3,6 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::drills;
 use crate::helpers::TestApp;
 
 /// The value of the first sample whose line starts with `name{` and contains every label.
@@ -22,13 +23,19 @@ async fn metrics(app: &TestApp) -> String {
     res.text().await.unwrap()
 }
 
+/// The service runs as a process of its own here, so its metrics count this test's requests
+/// and nothing else: every change is checked exactly.
 #[tokio::test]
-async fn metrics_move_with_real_requests() {
-    let app = TestApp::spawn().await;
+async fn metrics_count_exactly_the_requests_made() {
+    let db_url = crate::helpers::fresh_database().await;
+    let listen = format!("127.0.0.1:{}", drills::free_port());
+    let log = drills::DrillLog::new("metrics");
+    let service = drills::Service::start(&db_url, &listen, log.path(), &[]);
+    let app = drills::app_for(&listen, &db_url).await;
+    assert!(drills::wait_ready(&app.base, std::time::Duration::from_secs(30)).await.is_some(), "{log}");
     app.warehouse("W1", 1).await;
     app.sku("A").await;
     app.receive("A", "W1", 2).await;
-    // Counters are process-wide (tests share the recorder), so compare before and after.
     let before = metrics(&app).await;
     let route = r#"route="/v1/reservations""#;
     let (status, r) =
@@ -41,15 +48,17 @@ async fn metrics_move_with_real_requests() {
     let after = metrics(&app).await;
 
     let delta = |name: &str, labels: &[&str]| sample(&after, name, labels) - sample(&before, name, labels);
-    assert!(delta("http_requests_total", &[route, r#"status="201""#]) >= 1.0, "{after}");
-    assert!(delta("http_requests_total", &[route, r#"status="409""#]) >= 1.0);
-    assert!(delta("reservations_total", &[r#"outcome="created""#]) >= 1.0);
-    assert!(delta("reservations_total", &[r#"outcome="insufficient_stock""#]) >= 1.0);
-    assert!(delta("stock_units_total", &[r#"kind="reserve""#]) >= 2.0);
-    assert!(delta("stock_units_total", &[r#"kind="fulfil""#]) >= 2.0);
+    assert_eq!(delta("http_requests_total", &[route, r#"method="POST""#, r#"status="201""#]), 1.0, "{after}");
+    assert_eq!(delta("http_requests_total", &[route, r#"method="POST""#, r#"status="409""#]), 1.0);
+    assert_eq!(delta("reservations_total", &[r#"outcome="created""#]), 1.0);
+    assert_eq!(delta("reservations_total", &[r#"outcome="insufficient_stock""#]), 1.0);
+    assert_eq!(delta("stock_units_total", &[r#"kind="reserve""#]), 2.0);
+    assert_eq!(delta("stock_units_total", &[r#"kind="fulfil""#]), 2.0);
+    assert_eq!(delta("stock_units_total", &[r#"kind="receive""#]), 0.0, "nothing received in between");
     assert!(after.contains("http_request_duration_seconds_bucket"), "latency histogram");
     assert!(after.contains("db_pool_max_connections"));
     assert!(!after.contains("/v1/reservations/0"), "route templates, never raw paths");
+    service.stop();
 }
 
 #[tokio::test]
