@@ -338,6 +338,9 @@ mod tests {
         assert_eq!(err, [Shortage { sku: "B".into(), requested: 1, available: 0 }]);
         // Even though priority would split it fine.
         assert!(allocate(&[line("A", 2), line("B", 1)], &cands, Strategy::Priority).is_ok());
+        // A SKU the closest warehouse holds exactly enough of is not short.
+        let err = allocate(&[line("A", 5), line("B", 1)], &cands, Strategy::Single).unwrap_err();
+        assert_eq!(err, [Shortage { sku: "B".into(), requested: 1, available: 0 }]);
     }
 
     #[test]

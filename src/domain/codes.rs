@@ -93,6 +93,12 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_code_gives_back_the_text_it_was_parsed_from() {
+        assert_eq!(Code::parse("WH-1.b").unwrap().into_string(), "WH-1.b");
+        assert_eq!(Code::parse("x_9").unwrap().as_str(), "x_9");
+    }
+
+    #[test]
     fn accepts_the_contract_examples() {
         for ok in ["A", "WH-1", "sku_42.blue", "0", &"x".repeat(64)] {
             assert!(Sku::parse(ok).is_ok(), "{ok}");

@@ -93,3 +93,46 @@ impl Validator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positive(raw: i64) -> Result<i64, String> {
+        if raw > 0 { Ok(raw) } else { Err(format!("must be positive, got {raw}")) }
+    }
+
+    #[test]
+    fn every_bad_field_is_collected_and_nothing_is_built() {
+        let mut v = Validator::new();
+        assert!(v.is_ok(), "a fresh validator has no errors");
+        let a = v.required("a", Some(5), positive);
+        let b = v.required("b", None::<i64>, positive);
+        let c = v.required("c", Some(-1), positive);
+        let d = v.optional("d", None::<i64>, positive);
+        let e = v.optional("e", Some(7), positive);
+        let f = v.optional("f", Some(0), positive);
+        let g = v.check("g", positive(3));
+        assert_eq!((a, b, c), (Some(5), None, None));
+        assert_eq!((d, e, f, g), (Some(None), Some(Some(7)), None, Some(3)));
+        assert!(!v.is_ok());
+        v.fail("lines", "cannot be empty");
+        let errors = v.finish(|| Some(())).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["b", "c", "f", "lines"]);
+        assert_eq!(errors[0].message, "is required");
+        assert_eq!(errors[1].message, "must be positive, got -1");
+        assert_eq!(errors[3], FieldError::new("lines", "cannot be empty"));
+    }
+
+    #[test]
+    fn a_clean_validation_builds_the_value() {
+        let mut v = Validator::new();
+        let a = v.required("a", Some(2), positive);
+        let b = v.optional("b", Some(3), positive);
+        assert!(v.is_ok());
+        assert_eq!(v.finish(|| Some(a? + b??)), Ok(5));
+        // A builder that still finds a gap is a bug, reported rather than panicking.
+        assert_eq!(Validator::new().finish(|| None::<()>).unwrap_err()[0].field, "body");
+    }
+}

@@ -97,6 +97,12 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_quantity_prints_as_its_number() {
+        assert_eq!(Quantity::parse(42).unwrap().to_string(), "42");
+        assert_eq!(format!("{:>4}", Quantity::parse(7).unwrap()), "   7");
+    }
+
+    #[test]
     fn quantity_bounds_are_inclusive() {
         assert!(Quantity::parse(0).is_err());
         assert_eq!(Quantity::parse(1).map(Quantity::get), Ok(1));
