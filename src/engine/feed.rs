@@ -179,14 +179,15 @@ impl Feed {
         if after >= head {
             return Some(Slice { events: Vec::new(), scanned_to: after });
         }
-        let first = recent.front()?.event.id;
-        if after + 1 < first {
+        // Memory must hold the event right after the cursor (ids are gap-free when relayed;
+        // the oldest ones go first, to retention).
+        if recent.front()?.event.id > after + 1 {
             return None;
         }
-        let skip = usize::try_from(after + 1 - first).unwrap_or(0);
+        let skip = recent.partition_point(|f| f.event.id <= after);
         let mut scanned_to = after;
         let mut events = Vec::new();
-        for framed in recent.iter().skip(skip) {
+        for framed in recent.range(skip..) {
             scanned_to = framed.event.id;
             if types.is_empty() || types.contains(&framed.event.kind) {
                 events.push(framed.clone());
