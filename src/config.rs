@@ -118,6 +118,11 @@ impl DatabaseArgs {
 /// The default of `--import-max-bytes`: 512 MiB.
 pub const DEFAULT_IMPORT_MAX_BYTES: usize = 512 * 1024 * 1024;
 
+/// Live event streams open at once, by default.
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 1024;
+/// Live event streams one API key may hold open, by default.
+pub const DEFAULT_MAX_EVENT_STREAMS_PER_KEY: usize = 512;
+
 /// How the HTTP server behaves.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -134,7 +139,8 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true)]
     pub import_max_bytes: usize,
 
-    /// Seconds a request may take before it is answered 503 (also bounds graceful shutdown).
+    /// Seconds a request may take before it is answered 504 `outcome_unknown` (also bounds
+    /// graceful shutdown).
     #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT", default_value_t = 30, global = true)]
     pub request_timeout_secs: u64,
 
@@ -191,11 +197,11 @@ pub struct ServerArgs {
     pub batch_concurrency: usize,
 
     /// Most live event streams open at once (more are answered 429).
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = 1024, global = true)]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, global = true)]
     pub max_event_streams: usize,
 
     /// Most live event streams one API key (or, without keys, everyone together) may hold open.
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = 512, global = true)]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, global = true)]
     pub max_event_streams_per_key: usize,
 }
 
@@ -236,8 +242,8 @@ impl Default for ServerArgs {
             batch_max: 128,
             batch_window_us: 1000,
             batch_concurrency: 4,
-            max_event_streams: 1024,
-            max_event_streams_per_key: 512,
+            max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
+            max_event_streams_per_key: DEFAULT_MAX_EVENT_STREAMS_PER_KEY,
         }
     }
 }

@@ -99,10 +99,9 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         .map_err(SetupError::Connect)
 }
 
-/// BEGIN for a transaction that may write ledger entries or events: it announces itself as a
-/// writer (a shared advisory lock, taken before it has a transaction id), so readers of the
-/// ledger and the event relay wait for it and for nobody else (see `writer_horizon()` in
-/// migration 0006).
+/// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
+/// shared advisory lock, taken right after BEGIN, before it has a transaction id), so readers of
+/// the ledger wait for it and for nobody else (see `writer_horizon()` in migrations 0006, 0007).
 pub async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await?;

@@ -55,8 +55,19 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
             import_command(&cli.database, &database, &file, create_missing).await
         }
     };
-    database.shutdown(owner).await;
+    // A one-off command stops a cluster it started, unless a service has since taken it over
+    // (it holds the data directory's lock and will stop the cluster itself).
+    let served_by_another = !owner && data_dir_served(&cli.database.data_dir);
+    if !served_by_another {
+        database.shutdown(owner).await;
+    }
     result
+}
+
+/// Whether a running `inventory serve` holds the data directory's lock.
+fn data_dir_served(data_dir: &std::path::Path) -> bool {
+    let Ok(file) = std::fs::File::open(data_dir.join("serve.lock")) else { return false };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
 /// Takes the data directory's exclusive `serve.lock` (held until the process ends), or says

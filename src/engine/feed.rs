@@ -143,9 +143,11 @@ impl Feed {
             let fresh = events::page(&mut conn, head, PAGE, &[]).await?;
             let Some(last) = fresh.last().map(|e| e.id) else { return Ok(()) };
             let full = fresh.len() as i64 == PAGE;
+            // Rendered before the lock is taken: streams read the memory meanwhile.
+            let framed: Vec<Arc<Framed>> = fresh.into_iter().map(|e| Arc::new(Framed::new(e))).collect();
             {
                 let mut recent = self.inner.recent.write().unwrap_or_else(|e| e.into_inner());
-                recent.extend(fresh.into_iter().map(|e| Arc::new(Framed::new(e))));
+                recent.extend(framed);
                 while recent.len() > RECENT {
                     recent.pop_front();
                 }

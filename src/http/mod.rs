@@ -113,22 +113,36 @@ async fn reject_nul_bytes(req: Request, next: Next) -> Response {
 /// A GET, HEAD, DELETE or OPTIONS request has no use for a body, and no handler reads one. A
 /// body left unread when the answer goes out makes the server close the connection with data
 /// still unread, which the kernel turns into a reset that can cut the answer off on its way to
-/// the client. So such a body is read (up to the body limit, else 413) and dropped first.
+/// the client. So such a body is read and dropped first (counted, not kept: at most the body
+/// limit, else 413; a broken or late body is 400).
 async fn read_unused_body(limit: usize, wait: std::time::Duration, req: Request, next: Next) -> Response {
     use axum::http::Method;
+    use http_body_util::BodyExt;
     if ![Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS].contains(req.method()) {
         return next.run(req).await;
     }
-    let (parts, body) = req.into_parts();
-    match tokio::time::timeout(wait, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(_)) => next.run(Request::from_parts(parts, axum::body::Body::empty())).await,
-        Ok(Err(_)) => ApiError::PayloadTooLarge { limit }.into_response(),
+    let (parts, mut body) = req.into_parts();
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| ApiError::Malformed("the request body could not be read".into()))?;
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(wait, drain).await {
+        Ok(Ok(())) => next.run(Request::from_parts(parts, axum::body::Body::empty())).await,
+        Ok(Err(err)) => err.into_response(),
         Err(_) => ApiError::Malformed("the request body did not arrive in time".into()).into_response(),
     }
 }
 
-/// Bounds every request (and so graceful shutdown). A request cut off here is rolled back,
-/// because its transaction is dropped uncommitted.
+/// Bounds every request (and so graceful shutdown). A request cut off here answers 504
+/// `outcome_unknown`: its transaction is dropped uncommitted, unless it was already committing
+/// (or had handed its order to a batch that commits).
 async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,

@@ -37,40 +37,32 @@ pub struct Event {
 
 /// Gives the next public ids to committed events, in one short transaction; returns how many.
 ///
-/// Only events below the writer horizon are numbered (every transaction that could still add
-/// one is at or above it), so an event that appears later gets a larger id and a reader paging
-/// with `after` never misses one. The horizon is taken in a statement before the numbering, whose
-/// snapshot then sees every writer below it. One relay at a time (advisory lock), so several
-/// service instances can run it.
+/// Ids are handed out here, after the commit, as `max(id) + n` in `seq` order, by one relay at a
+/// time (advisory lock; several service instances can run it): an event that commits later gets
+/// a larger id at a later run, so a reader paging with `after` never misses one, and no running
+/// transaction — however long — holds the feed back. (Events of one entity stay in order: the
+/// change that follows another waits for its commit.)
 pub async fn relay(pool: &PgPool) -> Result<u64, ApiError> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
         return Ok(0);
     }
-    let horizon = writer_horizon(&mut tx).await?;
     let done = sqlx::query(
         "WITH ready AS (
              SELECT seq, row_number() OVER (ORDER BY seq) AS n
                FROM (SELECT seq FROM events
-                      WHERE id IS NULL AND txid < $1::text::xid8
+                      WHERE id IS NULL
                       ORDER BY seq LIMIT 10000) s
          ), top AS (SELECT coalesce(max(id), 0) AS id FROM events)
          UPDATE events e SET id = top.id + ready.n
            FROM ready, top
           WHERE e.seq = ready.seq",
     )
-    .bind(horizon)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(done.rows_affected())
-}
-
-/// No transaction below this id can still write ledger entries or events (see migration 0006).
-/// Read below it only in a later statement.
-pub async fn writer_horizon(conn: &mut PgConnection) -> Result<i64, ApiError> {
-    Ok(sqlx::query_scalar("SELECT writer_horizon()::text::int8").fetch_one(conn).await?)
 }
 
 /// Relayed events after `after`, oldest first, optionally of some types only.
