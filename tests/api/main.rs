@@ -15,6 +15,7 @@ mod fuzz;
 mod helpers;
 mod idempotency;
 mod import;
+mod migrations;
 mod model;
 mod openapi;
 mod operability;
