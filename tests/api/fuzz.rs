@@ -72,7 +72,7 @@ enum Kind {
     Lines(&'static [(&'static str, Kind)]),
 }
 
-/// One operation of the contract (`../shared/api-contract.md`), with its body fields and
+/// One operation of the contract (`docs/api.md`), with its body fields and
 /// query parameters. Path parameters are `{name}` and take their kind from the name.
 #[derive(Debug)]
 struct Op {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-/// Every operation of the contract (`../shared/api-contract.md`).
+/// Every operation of the contract (`docs/api.md`).
 const CONTRACT: &[(&str, &str)] = &[
     ("PUT", "/v1/warehouses/{code}"),
     ("GET", "/v1/warehouses"),
