@@ -4,14 +4,8 @@
 
 use std::fmt;
 
-use axum::extract::{Request, State};
 use axum::http::Method;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-
-use crate::error::ApiError;
-use crate::http::AppState;
 
 /// What a key may do. Each role includes `read`; `admin` includes everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,7 +36,7 @@ impl Role {
         }
     }
 
-    fn allows(self, needed: Role) -> bool {
+    pub fn allows(self, needed: Role) -> bool {
         self == Role::Admin || needed == Role::Read || self == needed
     }
 }
@@ -91,6 +85,17 @@ impl Keys {
         Ok(Self(keys))
     }
 
+    /// The keys of `--api-keys` (inline entries) and `--api-keys-file`, together.
+    pub fn load(inline: Option<&str>, file: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut text = inline.unwrap_or_default().to_owned();
+        if let Some(path) = file {
+            let file = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            text.push('\n');
+            text.push_str(&file);
+        }
+        Self::parse(&text)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -134,44 +139,6 @@ pub fn required_role(method: &Method, path: &str, metrics_public: bool) -> Optio
         return Some(Role::Read);
     }
     if path.starts_with("/v1/reservations") { Some(Role::Orders) } else { Some(Role::Ops) }
-}
-
-/// The name of the API key a request came with (absent when no keys are configured).
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
-
-/// Middleware: 401 without a valid key, 403 when its role does not allow the call. With no
-/// keys configured every call is allowed (the server refuses to start like that off loopback).
-pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if state.keys.is_empty() {
-        return next.run(request).await;
-    }
-    let Some(needed) = required_role(request.method(), request.uri().path(), state.config.metrics_public) else {
-        return next.run(request).await;
-    };
-    let presented = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
-    let Some(entry) = presented.and_then(|secret| state.keys.find(secret)) else {
-        return ApiError::Unauthorized("a valid API key is required: Authorization: Bearer <key>".into())
-            .into_response();
-    };
-    if !entry.role.allows(needed) {
-        return ApiError::Forbidden(format!(
-            "the key `{}` has role {}, this call needs {}",
-            entry.name,
-            entry.role.as_str(),
-            needed.as_str()
-        ))
-        .into_response();
-    }
-    tracing::Span::current().record("api_key", entry.name.as_str());
-    let mut request = request;
-    request.extensions_mut().insert(Caller(entry.name.clone()));
-    next.run(request).await
 }
 
 #[cfg(test)]

@@ -206,17 +206,6 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// The configured API keys (from `--api-keys` and `--api-keys-file`).
-    pub fn keys(&self) -> Result<crate::auth::Keys, String> {
-        let mut text = self.api_keys.clone().unwrap_or_default();
-        if let Some(path) = &self.api_keys_file {
-            let file = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            text.push('\n');
-            text.push_str(&file);
-        }
-        crate::auth::Keys::parse(&text)
-    }
-
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }

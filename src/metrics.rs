@@ -1,14 +1,9 @@
-//! Prometheus metrics: the recorder, the `/metrics` endpoint, and the names used across the
-//! service (kept here so they stay consistent).
+//! Prometheus metrics: the recorder, and the names used across the service (kept here so they
+//! stay consistent). `http::operations` serves them.
 
 use std::sync::OnceLock;
 
-use axum::extract::State;
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::http::AppState;
 
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
@@ -45,25 +40,4 @@ pub fn handle() -> &'static PrometheusHandle {
         }
         handle
     })
-}
-
-/// `GET /metrics`: Prometheus text format.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
-    )
-)]
-pub async fn render(State(state): State<AppState>) -> Response {
-    metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
-    metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);
-    metrics::gauge!(POOL_MAX).set(state.db.options().get_max_connections() as f64);
-    let handle = handle();
-    handle.run_upkeep();
-    let mut response = handle.render().into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-    response
 }

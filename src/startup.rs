@@ -6,9 +6,11 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Keys;
 use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, ServerArgs};
-use crate::db::{self, Database, MIGRATOR, SetupError};
+use crate::engine::{self, Engine, Refusal};
 use crate::http::{self, AppState};
+use crate::store::db::{self, Database, MIGRATOR, SetupError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -20,8 +22,8 @@ pub enum RunError {
     Serve(#[source] std::io::Error),
     #[error("{0} invariant violation(s) found")]
     Violations(usize),
-    #[error("database error: {0}")]
-    Database(#[from] crate::error::ApiError),
+    #[error("{0}")]
+    Engine(#[from] engine::Error),
     #[error("configuration: {0}")]
     Config(String),
 }
@@ -102,7 +104,7 @@ fn claim_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
 }
 
 async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
-    let keys = cli.server.keys().map_err(RunError::Config)?;
+    let keys = keys_of(&cli.server)?;
     if keys.is_empty() {
         if cli.server.listen.ip().is_loopback() {
             tracing::warn!("NO API KEYS CONFIGURED: every caller may do everything; allowed on loopback only");
@@ -127,6 +129,11 @@ async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The configured API keys (`--api-keys` and `--api-keys-file`).
+fn keys_of(server: &ServerArgs) -> Result<Keys, RunError> {
+    Keys::load(server.api_keys.as_deref(), server.api_keys_file.as_deref()).map_err(RunError::Config)
+}
+
 async fn migrate_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
     let pool = db::connect(&database.url, args).await?;
     MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
@@ -138,16 +145,7 @@ async fn migrate_command(args: &DatabaseArgs, database: &Database) -> Result<(),
 async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
     let pool = db::connect(&database.url, args).await?;
     MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
-    let mut tx = pool.begin().await.map_err(crate::error::ApiError::from)?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(crate::error::ApiError::from)?;
-    // A whole-database check of millions of levels and ledger entries takes longer than a
-    // request may (at 5M levels: over the default 30 s); it only reads, in one snapshot.
-    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await.map_err(crate::error::ApiError::from)?;
-    let violations = crate::store::check::violations(&mut tx).await?;
-    tx.rollback().await.map_err(crate::error::ApiError::from)?;
+    let violations = crate::store::check::whole_database(&pool).await.map_err(engine::Error::from)?;
     pool.close().await;
     for v in &violations {
         println!("VIOLATION {v}");
@@ -193,23 +191,23 @@ async fn import_command(
     // The file is checked and spooled before the transaction begins, as over HTTP.
     let result = async {
         // A local file has no size limit (that one protects the service from its clients).
-        let staged = crate::engine::import::stage(Box::pin(chunks), usize::MAX).await?;
+        let staged = engine::import::stage(Box::pin(chunks), usize::MAX).await?;
         // A writer of ledger entries and events: readers of both wait for it (see db::begin_writer).
         let mut tx = db::begin_writer(&pool).await?;
-        let report = crate::engine::import::apply(&mut tx, &staged, create_missing).await?;
-        tx.commit().await.map_err(crate::error::ApiError::from_commit)?;
-        Ok::<_, crate::error::ApiError>(report)
+        let report = engine::import::apply(&mut tx, &staged, create_missing).await?;
+        tx.commit().await.map_err(engine::Error::from_commit)?;
+        Ok::<_, engine::Error>(report)
     }
     .await;
     let report = match result {
         Ok(report) => report,
-        Err(crate::error::ApiError::Validation(errors)) => {
+        Err(engine::Error::Refused(Refusal::BadRows(errors))) => {
             for e in &errors {
                 println!("REJECTED {}: {}", e.field, e.message);
             }
             return Err(RunError::Config("nothing imported: fix the rows above".into()));
         }
-        Err(crate::error::ApiError::Malformed(problem)) => {
+        Err(engine::Error::Refused(Refusal::NotCsv(problem))) => {
             return Err(RunError::Config(format!("nothing imported: {problem}")));
         }
         Err(other) => return Err(other.into()),
@@ -234,17 +232,15 @@ pub async fn serve(
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let keys = server.keys().map_err(RunError::Config)?;
+    let keys = keys_of(&server)?;
     crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
-    let batcher = (server.batch_max > 1).then(|| http::batch::Batcher::spawn(pool.clone(), &server));
-    let limits = crate::engine::feed::StreamLimits {
-        total: server.max_event_streams,
-        per_caller: server.max_event_streams_per_key,
-    };
-    let feed = crate::engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
-    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), batcher, feed };
+    let engine = Engine::start(pool.clone(), &server, http::error::answer_of);
+    let limits =
+        engine::feed::StreamLimits { total: server.max_event_streams, per_caller: server.max_event_streams_per_key };
+    let feed = engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
+    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), engine, feed };
     let app = http::app(state);
     // Draining starts with the signal: background tasks and event streams stop, requests finish.
     let drain = async move {

@@ -72,14 +72,15 @@ pub struct Line {
 
 /// Units of one SKU held from one warehouse.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Allocation {
+pub struct Placement {
     pub sku: String,
     pub warehouse: String,
     pub quantity: i64,
 }
 
-/// A SKU the order cannot get enough of: what was asked, and what could be had.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A SKU the order cannot get enough of: what was asked, and what could be had (also the
+/// `lines` of an `insufficient_stock` answer).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Shortage {
     pub sku: String,
     pub requested: i64,
@@ -88,11 +89,7 @@ pub struct Shortage {
 
 /// Allocates every line or reports every short SKU. Allocations come grouped by SKU in the
 /// order the SKUs first appear in `lines`, each SKU's warehouses in the order they were used.
-pub fn allocate(
-    lines: &[Line],
-    candidates: &[Candidate],
-    strategy: Strategy,
-) -> Result<Vec<Allocation>, Vec<Shortage>> {
+pub fn allocate(lines: &[Line], candidates: &[Candidate], strategy: Strategy) -> Result<Vec<Placement>, Vec<Shortage>> {
     match strategy {
         Strategy::Priority => allocate_by_priority(lines, candidates),
         Strategy::Single => allocate_single(lines, candidates),
@@ -138,7 +135,7 @@ impl Taken {
     }
 }
 
-fn allocate_by_priority(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<Allocation>, Vec<Shortage>> {
+fn allocate_by_priority(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<Placement>, Vec<Shortage>> {
     let mut allocations = Vec::new();
     let mut shortages = Vec::new();
     for (sku, requested) in demand(lines) {
@@ -174,7 +171,7 @@ fn allocate_by_priority(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<
         if short > 0 {
             shortages.push(Shortage { sku: sku.to_owned(), requested, available: requested - short });
         } else {
-            allocations.extend(taken.0.into_iter().map(|(warehouse, quantity)| Allocation {
+            allocations.extend(taken.0.into_iter().map(|(warehouse, quantity)| Placement {
                 sku: sku.to_owned(),
                 warehouse,
                 quantity,
@@ -184,7 +181,7 @@ fn allocate_by_priority(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<
     if shortages.is_empty() { Ok(allocations) } else { Err(shortages) }
 }
 
-fn allocate_single(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<Allocation>, Vec<Shortage>> {
+fn allocate_single(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<Placement>, Vec<Shortage>> {
     let demand = demand(lines);
     let mut pins: Vec<&str> = lines.iter().filter_map(|l| l.warehouse.as_deref()).collect();
     pins.sort_unstable();
@@ -208,7 +205,7 @@ fn allocate_single(lines: &[Line], candidates: &[Candidate]) -> Result<Vec<Alloc
         if let Some(&(_, warehouse)) = warehouses.keys().find(|(_, w)| fills(w, capacity) == demand.len()) {
             return Ok(demand
                 .iter()
-                .map(|(sku, requested)| Allocation {
+                .map(|(sku, requested)| Placement {
                     sku: (*sku).to_owned(),
                     warehouse: warehouse.to_owned(),
                     quantity: *requested,
@@ -259,8 +256,8 @@ mod tests {
         Line { sku: sku.into(), quantity, warehouse: Some(warehouse.into()) }
     }
 
-    fn alloc(sku: &str, warehouse: &str, quantity: i64) -> Allocation {
-        Allocation { sku: sku.into(), warehouse: warehouse.into(), quantity }
+    fn alloc(sku: &str, warehouse: &str, quantity: i64) -> Placement {
+        Placement { sku: sku.into(), warehouse: warehouse.into(), quantity }
     }
 
     #[test]

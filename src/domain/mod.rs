@@ -2,13 +2,16 @@
 
 pub mod allocation;
 mod codes;
+mod lifecycle;
 mod quantity;
 
+pub use allocation::Shortage;
 pub use codes::{Code, Sku, WarehouseCode};
+pub use lifecycle::{EntryKind, EventKind, Settle, Status};
 pub use quantity::{AdjustReason, Delta, MAX_QUANTITY, Quantity};
 
 /// One problem with one input field, reported under `errors` in a 422 answer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,

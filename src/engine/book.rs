@@ -1,22 +1,26 @@
 //! The locked stock levels of one transaction, changed in memory and written back at once.
 //!
-//! A transaction locks every level it may touch (in (sku, warehouse) order), decides in Rust,
-//! records each change here — which checks invariants 1 and 2 and computes the ledger entry's
-//! after-values — and then [`Book::flush`] writes all levels and ledger entries in a single
-//! set-based statement. The CHECK constraints stay the last line of defence.
+//! A transaction locks every level it may touch (through `store::levels`, in (sku, warehouse)
+//! order), decides in Rust, records each change here — which checks invariants 1 and 2 and
+//! computes the ledger entry's after-values — and then [`Book::flush`] writes all levels and
+//! ledger entries in a single set-based statement. The CHECK constraints stay the last line of
+//! defence. Everything but `flush` and the constructors that lock is plain memory, testable
+//! without a database.
 
 use std::collections::BTreeMap;
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::error::{Error, Result};
 use crate::domain::allocation::Candidate;
-use crate::error::ApiError;
-use crate::store::stock::EntryKind;
+use crate::domain::{EntryKind, EventKind};
+use crate::store::events::{self, NewEvent};
+use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
 
 /// A level as locked, and as changed so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Level {
+pub struct LockedLevel {
     pub on_hand: i64,
     pub reserved: i64,
     pub backorder_limit: i64,
@@ -25,27 +29,13 @@ pub struct Level {
     pub reorder_point: i64,
 }
 
-impl Level {
+impl LockedLevel {
     pub fn available(&self) -> i64 {
         self.on_hand - self.reserved
     }
 }
 
 type Key = (String, String);
-
-#[derive(Debug, Clone)]
-struct Entry {
-    id: Uuid,
-    sku: String,
-    warehouse: String,
-    kind: EntryKind,
-    on_hand_delta: i64,
-    reserved_delta: i64,
-    on_hand_after: i64,
-    reserved_after: i64,
-    reference: Option<String>,
-    reason: Option<&'static str>,
-}
 
 /// Why a change was refused; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,95 +48,34 @@ pub enum Refused {
 
 #[derive(Debug, Default)]
 pub struct Book {
-    levels: BTreeMap<Key, Level>,
+    levels: BTreeMap<Key, LockedLevel>,
     locked: BTreeMap<Key, (i64, i64)>,
-    entries: Vec<Entry>,
-    events: Vec<Event>,
-}
-
-/// An event for the outbox, written by [`Book::flush`] in the same transaction.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub kind: &'static str,
-    pub sku: Option<String>,
-    pub warehouse: Option<String>,
-    pub reservation_id: Option<Uuid>,
-    pub data: serde_json::Value,
-}
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    sku: String,
-    warehouse: String,
-    on_hand: i64,
-    reserved: i64,
-    backorder_limit: i64,
-    priority: i32,
-    active: bool,
-    reorder_point: i64,
+    entries: Vec<NewEntry>,
+    events: Vec<NewEvent>,
 }
 
 impl Book {
-    /// Locks every level of the given SKUs in active warehouses (the only ones that take new
-    /// reservations), in (sku, warehouse) order.
-    pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self, ApiError> {
-        let mut skus = skus.to_vec();
-        skus.sort_unstable();
-        skus.dedup();
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
-               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
-              WHERE l.sku = ANY($1)
-              ORDER BY l.sku, l.warehouse
-                FOR UPDATE OF l",
-        )
-        .bind(&skus)
-        .fetch_all(conn)
-        .await?;
-        Ok(Self::from_rows(rows))
+    /// Locks every level of the given SKUs in active warehouses.
+    pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
+        Ok(Self::from_rows(levels::lock_skus(conn, skus).await?))
     }
 
-    /// Locks exactly the given levels, in (sku, warehouse) order.
-    pub async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self, ApiError> {
-        let mut keys = keys.to_vec();
-        keys.sort_unstable();
-        keys.dedup();
-        let (skus, warehouses): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
-               FROM stock_levels l
-               JOIN warehouses w ON w.code = l.warehouse
-               JOIN unnest($1::text[], $2::text[]) AS k(sku, warehouse)
-                 ON k.sku = l.sku AND k.warehouse = l.warehouse
-              ORDER BY l.sku, l.warehouse
-                FOR UPDATE OF l",
-        )
-        .bind(&skus)
-        .bind(&warehouses)
-        .fetch_all(conn)
-        .await?;
-        Ok(Self::from_rows(rows))
+    /// Locks exactly the given levels.
+    pub async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self> {
+        Ok(Self::from_rows(levels::lock(conn, keys).await?))
     }
 
     /// Reads levels without locking them (for plans, which change nothing).
-    pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self, ApiError> {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
-               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
-              WHERE l.sku = ANY($1)",
-        )
-        .bind(skus)
-        .fetch_all(conn)
-        .await?;
-        Ok(Self::from_rows(rows))
+    pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
+        Ok(Self::from_rows(levels::read_skus(conn, skus).await?))
     }
 
-    fn from_rows(rows: Vec<Row>) -> Self {
+    fn from_rows(rows: Vec<LevelRow>) -> Self {
         let mut book = Self::default();
         for r in rows {
             let key = (r.sku, r.warehouse);
             book.locked.insert(key.clone(), (r.on_hand, r.reserved));
-            let level = Level {
+            let level = LockedLevel {
                 on_hand: r.on_hand,
                 reserved: r.reserved,
                 backorder_limit: r.backorder_limit,
@@ -159,10 +88,9 @@ impl Book {
         book
     }
 
-    pub fn get(&self, sku: &str, warehouse: &str) -> Option<&Level> {
+    pub fn get(&self, sku: &str, warehouse: &str) -> Option<&LockedLevel> {
         self.levels.get(&(sku.to_owned(), warehouse.to_owned()))
     }
-
     pub fn has_sku(&self, sku: &str) -> bool {
         self.levels.range((sku.to_owned(), String::new())..).next().is_some_and(|((s, _), _)| s == sku)
     }
@@ -192,7 +120,7 @@ impl Book {
     }
 
     /// Whether a change would keep invariants 1 and 2, without making it.
-    pub fn check(&self, sku: &str, warehouse: &str, on_hand_delta: i64, reserved_delta: i64) -> Result<(), Refused> {
+    pub fn allows(&self, sku: &str, warehouse: &str, on_hand_delta: i64, reserved_delta: i64) -> Result<(), Refused> {
         let level = self.get(sku, warehouse).ok_or(Refused::Unknown)?;
         let on_hand = level.on_hand + on_hand_delta;
         let reserved = level.reserved + reserved_delta;
@@ -216,7 +144,7 @@ impl Book {
     }
 
     /// Records an event for the outbox.
-    pub fn event(&mut self, event: Event) {
+    pub fn event(&mut self, event: NewEvent) {
         self.events.push(event);
     }
 
@@ -232,11 +160,11 @@ impl Book {
         reference: Option<&str>,
         reason: Option<&'static str>,
     ) -> Result<(), Refused> {
-        self.check(sku, warehouse, on_hand_delta, reserved_delta)?;
+        self.allows(sku, warehouse, on_hand_delta, reserved_delta)?;
         let level = self.levels.get_mut(&(sku.to_owned(), warehouse.to_owned())).ok_or(Refused::Unknown)?;
         level.on_hand += on_hand_delta;
         level.reserved += reserved_delta;
-        self.entries.push(Entry {
+        self.entries.push(NewEntry {
             id: Uuid::now_v7(),
             sku: sku.to_owned(),
             warehouse: warehouse.to_owned(),
@@ -253,97 +181,51 @@ impl Book {
 
     /// Writes every changed level and every ledger entry in one statement, then verifies that
     /// the database arrived at the values computed here.
-    pub async fn flush(mut self, conn: &mut PgConnection) -> Result<(), ApiError> {
+    pub async fn flush(mut self, conn: &mut PgConnection) -> Result<()> {
         self.stock_events();
         if !self.events.is_empty() {
-            insert_events(conn, &self.events).await?;
+            events::insert(conn, &self.events).await?;
         }
         if self.entries.is_empty() {
             return Ok(());
         }
-        let mut level_sku = Vec::new();
-        let mut level_wh = Vec::new();
-        let mut d_on_hand = Vec::new();
-        let mut d_reserved = Vec::new();
-        for (key, level) in &self.levels {
-            let (on_hand0, reserved0) = self.locked[key];
-            if (level.on_hand, level.reserved) != (on_hand0, reserved0) {
-                level_sku.push(key.0.as_str());
-                level_wh.push(key.1.as_str());
-                d_on_hand.push(level.on_hand - on_hand0);
-                d_reserved.push(level.reserved - reserved0);
-            }
-        }
-        let e = &self.entries;
-        for entry in e {
-            let units = match entry.kind {
-                EntryKind::Reserve | EntryKind::Release | EntryKind::Expire => entry.reserved_delta,
-                _ => entry.on_hand_delta,
-            };
+        let changes: Vec<LevelChange> = self
+            .levels
+            .iter()
+            .filter_map(|(key, level)| {
+                let (on_hand0, reserved0) = self.locked[key];
+                ((level.on_hand, level.reserved) != (on_hand0, reserved0)).then(|| LevelChange {
+                    sku: &key.0,
+                    warehouse: &key.1,
+                    on_hand_delta: level.on_hand - on_hand0,
+                    reserved_delta: level.reserved - reserved0,
+                })
+            })
+            .collect();
+        for entry in &self.entries {
+            let units = if entry.kind.moves_held_units() { entry.reserved_delta } else { entry.on_hand_delta };
             metrics::counter!(crate::metrics::UNITS, "kind" => entry.kind.as_str()).increment(units.unsigned_abs());
         }
-        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "WITH upd AS (
-                 UPDATE stock_levels l
-                    SET on_hand = l.on_hand + d.dh, reserved = l.reserved + d.dr, updated_at = now()
-                   FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS d(sku, warehouse, dh, dr)
-                  WHERE l.sku = d.sku AND l.warehouse = d.warehouse
-              RETURNING l.sku, l.warehouse, l.on_hand, l.reserved
-             ), entries AS (
-                 INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
-                                     on_hand_after, reserved_after, reference, reason)
-                 SELECT * FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
-                                      $11::int8[], $12::int8[], $13::text[], $14::text[])
-             )
-             SELECT sku, warehouse, on_hand, reserved FROM upd",
-        )
-        .bind(&level_sku)
-        .bind(&level_wh)
-        .bind(&d_on_hand)
-        .bind(&d_reserved)
-        .bind(e.iter().map(|e| e.id).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.sku.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.warehouse.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.on_hand_delta).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.reserved_delta).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.on_hand_after).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.reserved_after).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.reference.as_deref()).collect::<Vec<_>>())
-        .bind(e.iter().map(|e| e.reason).collect::<Vec<_>>())
-        .fetch_all(conn)
-        .await?;
+        let rows = levels::write(conn, &changes, &self.entries).await?;
         // The rows were locked by this transaction, so anything else is a bug: roll back.
-        let consistent = rows.len() == level_sku.len()
+        let consistent = rows.len() == changes.len()
             && rows.iter().all(|(sku, wh, on_hand, reserved)| {
-                self.levels
-                    .get(&(sku.clone(), wh.clone()))
-                    .is_some_and(|l| (l.on_hand, l.reserved) == (*on_hand, *reserved))
+                self.get(sku, wh).is_some_and(|l| (l.on_hand, l.reserved) == (*on_hand, *reserved))
             });
-        if consistent { Ok(()) } else { Err(ApiError::Internal("stock levels changed under a row lock".into())) }
+        if consistent { Ok(()) } else { Err(Error::Bug("stock levels changed under a row lock".into())) }
     }
 }
 
 impl Book {
-    /// Availability crossings of every changed level, computed once per transaction on the
-    /// transition from the locked value to the final one (not on every intermediate change).
+    /// Availability crossings of every changed level, on the transition from the locked value
+    /// to the final one (see [`EventKind::crossings`]).
     fn stock_events(&mut self) {
         for (key, level) in &self.levels {
             let (on_hand0, reserved0) = self.locked[key];
             let before = on_hand0 - reserved0;
             let after = level.available();
-            let mut kinds = Vec::new();
-            if before > 0 && after <= 0 {
-                kinds.push("stock.out_of_stock");
-            }
-            if before <= 0 && after > 0 {
-                kinds.push("stock.back_in_stock");
-            }
-            if level.reorder_point > 0 && before > level.reorder_point && after <= level.reorder_point {
-                kinds.push("stock.low");
-            }
-            for kind in kinds {
-                self.events.push(Event {
+            for kind in EventKind::crossings(before, after, level.reorder_point) {
+                self.events.push(NewEvent {
                     kind,
                     sku: Some(key.0.clone()),
                     warehouse: Some(key.1.clone()),
@@ -361,27 +243,12 @@ impl Book {
     }
 }
 
-async fn insert_events(conn: &mut PgConnection, events: &[Event]) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO events (type, sku, warehouse, reservation_id, data)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])",
-    )
-    .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.sku.as_deref()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.warehouse.as_deref()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.reservation_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn book(on_hand: i64, reserved: i64, backorder_limit: i64) -> Book {
-        Book::from_rows(vec![Row {
+        Book::from_rows(vec![LevelRow {
             sku: "A".into(),
             warehouse: "W".into(),
             on_hand,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 
-use crate::error::ApiError;
+use super::error::{Error, Refusal, Result};
 use crate::store::events::{self, Event};
 
 /// Events kept in memory for live streams.
@@ -129,7 +129,7 @@ impl Feed {
 
     /// Numbers what has committed, then takes every event after the head into memory (also
     /// those another instance numbered).
-    async fn relay_once(&self, db: &PgPool) -> Result<(), ApiError> {
+    async fn relay_once(&self, db: &PgPool) -> Result<()> {
         let relayed = events::relay(db).await?;
         metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(relayed);
         let mut conn = db.acquire().await?;
@@ -203,8 +203,8 @@ impl Feed {
 
     /// Events after `after` from the database (a stream far behind the memory), at most one
     /// page, filtered by `types`; waits its turn among the streams doing the same.
-    pub async fn from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice, ApiError> {
-        let _turn = self.inner.catching_up.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    pub async fn from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice> {
+        let _turn = self.inner.catching_up.acquire().await.map_err(|e| Error::Bug(e.to_string()))?;
         let mut conn = db.acquire().await?;
         let page = events::page(&mut conn, after, PAGE, &[]).await?;
         let scanned_to = page.last().map_or(after, |e| e.id);
@@ -217,15 +217,15 @@ impl Feed {
     }
 
     /// Opens a stream slot for `caller`, or says which limit is reached.
-    pub fn open_stream(&self, caller: &str) -> Result<StreamSlot, ApiError> {
+    pub fn open_stream(&self, caller: &str) -> Result<StreamSlot, Refusal> {
         let mut count = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
         let limits = self.inner.limits;
         if count.total >= limits.total {
-            return Err(ApiError::TooManyStreams(format!("{} event streams are open, the most allowed", limits.total)));
+            return Err(Refusal::TooManyStreams(format!("{} event streams are open, the most allowed", limits.total)));
         }
         let mine = count.by_caller.entry(caller.to_owned()).or_default();
         if *mine >= limits.per_caller {
-            return Err(ApiError::TooManyStreams(format!(
+            return Err(Refusal::TooManyStreams(format!(
                 "this caller has {} event streams open, the most allowed per key",
                 limits.per_caller
             )));

@@ -1,7 +1,7 @@
 //! Bulk load of stock levels from CSV in two steps. [`stage`] reads the upload to the end
 //! before any transaction begins, checking every line in Rust, into a spool file on disk;
-//! [`apply`] then `COPY`s the spool into a staging table and merges it in one set-based
-//! transaction that writes `receive` (new level) or `adjust`/`count` (existing level) ledger
+//! [`apply`] then has `store::import` `COPY` the spool into a staging table and merge it in one
+//! set-based transaction that writes `receive` (new level) or `adjust`/`count` (existing level) ledger
 //! entries and availability events. Any bad row — reported by line number — and nothing is
 //! applied.
 
@@ -12,10 +12,11 @@ use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
+use super::error::{Error, Refusal, Result};
 use crate::domain::{Code, FieldError, MAX_QUANTITY};
-use crate::error::ApiError;
+use crate::store::import as store;
 
 /// Most bad rows listed in one answer.
 const MAX_REPORTED: usize = 100;
@@ -102,7 +103,7 @@ impl Loader {
 
     /// Checks every line `chunk` completes. Each byte is looked at once: only the new bytes are
     /// searched for a line break, never the unfinished line kept from earlier chunks.
-    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), Refusal> {
         let mut rest = chunk;
         while let Some(end) = rest.iter().position(|b| *b == b'\n') {
             let mut partial = std::mem::take(&mut self.partial);
@@ -133,9 +134,9 @@ impl Loader {
 
     /// A line (complete or not) of `len` bytes is refused beyond the limit: the body is not
     /// the CSV it claims to be, and buffering it would be unbounded.
-    fn check_length(&self, len: usize) -> Result<(), ApiError> {
+    fn check_length(&self, len: usize) -> Result<(), Refusal> {
         if len > MAX_LINE_BYTES {
-            return Err(ApiError::Malformed(format!(
+            return Err(Refusal::NotCsv(format!(
                 "line {} is longer than {MAX_LINE_BYTES} bytes: not a CSV of stock levels",
                 self.line + 1
             )));
@@ -219,7 +220,7 @@ struct Spool {
 }
 
 impl Spool {
-    async fn create(dir: &std::path::Path) -> Result<(Self, tokio::fs::File), ApiError> {
+    async fn create(dir: &std::path::Path) -> Result<(Self, tokio::fs::File)> {
         let path = dir.join(format!("inventory-import-{}.rows", uuid::Uuid::now_v7()));
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -238,8 +239,8 @@ impl Drop for Spool {
     }
 }
 
-fn spool_error(path: &std::path::Path, err: &std::io::Error) -> ApiError {
-    ApiError::Internal(format!("import spool {}: {err}", path.display()))
+fn spool_error(path: &std::path::Path, err: &std::io::Error) -> Error {
+    Error::Bug(format!("import spool {}: {err}", path.display()))
 }
 
 /// An upload whose every row passed the format checks, spooled to disk as COPY input: ready to
@@ -261,7 +262,7 @@ impl Staged {
 /// Reads CSV `chunks` to the end, checking every line, into a spool file; more than
 /// `max_bytes` in all is refused. No database work happens here: an upload takes as long as its
 /// client sends, and a transaction open that long would hold back the event relay for everyone.
-pub async fn stage<S, E>(chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
+pub async fn stage<S, E>(chunks: S, max_bytes: usize) -> Result<Staged>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -269,7 +270,7 @@ where
     stage_in(&std::env::temp_dir(), chunks, max_bytes).await
 }
 
-async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S, max_bytes: usize) -> Result<Staged, ApiError>
+async fn stage_in<S, E>(dir: &std::path::Path, mut chunks: S, max_bytes: usize) -> Result<Staged>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -279,10 +280,10 @@ where
     let mut digest = Sha256::new();
     let mut received = 0usize;
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|err| ApiError::Malformed(format!("cannot read the CSV: {err}")))?;
+        let chunk = chunk.map_err(|err| Refusal::NotCsv(format!("cannot read the CSV: {err}")))?;
         received = received.saturating_add(chunk.len());
         if received > max_bytes {
-            return Err(ApiError::PayloadTooLarge { limit: max_bytes });
+            return Err(Refusal::TooLarge { limit: max_bytes }.into());
         }
         digest.update(&chunk);
         loader.push(&chunk)?;
@@ -294,20 +295,18 @@ where
     spool_out(&spool, &mut file, &mut loader).await?;
     file.flush().await.map_err(|e| spool_error(&spool.path, &e))?;
     if loader.bad_rows > 0 {
-        return Err(reject(loader.errors, loader.bad_rows));
+        return Err(reject(loader.errors, loader.bad_rows).into());
     }
     if loader.rows == 0 {
-        return Err(ApiError::field(
-            "body",
-            "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]",
-        ));
+        let message = "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]";
+        return Err(Refusal::BadRows(vec![FieldError::new("body", message)]).into());
     }
     Ok(Staged { spool, rows: loader.rows, sha256: hex::encode(digest.finalize()) })
 }
 
 /// Writes the checked rows so far to the spool (nothing once a bad row is found: the import
 /// will be refused).
-async fn spool_out(spool: &Spool, file: &mut tokio::fs::File, loader: &mut Loader) -> Result<(), ApiError> {
+async fn spool_out(spool: &Spool, file: &mut tokio::fs::File, loader: &mut Loader) -> Result<()> {
     let out = std::mem::take(&mut loader.out);
     if loader.bad_rows == 0 {
         file.write_all(out.as_bytes()).await.map_err(|e| spool_error(&spool.path, &e))?;
@@ -318,185 +317,44 @@ async fn spool_out(spool: &Spool, file: &mut tokio::fs::File, loader: &mut Loade
 /// Applies a staged upload inside the caller's transaction. `create_missing` creates unknown
 /// SKUs and warehouses (named after their code) instead of rejecting their rows. Can be run
 /// again (the transaction retried): the spool is only read.
-pub async fn apply(conn: &mut PgConnection, staged: &Staged, create_missing: bool) -> Result<ImportReport, ApiError> {
-    // A million rows take longer than a request's statement timeout; row locks still time out.
-    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
-    sqlx::query(
-        "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
-                                        reorder_point bigint, reorder_quantity bigint)
-         ON COMMIT DROP",
-    )
-    .execute(&mut *conn)
-    .await?;
+pub async fn apply(conn: &mut PgConnection, staged: &Staged, create_missing: bool) -> Result<ImportReport> {
     let path = &staged.spool.path;
+    store::prepare(conn).await?;
     let mut file = tokio::fs::File::open(path).await.map_err(|e| spool_error(path, &e))?;
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY import_rows (line, sku, warehouse, on_hand, reorder_point, reorder_quantity) FROM STDIN (FORMAT csv)",
-        )
-        .await?;
-    let mut buf = vec![0; COPY_CHUNK];
-    loop {
-        let n = match file.read(&mut buf).await {
-            Ok(n) => n,
-            Err(err) => {
-                let _ = copy.abort("cannot read the import spool").await;
-                return Err(spool_error(path, &err));
-            }
-        };
-        if n == 0 {
-            break;
-        }
-        copy.send(&buf[..n]).await?;
+    store::copy_rows(conn, &mut file, COPY_CHUNK).await?.map_err(|e| spool_error(path, &e))?;
+
+    let mut errors = lines(store::repeated_rows(conn).await?);
+    if create_missing {
+        store::create_missing(conn).await?;
+    } else {
+        errors.extend(lines(store::rows_of_unknowns(conn).await?));
     }
-    copy.finish().await?;
-    merge(conn, create_missing, staged.rows).await
+    if !errors.is_empty() {
+        let total = errors.len();
+        return Err(reject(errors, total).into());
+    }
+    store::lock_and_create_levels(conn).await?;
+    let floors = lines(store::rows_below_floor(conn).await?);
+    if !floors.is_empty() {
+        let total = floors.len();
+        return Err(reject(floors, total).into());
+    }
+    let import_id = format!("import:{}", uuid::Uuid::now_v7());
+    let (ledger_entries, levels_created) = store::write(conn, &import_id).await?;
+    Ok(ImportReport { import_id, rows: staged.rows, levels_created, ledger_entries })
 }
 
-fn reject(mut errors: Vec<FieldError>, total: usize) -> ApiError {
+fn reject(mut errors: Vec<FieldError>, total: usize) -> Refusal {
     errors.sort_by_key(|e| e.field.strip_prefix("line ").and_then(|n| n.parse::<i64>().ok()).unwrap_or(i64::MAX));
     if total > errors.len() {
         errors.push(FieldError::new("file", format!("{total} bad rows in all; the first {} are listed", errors.len())));
     }
-    ApiError::Validation(errors)
+    Refusal::BadRows(errors)
 }
 
-/// Row-level problems found by the database side of the checks.
-async fn bad_rows(conn: &mut PgConnection, sql: &'static str) -> Result<Vec<FieldError>, ApiError> {
-    let rows: Vec<(i64, String)> = sqlx::query_as(sql).fetch_all(conn).await?;
-    Ok(rows.into_iter().map(|(line, message)| FieldError::new(format!("line {line}"), message)).collect())
-}
-
-async fn merge(conn: &mut PgConnection, create_missing: bool, rows: i64) -> Result<ImportReport, ApiError> {
-    let mut errors = bad_rows(
-        conn,
-        "SELECT line, format('%s/%s appears more than once', sku, warehouse) FROM (
-             SELECT line, sku, warehouse, count(*) OVER (PARTITION BY sku, warehouse) AS n FROM import_rows) d
-          WHERE n > 1 ORDER BY line LIMIT 100",
-    )
-    .await?;
-    if create_missing {
-        sqlx::query("INSERT INTO skus (sku) SELECT DISTINCT sku FROM import_rows ORDER BY sku ON CONFLICT DO NOTHING")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query(
-            "INSERT INTO warehouses (code, name) SELECT DISTINCT warehouse, warehouse FROM import_rows
-              ORDER BY 1 ON CONFLICT DO NOTHING",
-        )
-        .execute(&mut *conn)
-        .await?;
-    } else {
-        errors.extend(
-            bad_rows(
-                conn,
-                "SELECT line, format('unknown sku %s (import with create_missing to create it)', sku) FROM import_rows r
-                  WHERE NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = r.sku)
-                 UNION ALL
-                 SELECT line, format('unknown warehouse %s (import with create_missing to create it)', warehouse)
-                   FROM import_rows r WHERE NOT EXISTS (SELECT 1 FROM warehouses w WHERE w.code = r.warehouse)
-                  ORDER BY 1 LIMIT 100",
-            )
-            .await?,
-        );
-    }
-    if !errors.is_empty() {
-        let total = errors.len();
-        return Err(reject(errors, total));
-    }
-
-    // Share-lock the SKU rows (their backorder limit is copied into new levels), create missing
-    // levels directly with their imported values, then lock every other level of the import in
-    // (sku, warehouse) order. Which levels are new is what the INSERT itself reports: RETURNING
-    // yields exactly the rows it inserted, never one that already existed or that a concurrent
-    // transaction inserted first (transaction ids are not compared: they wrap around).
-    sqlx::query(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM import_rows) ORDER BY sku FOR SHARE) locked",
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "CREATE TEMP TABLE import_created (sku text, warehouse text, PRIMARY KEY (sku, warehouse)) ON COMMIT DROP",
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "WITH created AS (
-             INSERT INTO stock_levels (sku, warehouse, backorder_limit, on_hand, reorder_point, reorder_quantity)
-             SELECT r.sku, r.warehouse, s.backorder_limit, r.on_hand, coalesce(r.reorder_point, 0),
-                    coalesce(r.reorder_quantity, 0)
-               FROM import_rows r JOIN skus s ON s.sku = r.sku
-              ORDER BY r.sku, r.warehouse
-             ON CONFLICT (sku, warehouse) DO NOTHING
-             RETURNING sku, warehouse)
-         INSERT INTO import_created (sku, warehouse) SELECT sku, warehouse FROM created",
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "SELECT count(*) FROM (
-             SELECT 1 FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
-              WHERE NOT EXISTS (SELECT 1 FROM import_created c WHERE c.sku = l.sku AND c.warehouse = l.warehouse)
-              ORDER BY l.sku, l.warehouse FOR UPDATE OF l) locked",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let floors = bad_rows(
-        conn,
-        "SELECT r.line, format('on_hand %s is below what is held (%s) beyond the backorder limit %s',
-                               r.on_hand, l.reserved, l.backorder_limit)
-           FROM import_rows r JOIN stock_levels l ON l.sku = r.sku AND l.warehouse = r.warehouse
-          WHERE r.on_hand - l.reserved < -l.backorder_limit
-          ORDER BY r.line LIMIT 100",
-    )
-    .await?;
-    if !floors.is_empty() {
-        let total = floors.len();
-        return Err(reject(floors, total));
-    }
-
-    let import_id = format!("import:{}", uuid::Uuid::now_v7());
-    let (ledger_entries, levels_created): (i64, i64) = sqlx::query_as(
-        "WITH old AS (
-             SELECT l.sku, l.warehouse, l.reserved, r.on_hand, c.sku IS NOT NULL AS created,
-                    CASE WHEN c.sku IS NOT NULL THEN 0 ELSE l.on_hand END AS on_hand0,
-                    coalesce(r.reorder_point, l.reorder_point) AS reorder_point, r.reorder_quantity,
-                    r.reorder_point IS NOT NULL OR r.reorder_quantity IS NOT NULL AS settings
-               FROM stock_levels l JOIN import_rows r ON r.sku = l.sku AND r.warehouse = l.warehouse
-               LEFT JOIN import_created c ON c.sku = l.sku AND c.warehouse = l.warehouse
-         ), upd AS (
-             UPDATE stock_levels l
-                SET on_hand = o.on_hand, reorder_point = o.reorder_point,
-                    reorder_quantity = coalesce(o.reorder_quantity, l.reorder_quantity), updated_at = now()
-               FROM old o
-              WHERE l.sku = o.sku AND l.warehouse = o.warehouse AND NOT o.created
-                AND (o.on_hand <> o.on_hand0 OR o.settings)
-         ), entries AS (
-             INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
-                                 on_hand_after, reserved_after, reference, reason)
-             SELECT uuid_v7(), sku, warehouse, CASE WHEN created THEN 'receive' ELSE 'adjust' END,
-                    on_hand - on_hand0, 0, on_hand, reserved, $1, CASE WHEN created THEN NULL ELSE 'count' END
-               FROM old WHERE on_hand <> on_hand0
-             RETURNING 1
-         ), crossings AS (
-             INSERT INTO events (type, sku, warehouse, data)
-             SELECT t.type, o.sku, o.warehouse,
-                    jsonb_build_object('available_before', o.on_hand0 - o.reserved, 'available', o.on_hand - o.reserved,
-                                       'on_hand', o.on_hand, 'reserved', o.reserved, 'reorder_point', o.reorder_point)
-               FROM old o
-              CROSS JOIN LATERAL (VALUES
-                    ('stock.out_of_stock', o.on_hand0 - o.reserved > 0 AND o.on_hand - o.reserved <= 0),
-                    ('stock.back_in_stock', o.on_hand0 - o.reserved <= 0 AND o.on_hand - o.reserved > 0),
-                    ('stock.low', o.reorder_point > 0 AND o.on_hand0 - o.reserved > o.reorder_point
-                                  AND o.on_hand - o.reserved <= o.reorder_point)) AS t(type, hit)
-              WHERE t.hit
-         )
-         SELECT (SELECT count(*) FROM entries), (SELECT count(*) FROM old WHERE created)",
-    )
-    .bind(&import_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(ImportReport { import_id, rows, levels_created, ledger_entries })
+/// Row problems found by the database side of the checks, as field errors.
+fn lines(rows: Vec<(i64, String)>) -> Vec<FieldError> {
+    rows.into_iter().map(|(line, message)| FieldError::new(format!("line {line}"), message)).collect()
 }
 
 #[cfg(test)]
@@ -538,7 +396,7 @@ mod tests {
         assert_eq!(l.bad_rows, 1);
         l.push(b"C,W1,").unwrap();
         let err = (0..MAX_LINE_BYTES).find_map(|_| l.push(b"1").err()).expect("refused");
-        assert!(matches!(&err, ApiError::Malformed(m) if m.starts_with("line 3 ")), "{err:?}");
+        assert!(matches!(&err, Refusal::NotCsv(m) if m.starts_with("line 3 ")), "{err:?}");
         assert!(l.partial.len() <= MAX_LINE_BYTES);
     }
 

@@ -1,8 +1,137 @@
-//! The operations of the service, each one transaction body: they take the caller's
-//! transaction, lock through `store`, decide, and write.
+//! The application: every operation of the service, each run as one PostgreSQL transaction.
+//!
+//! [`Engine`] is the one entry point: `reserve`, `settle`, `receive`, … take a validated
+//! request and an optional idempotency key and return an [`Outcome`] or an [`Error`]; whether a
+//! reservation went through a batch, and how its key was claimed and its answer stored, stays
+//! in here. The operation bodies lock through `store`, decide in memory ([`book::Book`],
+//! `domain`), and write set-based.
 
+pub mod batch;
 pub mod book;
+pub mod catalogue;
+pub mod error;
+pub mod expiry;
 pub mod feed;
+pub mod idempotency;
 pub mod import;
 pub mod reservations;
 pub mod stock;
+pub mod tx;
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use self::batch::Batcher;
+pub use self::error::{Error, Refusal, Result};
+pub use self::idempotency::{Answer, Keyed, Outcome, Render};
+use self::reservations::{NewReservation, PartLine};
+use self::tx::{TxFuture, transact};
+use crate::config::ServerArgs;
+use crate::domain::{Settle, Sku, WarehouseCode};
+use crate::store::catalogue::{SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
+use crate::store::stock::Level;
+
+/// The engine of one process; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    db: PgPool,
+    /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
+    batcher: Option<Batcher>,
+    render: Render,
+}
+
+impl Engine {
+    /// The engine, with its batcher running when batching is on. `render` writes a refusal
+    /// down for replay the way it is answered.
+    pub fn start(db: PgPool, config: &ServerArgs, render: Render) -> Self {
+        let batcher = (config.batch_max > 1).then(|| Batcher::spawn(db.clone(), config, render));
+        Self { db, batcher, render }
+    }
+
+    /// Runs `op` as one transaction, once per key.
+    async fn run<C, T, F>(&self, key: Option<&Keyed>, ctx: &C, op: F) -> Result<Outcome>
+    where
+        C: Sync + ?Sized,
+        T: Serialize + Send,
+        F: for<'c> Fn(&'c mut PgConnection, &'c C) -> TxFuture<'c, T> + Sync,
+    {
+        idempotency::run(&self.db, key, self.render, ctx, op).await
+    }
+
+    /// Holds stock for one order, all or nothing: in a batch with concurrent orders when
+    /// batching is on, alone when it is off or the batch failed as a whole.
+    pub async fn reserve(&self, req: NewReservation, key: Option<Keyed>) -> Result<Outcome> {
+        if let Some(batcher) = &self.batcher
+            && let Some(outcome) = batcher.submit(req.clone(), key.clone()).await
+        {
+            return outcome;
+        }
+        self.run(key.as_ref(), &req, |tx, req| Box::pin(reservations::reserve(tx, req))).await
+    }
+
+    /// The allocation `reserve` would make now, holding nothing.
+    pub async fn plan(&self, req: &NewReservation, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, req, |tx, req| Box::pin(reservations::plan(tx, req))).await
+    }
+
+    /// Fulfils or releases what a reservation holds (all of it when `parts` is `None`).
+    pub async fn settle(
+        &self,
+        id: Uuid,
+        kind: Settle,
+        parts: Option<Vec<PartLine>>,
+        key: Option<&Keyed>,
+    ) -> Result<Outcome> {
+        let ctx = (id, kind, parts);
+        self.run(key, &ctx, |tx, (id, kind, parts)| Box::pin(reservations::settle(tx, *id, *kind, parts.as_deref())))
+            .await
+    }
+
+    /// Moves an active reservation's deadline to now + `ttl_seconds`.
+    pub async fn extend(&self, id: Uuid, ttl_seconds: i64, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, &(id, ttl_seconds), |tx, (id, ttl)| Box::pin(reservations::extend(tx, *id, *ttl))).await
+    }
+
+    pub async fn receive(&self, cmd: &stock::Receive, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, cmd, |tx, cmd| Box::pin(stock::receive(tx, cmd))).await
+    }
+
+    pub async fn adjust(&self, cmd: &stock::Adjust, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, cmd, |tx, cmd| Box::pin(stock::adjust(tx, cmd))).await
+    }
+
+    pub async fn transfer(&self, cmd: &stock::Transfer, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, cmd, |tx, cmd| Box::pin(stock::transfer(tx, cmd))).await
+    }
+
+    /// Applies a staged CSV upload.
+    pub async fn import(&self, staged: &import::Staged, create_missing: bool, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, staged, move |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await
+    }
+
+    /// Sets a level's replenishment settings; the flag tells whether the level was created.
+    pub async fn set_replenishment(
+        &self,
+        sku: Sku,
+        warehouse: WarehouseCode,
+        reorder_point: Option<i64>,
+        reorder_quantity: Option<i64>,
+    ) -> Result<(Level, bool)> {
+        let ctx = (sku, warehouse, reorder_point, reorder_quantity);
+        transact(&self.db, &ctx, |tx, (sku, warehouse, point, quantity)| {
+            Box::pin(stock::set_replenishment(tx, sku, warehouse, *point, *quantity))
+        })
+        .await
+    }
+
+    /// Creates or updates a warehouse; the flag tells whether it was created.
+    pub async fn upsert_warehouse(&self, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
+        transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await
+    }
+
+    /// Creates or updates a SKU; the flag tells whether it was created.
+    pub async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
+        transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
+    }
+}

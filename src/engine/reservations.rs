@@ -8,11 +8,13 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::book::{Book, Event, Refused};
-use crate::domain::allocation::{self, Allocation as Planned, Line, Strategy};
-use crate::error::{ApiError, ShortLine};
+use super::book::{Book, Refused};
+use super::error::{Error, Refusal, Result};
+use crate::domain::allocation::{self, Line, Placement, Strategy};
+use crate::domain::{EntryKind, EventKind, Settle, Shortage, Status};
+use crate::store::catalogue;
+use crate::store::events::NewEvent;
 use crate::store::reservations::{self as store, Allocation, Header, Reservation};
-use crate::store::stock::EntryKind;
 
 /// A validated request to hold stock for one order.
 #[derive(Debug, Clone)]
@@ -52,25 +54,13 @@ pub struct PlanAllocation {
     pub quantity: i64,
 }
 
-fn duplicate(order_id: &str, existing: Uuid) -> ApiError {
-    ApiError::conflict("duplicate_order", format!("order {order_id} already has reservation {existing}"))
-        .with("reservation_id", existing.to_string())
-        .with("order_id", order_id)
-}
-
-fn short(shortages: Vec<allocation::Shortage>) -> ApiError {
+fn short(shortages: Vec<Shortage>) -> Refusal {
     let detail = shortages
         .iter()
         .map(|s| format!("{}: requested {}, available {}", s.sku, s.requested, s.available))
         .collect::<Vec<_>>()
         .join("; ");
-    ApiError::InsufficientStock {
-        detail: format!("not enough stock: {detail}"),
-        lines: shortages
-            .into_iter()
-            .map(|s| ShortLine { sku: s.sku, requested: s.requested, available: s.available })
-            .collect(),
-    }
+    Refusal::InsufficientStock { detail: format!("not enough stock: {detail}"), lines: shortages }
 }
 
 /// SKUs and pinned warehouses the orders name that do not exist at all. Only asked about names
@@ -82,7 +72,7 @@ struct Unknown {
 }
 
 impl Unknown {
-    async fn find(conn: &mut PgConnection, reqs: &[&NewReservation], book: &Book) -> Result<Self, ApiError> {
+    async fn find(conn: &mut PgConnection, reqs: &[&NewReservation], book: &Book) -> Result<Self> {
         let lines = || reqs.iter().flat_map(|r| &r.lines);
         let mut skus: Vec<&str> = lines().map(|l| l.sku.as_str()).filter(|s| !book.has_sku(s)).collect();
         let mut warehouses: Vec<&str> =
@@ -94,45 +84,39 @@ impl Unknown {
         skus.dedup();
         warehouses.sort_unstable();
         warehouses.dedup();
-        let (unknown_skus, unknown_warehouses): (Vec<String>, Vec<String>) = sqlx::query_as(
-            "SELECT ARRAY(SELECT s FROM unnest($1::text[]) s WHERE NOT EXISTS (SELECT 1 FROM skus WHERE sku = s) ORDER BY s),
-                    ARRAY(SELECT w FROM unnest($2::text[]) w WHERE NOT EXISTS (SELECT 1 FROM warehouses WHERE code = w) ORDER BY w)",
-        )
-        .bind(&skus)
-        .bind(&warehouses)
-        .fetch_one(conn)
-        .await?;
-        Ok(Self { skus: unknown_skus, warehouses: unknown_warehouses })
+        let (skus, warehouses) = catalogue::unknown(conn, &skus, &warehouses).await?;
+        Ok(Self { skus, warehouses })
     }
 
-    /// 404 for the first unknown SKU of the order, else for its first unknown warehouse.
-    fn check(&self, req: &NewReservation) -> Result<(), ApiError> {
+    /// The order's first unknown SKU, else its first unknown pinned warehouse.
+    fn refusal_for(&self, req: &NewReservation) -> Result<(), Refusal> {
         if let Some(sku) = self.skus.iter().find(|s| req.lines.iter().any(|l| &l.sku == *s)) {
-            return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+            return Err(Refusal::UnknownSku(sku.clone()));
         }
         let pinned = |w: &String| req.lines.iter().any(|l| l.warehouse.as_ref() == Some(w));
         if let Some(w) = self.warehouses.iter().find(|w| pinned(w)) {
-            return Err(ApiError::not_found(format!("warehouse {w} does not exist")));
+            return Err(Refusal::UnknownWarehouse(w.clone()));
         }
         Ok(())
     }
 }
 
-/// The outbox event of a reservation reaching `status` (`active` means just created).
-fn lifecycle_event(id: Uuid, order_id: &str, status: &'static str) -> Event {
-    let kind = match status {
-        "active" => "reservation.created",
-        "fulfilled" => "reservation.fulfilled",
-        "expired" => "reservation.expired",
-        _ => "reservation.released",
-    };
-    Event {
-        kind,
+/// The outbox event of a reservation reaching `status` (`Active`: just created).
+fn lifecycle_event(id: Uuid, order_id: &str, status: Status) -> NewEvent {
+    NewEvent {
+        kind: EventKind::of_reservation(status),
         sku: None,
         warehouse: None,
         reservation_id: Some(id),
-        data: serde_json::json!({ "order_id": order_id, "status": status }),
+        data: serde_json::json!({ "order_id": order_id, "status": status.as_str() }),
     }
+}
+
+/// The status a reservation has once its allocations look like this.
+fn status_of(allocations: &[Allocation], by_expiry: bool) -> Status {
+    let held = allocations.iter().map(Allocation::held).sum();
+    let fulfilled = allocations.iter().map(|a| a.fulfilled).sum();
+    Status::after(held, fulfilled, by_expiry)
 }
 
 /// The SKUs of an order in first-appearance order.
@@ -147,18 +131,18 @@ fn sku_order(lines: &[Line]) -> Vec<&str> {
 }
 
 /// Holds stock for one order, all or nothing.
-pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation, ApiError> {
-    reserve_many(conn, &[req]).await?.pop().unwrap_or_else(|| Err(ApiError::Internal("no answer".into())))
+pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation> {
+    Ok(reserve_many(conn, &[req]).await?.pop().ok_or_else(|| Error::Bug("no answer".into()))??)
 }
 
 /// Holds stock for many orders in one transaction: each order all or nothing, decided in the
 /// order given against the levels as the orders before it left them, each with its own answer.
-/// The outer error means the transaction itself failed (roll back); an inner one refuses only
+/// The outer error means the transaction itself failed (roll back); a refusal refuses only
 /// that order, which then leaves no trace.
 pub async fn reserve_many(
     conn: &mut PgConnection,
     reqs: &[&NewReservation],
-) -> Result<Vec<Result<Reservation, ApiError>>, ApiError> {
+) -> Result<Vec<Result<Reservation, Refusal>>> {
     let ids: Vec<Uuid> = reqs.iter().map(|_| Uuid::now_v7()).collect();
     let order_ids: Vec<&str> = reqs.iter().map(|r| r.order_id.as_str()).collect();
     let strategies: Vec<&str> = reqs.iter().map(|r| r.strategy.as_str()).collect();
@@ -184,12 +168,13 @@ pub async fn reserve_many(
     let mut refused = Vec::new();
     for (req, id) in reqs.iter().zip(ids) {
         let Some(header) = headers.remove(&id) else {
-            answers.push(Err(duplicate(&req.order_id, existing.get(&req.order_id).copied().unwrap_or_default())));
+            let reservation_id = existing.get(&req.order_id).copied().unwrap_or_default();
+            answers.push(Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }));
             continue;
         };
         match hold(&mut book, &unknown, req, id)? {
             Ok(allocations) => {
-                book.event(lifecycle_event(id, &req.order_id, "active"));
+                book.event(lifecycle_event(id, &req.order_id, Status::Active));
                 rows.extend(allocations.iter().cloned());
                 answers.push(Ok(store::assemble(header, allocations)));
             }
@@ -209,16 +194,16 @@ pub async fn reserve_many(
     Ok(answers)
 }
 
-/// Decides one order against the book and, when it fits, applies it. The inner error refuses
-/// the order (nothing applied); the outer one is a bug that must roll everything back.
+/// Decides one order against the book and, when it fits, applies it. A refusal refuses the
+/// order (nothing applied); an error is a bug that must roll everything back.
 fn hold(
     book: &mut Book,
     unknown: &Unknown,
     req: &NewReservation,
     id: Uuid,
-) -> Result<Result<Vec<Allocation>, ApiError>, ApiError> {
-    if let Err(err) = unknown.check(req) {
-        return Ok(Err(err));
+) -> Result<Result<Vec<Allocation>, Refusal>> {
+    if let Err(refusal) = unknown.refusal_for(req) {
+        return Ok(Err(refusal));
     }
     let skus = sku_order(&req.lines);
     let planned = match allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy) {
@@ -231,7 +216,7 @@ fn hold(
     for (i, p) in planned.iter().enumerate() {
         seq = if i > 0 && planned[i - 1].sku == p.sku { seq + 1 } else { 0 };
         book.apply(&p.sku, &p.warehouse, EntryKind::Reserve, 0, p.quantity, Some(&reference))
-            .map_err(|_| ApiError::Internal(format!("allocation exceeded {}/{}", p.sku, p.warehouse)))?;
+            .map_err(|_| Error::Bug(format!("allocation exceeded {}/{}", p.sku, p.warehouse)))?;
         rows.push(Allocation {
             reservation_id: id,
             sku: p.sku.clone(),
@@ -247,16 +232,16 @@ fn hold(
 }
 
 /// The allocation `reserve` would make right now, holding nothing.
-pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan, ApiError> {
-    if let Some(existing) = store::id_of_order(conn, &req.order_id).await? {
-        return Err(duplicate(&req.order_id, existing));
+pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan> {
+    if let Some(reservation_id) = store::id_of_order(conn, &req.order_id).await? {
+        return Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }.into());
     }
     let skus = sku_order(&req.lines);
     let book = Book::read_skus(conn, &skus).await?;
-    Unknown::find(conn, &[req], &book).await?.check(req)?;
+    Unknown::find(conn, &[req], &book).await?.refusal_for(req)?;
     let planned = allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy).map_err(short)?;
     let mut lines: Vec<PlanLine> = Vec::new();
-    for Planned { sku, warehouse, quantity } in planned {
+    for Placement { sku, warehouse, quantity } in planned {
         let allocation = PlanAllocation { warehouse, quantity };
         match lines.last_mut() {
             Some(line) if line.sku == sku => {
@@ -270,37 +255,28 @@ pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan,
 }
 
 /// Locks a reservation that must still be active (and not past its deadline).
-async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<Allocation>), ApiError> {
-    let header =
-        store::lock(conn, id).await?.ok_or_else(|| ApiError::not_found(format!("reservation {id} does not exist")))?;
+async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<Allocation>)> {
+    let header = store::lock(conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     let allocations = store::allocations(conn, &[id]).await?;
+    let stored = header.status().ok_or_else(|| Error::Bug(format!("reservation {id} has status {}", header.status)))?;
     // Past its deadline it is over even if the sweep has not reached it yet: the expiry wins, so
     // a late fulfil can never take units that are about to be given back. Its status is the one
     // the sweep will give it.
-    let status = if header.status == "active" && header.overdue {
+    let status = if stored == Status::Active && header.overdue {
         let mut swept = allocations.clone();
         swept.iter_mut().for_each(|a| a.released = a.quantity - a.fulfilled);
-        store::status_of(&swept, true)
+        status_of(&swept, true)
     } else {
-        header.status.as_str()
+        stored
     };
-    if status != "active" {
-        return Err(ApiError::conflict("reservation_not_active", format!("reservation {id} is {status}"))
-            .with("reservation_status", status)
-            .with("reservation_id", id.to_string()));
+    if status != Status::Active {
+        return Err(Refusal::NotActive { reservation_id: id, status }.into());
     }
     Ok((header, allocations))
 }
 
 /// The longest an expiry transaction waits for a row lock.
 pub const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// Which of fulfil and release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
-    Fulfil,
-    Release,
-}
 
 /// Fulfils (deducts) or releases (gives back) held units: everything still held when `parts`
 /// is `None`, else the listed quantities.
@@ -309,7 +285,7 @@ pub async fn settle(
     id: Uuid,
     kind: Settle,
     parts: Option<&[PartLine]>,
-) -> Result<Reservation, ApiError> {
+) -> Result<Reservation> {
     let (mut header, mut allocations) = lock_active(conn, id).await?;
 
     // How much to take from each allocation.
@@ -329,18 +305,14 @@ pub async fn settle(
     for ((sku, warehouse), quantity) in &amounts {
         let held = allocations.iter().find(|a| &a.sku == sku && &a.warehouse == warehouse).map_or(0, Allocation::held);
         if *quantity > held {
-            let (code, verb) = match kind {
-                Settle::Fulfil => ("over_fulfilment", "fulfil"),
-                Settle::Release => ("over_release", "release"),
-            };
-            return Err(ApiError::conflict(
-                code,
-                format!("cannot {verb} {quantity} of {sku} at {warehouse}: {held} held"),
-            )
-            .with("sku", sku.as_str())
-            .with("warehouse", warehouse.as_str())
-            .with("requested", *quantity)
-            .with("held", held));
+            return Err(Refusal::OverSettle {
+                settle: kind,
+                sku: sku.clone(),
+                warehouse: warehouse.clone(),
+                requested: *quantity,
+                held,
+            }
+            .into());
         }
     }
 
@@ -357,16 +329,17 @@ pub async fn settle(
             Ok(()) => {}
             // A backordered hold: the warehouse lacks the physical units to ship.
             Err(Refused::Floor { on_hand, .. }) => {
-                shortages.push(ShortLine { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })
+                shortages.push(Shortage { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })
             }
-            Err(Refused::Unknown) => return Err(ApiError::Internal(format!("level {sku}/{warehouse} not locked"))),
+            Err(Refused::Unknown) => return Err(Error::Bug(format!("level {sku}/{warehouse} not locked"))),
         }
     }
     if !shortages.is_empty() {
-        return Err(ApiError::InsufficientStock {
+        return Err(Refusal::InsufficientStock {
             detail: "the warehouse lacks the physical units to fulfil a backordered hold".into(),
             lines: shortages,
-        });
+        }
+        .into());
     }
 
     for a in allocations.iter_mut() {
@@ -377,23 +350,23 @@ pub async fn settle(
             }
         }
     }
-    let status = store::status_of(&allocations, false);
-    if status != header.status {
+    let status = status_of(&allocations, false);
+    if Some(status) != header.status() {
         book.event(lifecycle_event(id, &header.order_id, status));
     }
     book.flush(conn).await?;
     let changed: Vec<&Allocation> =
         allocations.iter().filter(|a| amounts.contains_key(&(a.sku.clone(), a.warehouse.clone()))).collect();
     store::update_allocations(conn, &changed).await?;
-    if status != header.status {
+    if Some(status) != header.status() {
         store::set_statuses(conn, &[id], &[status]).await?;
-        header.status = status.to_owned();
+        header.status = status.as_str().to_owned();
     }
     Ok(store::assemble(header, allocations))
 }
 
 /// Moves the deadline of an active reservation to now + ttl.
-pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation, ApiError> {
+pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation> {
     let (mut header, allocations) = lock_active(conn, id).await?;
     header.expires_at = store::extend(conn, id, ttl_seconds).await?;
     Ok(store::assemble(header, allocations))
@@ -403,8 +376,8 @@ pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Resu
 /// names; returns how many. Waits at most [`SWEEP_LOCK_TIMEOUT`] for any row: a level someone
 /// holds for long fails this transaction quickly, and the sweep then leaves that level's
 /// reservations for later instead of stalling every other SKU's expiry behind it.
-pub async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize, ApiError> {
-    crate::db::cap_lock_timeout(conn, SWEEP_LOCK_TIMEOUT).await?;
+pub async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize> {
+    crate::store::db::cap_lock_timeout(conn, SWEEP_LOCK_TIMEOUT).await?;
     let due = store::lock_overdue(conn, batch, skips).await?;
     if due.is_empty() {
         return Ok(0);
@@ -417,18 +390,18 @@ pub async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::Swee
     for a in allocations.iter_mut().filter(|a| a.held() > 0) {
         let held = a.held();
         book.apply(&a.sku, &a.warehouse, EntryKind::Expire, 0, -held, Some(&a.reservation_id.to_string()))
-            .map_err(|_| ApiError::Internal(format!("cannot expire {}/{}", a.sku, a.warehouse)))?;
+            .map_err(|_| Error::Bug(format!("cannot expire {}/{}", a.sku, a.warehouse)))?;
         a.released += held;
     }
-    let statuses: Vec<&str> = ids
+    let statuses: Vec<Status> = ids
         .iter()
         .map(|id| {
             let mine: Vec<Allocation> = allocations.iter().filter(|a| a.reservation_id == *id).cloned().collect();
-            store::status_of(&mine, true)
+            status_of(&mine, true)
         })
         .collect();
     for (header, status) in due.iter().zip(&statuses) {
-        book.event(lifecycle_event(header.id, &header.order_id, status));
+        book.event(lifecycle_event(header.id, &header.order_id, *status));
     }
     book.flush(conn).await?;
     let all: Vec<&Allocation> = allocations.iter().collect();

@@ -4,10 +4,10 @@ use serde::Serialize;
 use sqlx::PgConnection;
 
 use super::book::Book;
-use crate::domain::{AdjustReason, Delta, Quantity, Sku, WarehouseCode};
-use crate::error::{ApiError, ShortLine};
-use crate::store::catalogue::require_sku_and_warehouses;
-use crate::store::stock::{self, EntryKind, Level};
+use super::error::{Error, Refusal, Result};
+use crate::domain::{AdjustReason, Delta, EntryKind, Quantity, Shortage, Sku, WarehouseCode};
+use crate::store::catalogue;
+use crate::store::stock::{self, Level};
 
 #[derive(Debug, Clone)]
 pub struct Receive {
@@ -45,43 +45,78 @@ pub struct Transferred {
     pub to: Level,
 }
 
+/// Refuses unless the SKU and every warehouse exist; returns the SKU's backorder limit.
+pub async fn require_sku_and_warehouses(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    warehouses: &[&WarehouseCode],
+) -> Result<i64> {
+    let codes: Vec<&str> = warehouses.iter().map(|w| w.as_str()).collect();
+    let (limit, known) = catalogue::find_sku_and_warehouses(conn, sku.as_str(), &codes).await?;
+    let limit = limit.ok_or_else(|| Refusal::UnknownSku(sku.to_string()))?;
+    if let Some(missing) = codes.iter().find(|c| !known.iter().any(|k| k == *c)) {
+        return Err(Refusal::UnknownWarehouse((*missing).to_owned()).into());
+    }
+    Ok(limit)
+}
+
+/// One level as it is now; it must exist (it was locked or created in this transaction).
+async fn level_now(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Result<Level> {
+    stock::read_level(conn, sku, warehouse)
+        .await?
+        .ok_or_else(|| Error::Bug(format!("stock level {sku}/{warehouse} vanished")))
+}
+
+/// Sets the replenishment settings of a level, creating the level when needed (`None` keeps
+/// the current value); the flag tells whether the level was created.
+pub async fn set_replenishment(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    warehouse: &WarehouseCode,
+    reorder_point: Option<i64>,
+    reorder_quantity: Option<i64>,
+) -> Result<(Level, bool)> {
+    require_sku_and_warehouses(conn, sku, &[warehouse]).await?;
+    Ok(stock::set_replenishment(conn, sku, warehouse, reorder_point, reorder_quantity).await?)
+}
+
 /// Locks one level, applies one change through the book (ledger entry and events included)
 /// and returns the level as it is now.
 async fn change_one(
     conn: &mut PgConnection,
     sku: &Sku,
     warehouse: &WarehouseCode,
-    decide: impl FnOnce(&mut Book) -> Result<(), ApiError>,
-) -> Result<Level, ApiError> {
+    decide: impl FnOnce(&mut Book) -> Result<()>,
+) -> Result<Level> {
     let mut book = Book::lock_levels(conn, &[(sku.as_str(), warehouse.as_str())]).await?;
     decide(&mut book)?;
     book.flush(conn).await?;
-    stock::read_level(conn, sku.as_str(), warehouse.as_str()).await
+    level_now(conn, sku.as_str(), warehouse.as_str()).await
 }
 
 /// Goods arrived: `on_hand += quantity`, creating the level on first receive.
-pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level, ApiError> {
+pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
     change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
         let (sku, wh) = (cmd.sku.as_str(), cmd.warehouse.as_str());
         book.apply(sku, wh, EntryKind::Receive, cmd.quantity.get(), 0, cmd.reference.as_deref())
-            .map_err(|_| ApiError::Internal(format!("cannot receive into {sku}/{wh}")))
+            .map_err(|_| Error::Bug(format!("cannot receive into {sku}/{wh}")))
     })
     .await
 }
 
 /// A counted or corrected change of `on_hand`, optionally compare-and-set on `on_hand`.
-pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiError> {
+pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
     change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
         let (sku, wh) = (cmd.sku.as_str(), cmd.warehouse.as_str());
-        let level = book.get(sku, wh).ok_or_else(|| ApiError::Internal("level missing after ensure_level".into()))?;
+        let level = book.get(sku, wh).ok_or_else(|| Error::Bug("level missing after ensure_level".into()))?;
         if let Some(expected) = cmd.expected_on_hand
             && expected != level.on_hand
         {
-            return Err(ApiError::StaleQuantity { current_on_hand: level.on_hand });
+            return Err(Refusal::StaleQuantity { current_on_hand: level.on_hand }.into());
         }
         let delta = cmd.delta.get();
         let available = level.available();
@@ -94,9 +129,15 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
             cmd.reference.as_deref(),
             Some(cmd.reason.as_str()),
         )
-        .map_err(|_| ApiError::InsufficientStock {
-            detail: format!("removing {} units from {sku}/{wh} would break its floor (available {available})", -delta),
-            lines: vec![ShortLine { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
+        .map_err(|_| {
+            Refusal::InsufficientStock {
+                detail: format!(
+                    "removing {} units from {sku}/{wh} would break its floor (available {available})",
+                    -delta
+                ),
+                lines: vec![Shortage { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
+            }
+            .into()
         })
     })
     .await
@@ -107,7 +148,7 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level, ApiE
 /// nothing behind. It is deadlock-free although the new row is locked before the other one:
 /// until commit nobody else can see it, and whoever waits on its key holds no row lock yet
 /// (every operation creates its levels before it locks any).
-pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred, ApiError> {
+pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.to).await?;
     let (sku, from, to) = (cmd.sku.as_str(), cmd.from.as_str(), cmd.to.as_str());
@@ -117,21 +158,21 @@ pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transfe
     let short = || short_transfer(cmd, from_available);
     // A transfer moves available units only: never reserved ones, never backorder capacity.
     if from_available < quantity || !book.has_level(sku, to) {
-        return Err(short());
+        return Err(short().into());
     }
     let reference = cmd.reference.as_deref();
     book.apply(sku, from, EntryKind::TransferOut, -quantity, 0, reference).map_err(|_| short())?;
     book.apply(sku, to, EntryKind::TransferIn, quantity, 0, reference).map_err(|_| short())?;
     book.flush(conn).await?;
-    let from = stock::read_level(conn, sku, from).await?;
-    let to = stock::read_level(conn, sku, to).await?;
+    let from = level_now(conn, sku, from).await?;
+    let to = level_now(conn, sku, to).await?;
     Ok(Transferred { sku: sku.to_owned(), quantity, from, to })
 }
 
-fn short_transfer(cmd: &Transfer, available: i64) -> ApiError {
+fn short_transfer(cmd: &Transfer, available: i64) -> Refusal {
     let quantity = cmd.quantity.get();
-    ApiError::InsufficientStock {
+    Refusal::InsufficientStock {
         detail: format!("{} has {available} units of {} available, {quantity} requested", cmd.from, cmd.sku),
-        lines: vec![ShortLine { sku: cmd.sku.to_string(), requested: quantity, available: available.max(0) }],
+        lines: vec![Shortage { sku: cmd.sku.to_string(), requested: quantity, available: available.max(0) }],
     }
 }

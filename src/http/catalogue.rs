@@ -7,10 +7,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
+use super::error::ApiError;
 use super::extract::{OptionalJson, Path};
-use crate::db::transact;
 use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode};
-use crate::error::ApiError;
+use crate::engine::Refusal;
 use crate::store::catalogue::{self, SkuUpsert, WarehouseUpsert};
 
 /// Longest accepted free-text field (names, regions, references).
@@ -72,8 +72,7 @@ pub async fn put_warehouse(
     let upsert = v.finish(|| {
         Some(WarehouseUpsert { code: code?, name: name?, region: region?, priority: priority?, active: body.active })
     })?;
-    let (warehouse, created) =
-        transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await?;
+    let (warehouse, created) = state.engine.upsert_warehouse(&upsert).await?;
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
@@ -90,7 +89,7 @@ pub async fn put_warehouse(
 )]
 pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
-    let warehouse = catalogue::get_warehouse(&mut conn, &code).await?;
+    let warehouse = catalogue::get_warehouse(&mut conn, &code).await?.ok_or(Refusal::UnknownWarehouse(code))?;
     Ok(axum::Json(warehouse).into_response())
 }
 
@@ -144,7 +143,7 @@ pub async fn put_sku(
         if (0..=MAX_QUANTITY).contains(&n) { Ok(n) } else { Err(format!("must be between 0 and {MAX_QUANTITY}")) }
     });
     let upsert = v.finish(|| Some(SkuUpsert { sku: sku?, name: name?, backorder_limit: backorder_limit? }))?;
-    let (sku, created) = transact(&state.db, &upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await?;
+    let (sku, created) = state.engine.upsert_sku(&upsert).await?;
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
@@ -161,8 +160,9 @@ pub async fn put_sku(
 )]
 pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
-        return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+        return Err(Refusal::UnknownSku(sku).into());
     }
     let mut conn = state.db.acquire().await?;
-    Ok(axum::Json(catalogue::get_sku(&mut conn, &sku).await?).into_response())
+    let record = catalogue::get_sku(&mut conn, &sku).await?.ok_or(Refusal::UnknownSku(sku))?;
+    Ok(axum::Json(record).into_response())
 }

@@ -12,11 +12,12 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::error::ApiError;
 use super::extract::Query;
 use super::{AppState, page_limit};
+use crate::domain::EventKind;
 use crate::engine::feed::{self, StreamSlot};
-use crate::error::ApiError;
-use crate::store::events::{self, TYPES};
+use crate::store::events;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -31,11 +32,11 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
     let Some(raw) = raw else { return Ok(Vec::new()) };
     raw.split(',')
         .filter(|t| !t.is_empty())
-        .map(|t| {
-            if TYPES.contains(&t) {
-                Ok(t.to_owned())
-            } else {
-                Err(ApiError::Malformed(format!("unknown event type `{t}`; one of {}", TYPES.join(", "))))
+        .map(|t| match EventKind::parse(t) {
+            Some(kind) => Ok(kind.as_str().to_owned()),
+            None => {
+                let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                Err(ApiError::Malformed(format!("unknown event type `{t}`; one of {}", known.join(", "))))
             }
         })
         .collect()
@@ -94,7 +95,7 @@ pub struct StreamQuery {
 )]
 pub async fn stream(
     State(state): State<AppState>,
-    caller: Option<axum::Extension<crate::auth::Caller>>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
@@ -159,7 +160,7 @@ struct Reader {
 impl Reader {
     /// The frames of the events after the cursor, from the feed's memory, or from the database
     /// while far behind; `None` when nothing new has arrived.
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+    async fn next_chunk(&mut self) -> crate::engine::Result<Option<Bytes>> {
         self.news.mark_unchanged();
         let (slice, from_database) = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
             Some(slice) => (slice, false),

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::AppState;
-use crate::error::ApiError;
+use super::error::ApiError;
 
 /// A JSON body kept both typed and raw (the raw value is the request's fingerprint for
 /// idempotency keys). Errors as for [`Json`].

@@ -5,9 +5,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::error::ApiError;
 use super::extract::Query;
 use super::{AppState, page_limit};
-use crate::error::ApiError;
 use crate::store::ledger::{self, EntryPage};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

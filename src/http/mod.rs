@@ -1,14 +1,16 @@
-//! The HTTP API: router, shared state, and one module per resource. Handlers stay thin:
-//! parse into domain types, call the engine inside a transaction, render.
+//! The HTTP API: router, shared state, and one module per resource. Handlers only adapt:
+//! parse into domain types, call the engine (or, for plain reads, the store), render; every
+//! error becomes problem+json in `error.rs`.
 
-pub mod batch;
+pub mod answer;
+pub mod auth;
 pub mod catalogue;
+pub mod error;
 pub mod events;
 pub mod extract;
-pub mod health;
-pub mod idempotency;
 pub mod ledger;
 pub mod openapi;
+pub mod operations;
 pub mod request_id;
 pub mod reservations;
 pub mod stock;
@@ -25,8 +27,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+use self::error::ApiError;
 use crate::config::ServerArgs;
-use crate::error::ApiError;
+use crate::engine::{Engine, Error};
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -37,8 +40,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// API keys; empty means no authentication (loopback only, see startup).
     pub keys: Arc<crate::auth::Keys>,
-    /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
-    pub batcher: Option<batch::Batcher>,
+    /// Every operation that changes something.
+    pub engine: Engine,
     /// The event relay and the live streams' shared memory of recent events.
     pub feed: crate::engine::feed::Feed,
 }
@@ -48,9 +51,9 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout();
     let (router, openapi) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
-        .routes(routes!(health::live))
-        .routes(routes!(health::ready))
-        .routes(routes!(crate::metrics::render))
+        .routes(routes!(operations::live))
+        .routes(routes!(operations::ready))
+        .routes(routes!(operations::metrics))
         .routes(routes!(catalogue::list_warehouses))
         .routes(routes!(catalogue::put_warehouse, catalogue::get_warehouse))
         .routes(routes!(catalogue::put_sku, catalogue::get_sku))
@@ -81,18 +84,18 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         // A panic answers a problem+json 500 (inside the request-id scope) instead of a dropped connection.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError::Internal("handler panicked".into()).into_response()
+            ApiError::Failed(Error::Bug("handler panicked".into())).into_response()
         }))
         .layer(middleware::from_fn(move |req: Request, next: Next| with_timeout(timeout, req, next)))
         .layer(middleware::from_fn(reject_nul_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), crate::auth::layer))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
         .layer(middleware::from_fn(move |req: Request, next: Next| read_unused_body(body_limit, timeout, req, next)))
         .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("no such resource")
+    ApiError::NotFound("no such resource".into())
 }
 
 async fn method_not_allowed() -> ApiError {

@@ -8,13 +8,14 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
+use super::answer::{keyed, render, respond};
 use super::catalogue::text;
+use super::error::{ApiError, ErrorCode};
 use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
-use super::idempotency::{self, Request};
 use crate::domain::allocation::{Line, Strategy};
-use crate::domain::{Quantity, Sku, Validator, WarehouseCode};
-use crate::engine::reservations::{self as engine, NewReservation, PartLine, Settle};
-use crate::error::{ApiError, ErrorCode};
+use crate::domain::{Quantity, Settle, Sku, Validator, WarehouseCode};
+use crate::engine::Refusal;
+use crate::engine::reservations::{NewReservation, PartLine};
 use crate::store::reservations as store;
 
 /// Default and bounds of `ttl_seconds`.
@@ -111,22 +112,10 @@ pub async fn create(
     body: Body<ReserveBody>,
 ) -> Result<Response, ApiError> {
     let req = parse_reservation(body.value, &state)?;
-    let meta = Request {
-        key: key.as_deref(),
-        method: "POST",
-        path: uri.path(),
-        body: &body.raw,
-        success: StatusCode::CREATED,
-    };
-    let batched = match &state.batcher {
-        Some(batcher) => batcher.submit(req.clone(), meta.keyed()).await,
-        None => None,
-    };
-    let response = match batched {
-        Some(outcome) => outcome.render(),
-        None => idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::reserve(tx, req)))
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+    let key = keyed(key, uri.path(), &body.raw, StatusCode::CREATED);
+    let response = match state.engine.reserve(req, key).await {
+        Ok(outcome) => render(outcome, StatusCode::CREATED),
+        Err(err) => ApiError::from(err).into_response(),
     };
     let outcome = if response.headers().contains_key("idempotent-replayed") {
         "replayed"
@@ -162,13 +151,12 @@ pub async fn plan(
     body: Body<ReserveBody>,
 ) -> Result<Response, ApiError> {
     let req = parse_reservation(body.value, &state)?;
-    let meta =
-        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
-    idempotency::run(&state, meta, &req, |tx, req| Box::pin(engine::plan(tx, req))).await
+    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    respond(state.engine.plan(&req, key.as_ref()).await, StatusCode::OK)
 }
 
 fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::not_found(format!("reservation {raw} does not exist")))
+    Uuid::parse_str(raw).map_err(|_| ApiError::from(Refusal::UnknownReservation(raw.to_owned())))
 }
 
 #[utoipa::path(
@@ -185,9 +173,7 @@ fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = reservation_id(&id)?;
     let mut conn = state.db.acquire().await?;
-    let reservation = store::get(&mut conn, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("reservation {id} does not exist")))?;
+    let reservation = store::get(&mut conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     Ok(axum::Json(reservation).into_response())
 }
 
@@ -267,13 +253,8 @@ async fn settle(
 ) -> Result<Response, ApiError> {
     let id = reservation_id(&id)?;
     let parts = parse_parts(body.value)?;
-    let meta =
-        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
-    let ctx = (id, kind, parts);
-    idempotency::run(&state, meta, &ctx, |tx, (id, kind, parts)| {
-        Box::pin(engine::settle(tx, *id, *kind, parts.as_deref()))
-    })
-    .await
+    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    respond(state.engine.settle(id, kind, parts, key.as_ref()).await, StatusCode::OK)
 }
 
 #[utoipa::path(
@@ -360,7 +341,6 @@ pub async fn extend(
     let mut v = Validator::new();
     let ttl_seconds = v.required("ttl_seconds", body.value.ttl_seconds, ttl);
     let ttl_seconds = v.finish(|| ttl_seconds)?;
-    let meta =
-        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &body.raw, success: StatusCode::OK };
-    idempotency::run(&state, meta, &(id, ttl_seconds), |tx, (id, ttl)| Box::pin(engine::extend(tx, *id, *ttl))).await
+    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    respond(state.engine.extend(id, ttl_seconds, key.as_ref()).await, StatusCode::OK)
 }

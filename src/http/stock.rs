@@ -6,15 +6,15 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::answer::{keyed, respond};
 use super::catalogue::text;
+use super::error::ApiError;
 use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query};
-use super::idempotency::{self, Request};
 use super::{AppState, page_limit};
-use crate::db::transact;
 use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
+use crate::engine::Refusal;
 use crate::engine::import;
-use crate::engine::stock::{self as ops, Adjust, Receive, Transfer};
-use crate::error::ApiError;
+use crate::engine::stock::{Adjust, Receive, Transfer};
 use crate::store::catalogue;
 use crate::store::stock::{self, LevelPage};
 
@@ -57,8 +57,8 @@ pub async fn receive(
     let reference = v.optional("reference", body.reference, text);
     let cmd =
         v.finish(|| Some(Receive { sku: sku?, warehouse: warehouse?, quantity: quantity?, reference: reference? }))?;
-    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
-    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::receive(tx, cmd))).await
+    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    respond(state.engine.receive(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -117,8 +117,8 @@ pub async fn adjust(
             expected_on_hand: expected_on_hand?,
         })
     })?;
-    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
-    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::adjust(tx, cmd))).await
+    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    respond(state.engine.adjust(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -165,8 +165,8 @@ pub async fn transfer(
     }
     let cmd =
         v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
-    let meta = Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &raw, success: StatusCode::OK };
-    idempotency::run(&state, meta, &cmd, |tx, cmd| Box::pin(ops::transfer(tx, cmd))).await
+    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    respond(state.engine.transfer(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -206,14 +206,7 @@ pub async fn put_replenishment(
     let reorder_point = v.optional("reorder_point", body.reorder_point, in_range);
     let reorder_quantity = v.optional("reorder_quantity", body.reorder_quantity, in_range);
     let (sku, warehouse, point, quantity) = v.finish(|| Some((sku?, warehouse?, reorder_point?, reorder_quantity?)))?;
-    let settings = (sku, warehouse, point, quantity);
-    let (level, created) = transact(&state.db, &settings, |tx, (sku, warehouse, point, quantity)| {
-        Box::pin(async move {
-            catalogue::require_sku_and_warehouses(tx, sku, &[warehouse]).await?;
-            stock::set_replenishment(tx, sku, warehouse, *point, *quantity).await
-        })
-    })
-    .await?;
+    let (level, created) = state.engine.set_replenishment(sku, warehouse, point, quantity).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, axum::Json(level)).into_response())
 }
@@ -238,10 +231,10 @@ struct Totals {
 )]
 pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
-        return Err(ApiError::not_found(format!("sku {sku} does not exist")));
+        return Err(Refusal::UnknownSku(sku).into());
     }
     let mut conn = state.db.acquire().await?;
-    let record = catalogue::get_sku(&mut conn, &sku).await?;
+    let record = catalogue::get_sku(&mut conn, &sku).await?.ok_or_else(|| Refusal::UnknownSku(sku.clone()))?;
     let levels = stock::levels_of_sku(&mut conn, &sku).await?;
     let total = levels.iter().fold(Totals { on_hand: 0, reserved: 0, available: 0 }, |t, l| Totals {
         on_hand: t.on_hand + l.on_hand,
@@ -423,7 +416,6 @@ pub async fn import(
     let create_missing = q.create_missing.unwrap_or(false);
     // The request as its Idempotency-Key sees it: the CSV by its digest, and the option.
     let request = json!({ "csv_sha256": staged.sha256(), "create_missing": create_missing });
-    let meta =
-        Request { key: key.as_deref(), method: "POST", path: uri.path(), body: &request, success: StatusCode::OK };
-    idempotency::run(&state, meta, &staged, move |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await
+    let key = keyed(key, uri.path(), &request, StatusCode::OK);
+    respond(state.engine.import(&staged, create_missing, key.as_ref()).await, StatusCode::OK)
 }

@@ -5,7 +5,6 @@ use serde::Serialize;
 use sqlx::PgConnection;
 
 use crate::domain::{Sku, WarehouseCode};
-use crate::error::ApiError;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Warehouse {
@@ -45,7 +44,7 @@ pub struct SkuUpsert {
 }
 
 /// Creates or updates a warehouse; the flag tells whether it was created.
-pub async fn upsert_warehouse(conn: &mut PgConnection, w: &WarehouseUpsert) -> Result<(Warehouse, bool), ApiError> {
+pub async fn upsert_warehouse(conn: &mut PgConnection, w: &WarehouseUpsert) -> Result<(Warehouse, bool), sqlx::Error> {
     let row: (Warehouse, bool) = sqlx::query_as::<_, WarehouseWithFlag>(
         "INSERT INTO warehouses AS w (code, name, region, priority, active)
          VALUES ($1, $2, $3, COALESCE($4, 100), COALESCE($5, true))
@@ -81,22 +80,17 @@ impl From<WarehouseWithFlag> for (Warehouse, bool) {
     }
 }
 
-pub async fn list_warehouses(conn: &mut PgConnection) -> Result<Vec<Warehouse>, ApiError> {
-    Ok(sqlx::query_as("SELECT * FROM warehouses ORDER BY priority, code").fetch_all(conn).await?)
+pub async fn list_warehouses(conn: &mut PgConnection) -> Result<Vec<Warehouse>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM warehouses ORDER BY priority, code").fetch_all(conn).await
 }
 
-pub async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Warehouse, ApiError> {
-    sqlx::query_as("SELECT * FROM warehouses WHERE code = $1")
-        .bind(code)
-        .fetch_optional(conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("warehouse {code} does not exist")))
+pub async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Option<Warehouse>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM warehouses WHERE code = $1").bind(code).fetch_optional(conn).await
 }
 
-/// Creates or updates a SKU. A new `backorder_limit` is copied onto every stock level of the
-/// SKU in the same transaction (the levels' CHECK constraint enforces it); lowering it below
-/// what is already backordered is a 409.
-pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRecord, bool), ApiError> {
+/// Creates or updates a SKU (the row only; see [`lock_floors`] and [`copy_backorder_limit`]).
+/// The flag tells whether it was created.
+pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRecord, bool), sqlx::Error> {
     let row: SkuWithFlag = sqlx::query_as(
         "INSERT INTO skus AS s (sku, name, backorder_limit)
          VALUES ($1, $2, COALESCE($3, 0))
@@ -111,31 +105,27 @@ pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRe
     .bind(s.backorder_limit)
     .fetch_one(&mut *conn)
     .await?;
-
-    if !row.inserted && s.backorder_limit.is_some() {
-        // Lock the SKU's levels in warehouse order before changing them (see store/mod.rs).
-        let floors: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT warehouse, on_hand - reserved FROM stock_levels WHERE sku = $1 ORDER BY warehouse FOR UPDATE",
-        )
-        .bind(s.sku.as_str())
-        .fetch_all(&mut *conn)
-        .await?;
-        let limit = row.sku.backorder_limit;
-        if let Some((warehouse, available)) = floors.iter().find(|(_, available)| *available < -limit) {
-            return Err(ApiError::conflict(
-                "backorder_limit_in_use",
-                format!("{warehouse} already has {} units backordered, more than the new limit {limit}", -available),
-            )
-            .with("warehouse", warehouse.as_str())
-            .with("available", *available));
-        }
-        sqlx::query("UPDATE stock_levels SET backorder_limit = $2 WHERE sku = $1 AND backorder_limit <> $2")
-            .bind(s.sku.as_str())
-            .bind(limit)
-            .execute(&mut *conn)
-            .await?;
-    }
     Ok((row.sku, row.inserted))
+}
+
+/// Locks every level of a SKU (in warehouse order) and returns each one's `available`.
+pub async fn lock_floors(conn: &mut PgConnection, sku: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT warehouse, on_hand - reserved FROM stock_levels WHERE sku = $1 ORDER BY warehouse FOR UPDATE",
+    )
+    .bind(sku)
+    .fetch_all(conn)
+    .await
+}
+
+/// Copies a SKU's backorder limit onto its (locked) levels; their CHECK constraint enforces it.
+pub async fn copy_backorder_limit(conn: &mut PgConnection, sku: &str, limit: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE stock_levels SET backorder_limit = $2 WHERE sku = $1 AND backorder_limit <> $2")
+        .bind(sku)
+        .bind(limit)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 #[derive(sqlx::FromRow)]
@@ -145,32 +135,38 @@ struct SkuWithFlag {
     inserted: bool,
 }
 
-pub async fn get_sku(conn: &mut PgConnection, sku: &str) -> Result<SkuRecord, ApiError> {
-    sqlx::query_as("SELECT * FROM skus WHERE sku = $1")
-        .bind(sku)
-        .fetch_optional(conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("sku {sku} does not exist")))
+pub async fn get_sku(conn: &mut PgConnection, sku: &str) -> Result<Option<SkuRecord>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM skus WHERE sku = $1").bind(sku).fetch_optional(conn).await
 }
 
-/// 404 unless the SKU and every warehouse exist; returns the SKU's backorder limit.
-pub async fn require_sku_and_warehouses(
+/// The SKU's backorder limit (`None`: no such SKU) and which of `codes` are warehouses.
+pub async fn find_sku_and_warehouses(
     conn: &mut PgConnection,
-    sku: &Sku,
-    warehouses: &[&WarehouseCode],
-) -> Result<i64, ApiError> {
-    let codes: Vec<&str> = warehouses.iter().map(|w| w.as_str()).collect();
-    let (limit, known): (Option<i64>, Vec<String>) = sqlx::query_as(
+    sku: &str,
+    codes: &[&str],
+) -> Result<(Option<i64>, Vec<String>), sqlx::Error> {
+    sqlx::query_as(
         "SELECT (SELECT backorder_limit FROM skus WHERE sku = $1),
                 ARRAY(SELECT code FROM warehouses WHERE code = ANY($2))",
     )
-    .bind(sku.as_str())
-    .bind(&codes)
+    .bind(sku)
+    .bind(codes)
     .fetch_one(conn)
-    .await?;
-    let limit = limit.ok_or_else(|| ApiError::not_found(format!("sku {sku} does not exist")))?;
-    if let Some(missing) = codes.iter().find(|c| !known.iter().any(|k| k == *c)) {
-        return Err(ApiError::not_found(format!("warehouse {missing} does not exist")));
-    }
-    Ok(limit)
+    .await
+}
+
+/// Of the given SKUs and warehouses, those that do not exist, each sorted.
+pub async fn unknown(
+    conn: &mut PgConnection,
+    skus: &[&str],
+    warehouses: &[&str],
+) -> Result<(Vec<String>, Vec<String>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT ARRAY(SELECT s FROM unnest($1::text[]) s WHERE NOT EXISTS (SELECT 1 FROM skus WHERE sku = s) ORDER BY s),
+                ARRAY(SELECT w FROM unnest($2::text[]) w WHERE NOT EXISTS (SELECT 1 FROM warehouses WHERE code = w) ORDER BY w)",
+    )
+    .bind(skus)
+    .bind(warehouses)
+    .fetch_one(conn)
+    .await
 }

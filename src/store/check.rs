@@ -1,9 +1,7 @@
 //! The contract's invariants, checked over the whole database with set-based SQL.
 
 use serde::Serialize;
-use sqlx::PgConnection;
-
-use crate::error::ApiError;
+use sqlx::{PgConnection, PgPool};
 
 /// One broken invariant on one stock level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -23,8 +21,8 @@ impl std::fmt::Display for Violation {
 /// Every violation of invariants 1–4 (empty when the database is consistent). Runs in one
 /// REPEATABLE READ snapshot when called inside such a transaction, so concurrent writers
 /// cannot produce false alarms.
-pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, sqlx::Error> {
+    sqlx::query_as(
         "WITH sums AS (
              SELECT sku, warehouse, sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved
                FROM ledger GROUP BY sku, warehouse
@@ -64,5 +62,16 @@ pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, ApiEr
          ORDER BY 1, 2, 3",
     )
     .fetch_all(conn)
-    .await?)
+    .await
+}
+
+/// [`violations`] over the whole database in one read-only REPEATABLE READ snapshot, without a
+/// statement timeout (at 5M levels the check takes longer than a request may).
+pub async fn whole_database(db: &PgPool) -> Result<Vec<Violation>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+    let found = violations(&mut tx).await?;
+    tx.rollback().await?;
+    Ok(found)
 }

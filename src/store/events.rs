@@ -5,18 +5,33 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::domain::EventKind;
 
-/// Every event type of the contract.
-pub const TYPES: [&str; 7] = [
-    "stock.out_of_stock",
-    "stock.back_in_stock",
-    "stock.low",
-    "reservation.created",
-    "reservation.fulfilled",
-    "reservation.released",
-    "reservation.expired",
-];
+/// An event for the outbox, written in the transaction of the change it reports.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventKind,
+    pub sku: Option<String>,
+    pub warehouse: Option<String>,
+    pub reservation_id: Option<Uuid>,
+    pub data: serde_json::Value,
+}
+
+/// Writes events to the outbox; they get their public ids from [`relay`] after the commit.
+pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (type, sku, warehouse, reservation_id, data)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])",
+    )
+    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.sku.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.warehouse.as_deref()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.reservation_id).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
@@ -42,7 +57,7 @@ pub struct Event {
 /// a larger id at a later run, so a reader paging with `after` never misses one, and no running
 /// transaction — however long — holds the feed back. (Events of one entity stay in order: the
 /// change that follows another waits for its commit.)
-pub async fn relay(pool: &PgPool) -> Result<u64, ApiError> {
+pub async fn relay(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
@@ -66,8 +81,13 @@ pub async fn relay(pool: &PgPool) -> Result<u64, ApiError> {
 }
 
 /// Relayed events after `after`, oldest first, optionally of some types only.
-pub async fn page(conn: &mut PgConnection, after: i64, limit: i64, types: &[String]) -> Result<Vec<Event>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn page(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+    types: &[String],
+) -> Result<Vec<Event>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT id, at, type, sku, warehouse, reservation_id, data FROM events
           WHERE id > $1 AND (cardinality($3::text[]) = 0 OR type = ANY($3))
           ORDER BY id LIMIT $2",
@@ -76,12 +96,12 @@ pub async fn page(conn: &mut PgConnection, after: i64, limit: i64, types: &[Stri
     .bind(limit)
     .bind(types)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
 /// The highest relayed id (0 when none).
-pub async fn last_id(conn: &mut PgConnection) -> Result<i64, ApiError> {
-    Ok(sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(conn).await?)
+pub async fn last_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(conn).await
 }
 
 /// Events after `after` matching `types` (all when empty), at most `limit`, looking at no more
@@ -94,7 +114,7 @@ pub async fn scan(
     limit: i64,
     types: &[String],
     max_scan: i64,
-) -> Result<(Vec<Event>, i64), ApiError> {
+) -> Result<(Vec<Event>, i64), sqlx::Error> {
     if types.is_empty() {
         let items = page(conn, after, limit, types).await?;
         let cursor = items.last().map_or(after, |e| e.id);
@@ -125,7 +145,7 @@ pub async fn scan(
 
 /// Deletes relayed events older than the retention, but never the newest one: it carries the
 /// counter the next ids continue from.
-pub async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, ApiError> {
+pub async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM events WHERE seq IN (
              SELECT seq FROM events

@@ -5,8 +5,6 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::error::ApiError;
-
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Entry {
     pub id: Uuid,
@@ -38,7 +36,7 @@ pub struct EntryPage {
 /// later has a `txid` at or above it, so it comes after any cursor already handed out and a
 /// reader paging with `after` never misses it (see migration 0006). The horizon is taken in a
 /// statement before the page's. One statement per filter shape, so each can use its index.
-pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, ApiError> {
+pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, sqlx::Error> {
     let (horizon, known): (i64, bool) = sqlx::query_as(
         "SELECT writer_horizon()::text::int8, $1::uuid IS NULL OR EXISTS (SELECT 1 FROM ledger WHERE id = $1)",
     )

@@ -1,12 +1,29 @@
-//! SQL. Functions take a connection (usually a transaction owned by the caller); the row
-//! locking rules of the service live here.
+//! Every SQL statement of the service, and every lock. Functions take a connection (usually a
+//! transaction the caller owns) and return `sqlx::Error`; what an error means is `db::trouble`.
 //!
-//! Locking rule, everywhere: stock rows are locked in (sku, warehouse) order, so two
-//! transactions touching the same rows always queue instead of deadlocking.
+//! Lock order — every transaction takes its locks in this order, so two transactions that
+//! touch the same rows queue instead of deadlocking:
+//!
+//! 1. the idempotency key's advisory lock (`idempotency::claim`), and the writer's shared
+//!    advisory lock taken right after BEGIN (`db::begin_writer`);
+//! 2. reservation rows (`reservations::lock`, `reservations::lock_overdue`), in the order of
+//!    their unique `order_id` for new ones (`reservations::insert_many`);
+//! 3. SKU rows, shared, when a level is created from them (`stock::ensure_level`,
+//!    `import::lock_and_create_levels`);
+//! 4. stock levels, in (sku, warehouse) order (`levels::lock_skus`, `levels::lock`,
+//!    `catalogue::lock_floors`, `import::lock_and_create_levels`); a level created in the same
+//!    transaction is invisible to others until commit, so locking it first cannot deadlock;
+//! 5. the ledger and event rows written with them (`levels::write`, `events::insert`) — new
+//!    rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
+//!    advisory lock and touches only committed events.
 
 pub mod catalogue;
 pub mod check;
+pub mod db;
 pub mod events;
+pub mod idempotency;
+pub mod import;
 pub mod ledger;
+pub mod levels;
 pub mod reservations;
 pub mod stock;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::domain::Status;
 
 /// A reservation as clients see it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -19,11 +19,11 @@ pub struct Reservation {
     pub strategy: String,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
-    pub lines: Vec<Line>,
+    pub lines: Vec<ReservationLine>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Line {
+pub struct ReservationLine {
     pub sku: String,
     pub quantity: i64,
     pub allocations: Vec<AllocationView>,
@@ -51,6 +51,13 @@ pub struct Header {
     pub overdue: bool,
 }
 
+impl Header {
+    /// The stored status; `None` for a value the service never writes.
+    pub fn status(&self) -> Option<Status> {
+        Status::parse(&self.status)
+    }
+}
+
 /// An allocation row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Allocation {
@@ -70,23 +77,10 @@ impl Allocation {
     }
 }
 
-/// The status a reservation has once its allocations look like this (contract's end-state rule).
-pub fn status_of(allocations: &[Allocation], by_expiry: bool) -> &'static str {
-    if allocations.iter().any(|a| a.held() > 0) {
-        "active"
-    } else if allocations.iter().any(|a| a.fulfilled > 0) {
-        "fulfilled"
-    } else if by_expiry {
-        "expired"
-    } else {
-        "released"
-    }
-}
-
 /// Builds the client view from a header and its allocations (in any order).
 pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation {
     allocations.sort_by_key(|a| (a.line_no, a.seq));
-    let mut lines: Vec<Line> = Vec::new();
+    let mut lines: Vec<ReservationLine> = Vec::new();
     for a in allocations {
         let view = AllocationView {
             warehouse: a.warehouse.clone(),
@@ -100,7 +94,7 @@ pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation
                 line.quantity += a.quantity;
                 line.allocations.push(view);
             }
-            _ => lines.push(Line { sku: a.sku, quantity: a.quantity, allocations: vec![view] }),
+            _ => lines.push(ReservationLine { sku: a.sku, quantity: a.quantity, allocations: vec![view] }),
         }
     }
     Reservation {
@@ -114,29 +108,6 @@ pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation
     }
 }
 
-/// Inserts a new active reservation; `None` when the order id is taken. Waits for a
-/// concurrent insert of the same order id to finish, so exactly one wins.
-pub async fn insert(
-    conn: &mut PgConnection,
-    id: Uuid,
-    order_id: &str,
-    strategy: &str,
-    ttl_seconds: i64,
-) -> Result<Option<Header>, ApiError> {
-    Ok(sqlx::query_as(
-        "INSERT INTO reservations (id, order_id, strategy, expires_at)
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4))
-         ON CONFLICT (order_id) DO NOTHING
-         RETURNING id, order_id, status, strategy, created_at, expires_at, false AS overdue",
-    )
-    .bind(id)
-    .bind(order_id)
-    .bind(strategy)
-    .bind(ttl_seconds as f64)
-    .fetch_optional(conn)
-    .await?)
-}
-
 /// Inserts many reservation rows at once, in `order_id` order (so concurrent batches meet on
 /// the unique index in the same order); returns the rows inserted, not the duplicates.
 pub async fn insert_many(
@@ -145,8 +116,8 @@ pub async fn insert_many(
     order_ids: &[&str],
     strategies: &[&str],
     ttl_seconds: &[f64],
-) -> Result<Vec<Header>, ApiError> {
-    Ok(sqlx::query_as(
+) -> Result<Vec<Header>, sqlx::Error> {
+    sqlx::query_as(
         "INSERT INTO reservations (id, order_id, strategy, expires_at)
          SELECT id, order_id, strategy, now() + make_interval(secs => ttl)
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[]) AS n(id, order_id, strategy, ttl)
@@ -159,39 +130,36 @@ pub async fn insert_many(
     .bind(strategies)
     .bind(ttl_seconds)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
 /// The reservation ids of existing orders.
-pub async fn ids_of_orders(conn: &mut PgConnection, order_ids: &[&str]) -> Result<Vec<(String, Uuid)>, ApiError> {
-    Ok(sqlx::query_as("SELECT order_id, id FROM reservations WHERE order_id = ANY($1)")
+pub async fn ids_of_orders(conn: &mut PgConnection, order_ids: &[&str]) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
+    sqlx::query_as("SELECT order_id, id FROM reservations WHERE order_id = ANY($1)")
         .bind(order_ids)
         .fetch_all(conn)
-        .await?)
+        .await
 }
 
 /// Deletes reservation rows this transaction inserted for orders it then refused.
-pub async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), ApiError> {
+pub async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM reservations WHERE id = ANY($1)").bind(ids).execute(conn).await?;
     Ok(())
 }
 
-pub async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, ApiError> {
-    Ok(sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1").bind(order_id).fetch_optional(conn).await
 }
 
 /// Locks one reservation row.
-pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
     .fetch_optional(conn)
-    .await?)
+    .await
 }
 
 /// What the expiry sweep leaves out this time: reservations whose expiry failed, and
@@ -222,9 +190,9 @@ macro_rules! overdue_and_not_skipped {
 /// Locks up to `limit` active reservations whose deadline has passed (database clock), oldest
 /// deadline first, skipping rows other transactions hold (a fulfil in progress, another
 /// instance's sweep) and whatever `skips` names.
-pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, ApiError> {
+pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, sqlx::Error> {
     let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    Ok(sqlx::query_as(concat!(
+    sqlx::query_as(concat!(
         "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
                FROM reservations r",
         overdue_and_not_skipped!(),
@@ -239,13 +207,13 @@ pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkip
     .bind(&warehouses)
     .bind(skips.only)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
 /// Ids of overdue active reservations (unlocked, a hint for the one-at-a-time fallback).
-pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Uuid>, ApiError> {
+pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Uuid>, sqlx::Error> {
     let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    Ok(sqlx::query_scalar(concat!(
+    sqlx::query_scalar(concat!(
         "SELECT r.id FROM reservations r",
         overdue_and_not_skipped!(),
         " ORDER BY r.expires_at, r.id LIMIT $1"
@@ -255,33 +223,33 @@ pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips
     .bind(&skus)
     .bind(&warehouses)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
 /// The levels a reservation still holds units of.
-pub async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(String, String)>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT sku, warehouse FROM reservation_allocations
           WHERE reservation_id = $1 AND quantity > fulfilled + released
           ORDER BY sku, warehouse",
     )
     .bind(id)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
-pub async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Allocation>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Allocation>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT reservation_id, sku, warehouse, line_no, seq, quantity, fulfilled, released
            FROM reservation_allocations WHERE reservation_id = ANY($1)
           ORDER BY reservation_id, line_no, seq",
     )
     .bind(ids)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
-pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), ApiError> {
+pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::int8[])",
@@ -298,7 +266,7 @@ pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) ->
 }
 
 /// Writes back the fulfilled/released counters of the given allocations.
-pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), ApiError> {
+pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE reservation_allocations a SET fulfilled = d.fulfilled, released = d.released
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])
@@ -315,7 +283,8 @@ pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -
     Ok(())
 }
 
-pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[&str]) -> Result<(), ApiError> {
+pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[Status]) -> Result<(), sqlx::Error> {
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
     sqlx::query(
         "UPDATE reservations r SET status = d.status, updated_at = now()
            FROM unnest($1::uuid[], $2::text[]) AS d(id, status)
@@ -329,19 +298,19 @@ pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[&st
 }
 
 /// Moves the deadline to `now + ttl` by the database's clock; returns the new deadline.
-pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<DateTime<Utc>, ApiError> {
-    Ok(sqlx::query_scalar(
+pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar(
         "UPDATE reservations SET expires_at = now() + make_interval(secs => $2), updated_at = now()
           WHERE id = $1 RETURNING expires_at",
     )
     .bind(id)
     .bind(ttl_seconds as f64)
     .fetch_one(conn)
-    .await?)
+    .await
 }
 
 /// Reads one reservation with its allocations.
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, ApiError> {
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, sqlx::Error> {
     let header: Option<Header> = sqlx::query_as(
         "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1",
@@ -352,4 +321,15 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation
     let Some(header) = header else { return Ok(None) };
     let allocations = allocations(conn, &[id]).await?;
     Ok(Some(assemble(header, allocations)))
+}
+
+/// How far behind the expiry sweep is: seconds since the oldest deadline still unhandled (0
+/// when none).
+pub async fn expiry_lag(db: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(expires_at))::float8, 0)
+           FROM reservations WHERE status = 'active' AND expires_at <= now()",
+    )
+    .fetch_one(db)
+    .await
 }

@@ -5,7 +5,6 @@ use serde::Serialize;
 use sqlx::PgConnection;
 
 use crate::domain::{Sku, WarehouseCode};
-use crate::error::ApiError;
 
 /// A stock level as clients see it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -30,38 +29,10 @@ macro_rules! level_columns {
     };
 }
 
-/// The kinds of ledger entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    Receive,
-    Adjust,
-    TransferOut,
-    TransferIn,
-    Reserve,
-    Release,
-    Expire,
-    Fulfil,
-}
-
-impl EntryKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Receive => "receive",
-            Self::Adjust => "adjust",
-            Self::TransferOut => "transfer_out",
-            Self::TransferIn => "transfer_in",
-            Self::Reserve => "reserve",
-            Self::Release => "release",
-            Self::Expire => "expire",
-            Self::Fulfil => "fulfil",
-        }
-    }
-}
-
 /// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit. The SKU
 /// row is share-locked meanwhile, so a concurrent change of the limit either sees the new level
 /// or is seen by it (locks: SKU row, then level).
-pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), ApiError> {
+pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
          SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1 FOR SHARE
@@ -75,13 +46,12 @@ pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &Wareho
 }
 
 /// One level as it is now.
-pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Result<Level, ApiError> {
+pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Result<Option<Level>, sqlx::Error> {
     sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 AND warehouse = $2"))
         .bind(sku)
         .bind(warehouse)
         .fetch_optional(conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no stock level {sku}/{warehouse}")))
+        .await
 }
 
 /// Sets the replenishment settings of a level, creating the level when needed.
@@ -92,7 +62,7 @@ pub async fn set_replenishment(
     warehouse: &WarehouseCode,
     reorder_point: Option<i64>,
     reorder_quantity: Option<i64>,
-) -> Result<(Level, bool), ApiError> {
+) -> Result<(Level, bool), sqlx::Error> {
     let row: LevelWithFlag = sqlx::query_as(concat!(
         "INSERT INTO stock_levels AS s (sku, warehouse, backorder_limit, reorder_point, reorder_quantity)
          SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1 FOR SHARE
@@ -121,11 +91,11 @@ struct LevelWithFlag {
 }
 
 /// Every level of one SKU, by warehouse.
-pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, ApiError> {
-    Ok(sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"))
+pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, sqlx::Error> {
+    sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"))
         .bind(sku)
         .fetch_all(conn)
-        .await?)
+        .await
 }
 
 /// One SKU's availability per active warehouse.
@@ -138,8 +108,8 @@ pub struct AvailableRow {
 
 /// Availability of many SKUs in active warehouses: the product-page read path. One statement,
 /// an index range scan per SKU on the primary key.
-pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, ApiError> {
-    Ok(sqlx::query_as(
+pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, sqlx::Error> {
+    sqlx::query_as(
         "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
            FROM stock_levels l
            JOIN warehouses w ON w.code = l.warehouse AND w.active
@@ -148,7 +118,7 @@ pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Ve
     )
     .bind(skus)
     .fetch_all(conn)
-    .await?)
+    .await
 }
 
 /// A filter and position for paging through stock levels in (sku, warehouse) order.
@@ -161,7 +131,7 @@ pub struct LevelPage {
 }
 
 /// One page of levels; fetches one row more than asked to know whether another page exists.
-pub async fn page_levels(conn: &mut PgConnection, page: &LevelPage) -> Result<(Vec<Level>, bool), ApiError> {
+pub async fn page_levels(conn: &mut PgConnection, page: &LevelPage) -> Result<(Vec<Level>, bool), sqlx::Error> {
     let (after_sku, after_wh) = page.after.clone().unwrap_or_default();
     let mut rows: Vec<Level> = sqlx::query_as(concat!(
         "SELECT ",

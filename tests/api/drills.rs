@@ -124,7 +124,7 @@ async fn a_database_stopped_under_load_gives_quick_503s_and_the_service_recovers
     let stop_line = local.stop_command_line();
     cluster.stop = Some(stop_line.clone());
     let port = local.port();
-    inventory::db::ensure_database(&local.url("postgres"), "drill").await.unwrap();
+    inventory::store::db::ensure_database(&local.url("postgres"), "drill").await.unwrap();
     // A throwaway cluster runs with synchronous_commit=off: a commit is acknowledged before its
     // WAL is written, and an immediate stop loses it (seen here: a fulfil answered 200, gone
     // after the restart). The service's own clusters are durable; so must this database be for

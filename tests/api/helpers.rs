@@ -65,7 +65,7 @@ fn start_server() -> TestServer {
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {template}"))).execute(&admin).await.unwrap();
         admin.close().await;
         let pool = PgPool::connect(&with_database(&admin_url, &template)).await.unwrap();
-        inventory::db::MIGRATOR.run(&pool).await.expect("migrations apply to an empty database");
+        inventory::store::db::MIGRATOR.run(&pool).await.expect("migrations apply to an empty database");
         pool.close().await;
     });
     TestServer { admin_url, template, _local: local }
@@ -196,15 +196,17 @@ impl TestApp {
     /// size, …); its `database_url` is ignored in favour of a fresh database.
     pub async fn spawn_with_database_args(server: ServerArgs, database: DatabaseArgs) -> Self {
         let db_url = fresh_database().await;
-        let db = inventory::db::connect(&db_url, &database).await.expect("connect to the test database");
+        let db = inventory::store::db::connect(&db_url, &database).await.expect("connect to the test database");
         Self::serve(db.clone(), db, db_url, server).await
     }
 
     /// The service on the database of `db_url`, reached through `service_url` (a
     /// fault-injecting proxy, say); the test's own pool `db` connects directly.
     pub async fn spawn_through(server: ServerArgs, db_url: String, service_url: &str) -> Self {
-        let service = inventory::db::connect(service_url, &database_args(None)).await.expect("connect via route");
-        let db = inventory::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
+        let service =
+            inventory::store::db::connect(service_url, &database_args(None)).await.expect("connect via route");
+        let db =
+            inventory::store::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
         Self::serve(db, service, db_url, server).await
     }
 

@@ -16,7 +16,7 @@ fn landed_migrations_are_never_edited() {
         })
         .collect();
     let current: Vec<(i64, String)> =
-        inventory::db::MIGRATOR.iter().map(|m| (m.version, hex::encode(&m.checksum))).collect();
+        inventory::store::db::MIGRATOR.iter().map(|m| (m.version, hex::encode(&m.checksum))).collect();
     for (version, checksum) in &landed {
         let now = current.iter().find(|(v, _)| v == version);
         assert!(now.is_some(), "landed migration {version} was removed");

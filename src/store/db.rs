@@ -1,6 +1,5 @@
 //! Connecting to PostgreSQL: the pool, migrations, and retrying transactions.
 
-use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -8,14 +7,10 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::config::DatabaseArgs;
-use crate::error::ApiError;
 use crate::local_pg::{Durability, LocalPostgres};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// How many times a transaction that hit a deadlock or serialization failure is run in all.
-const MAX_ATTEMPTS: u32 = 5;
 
 /// The database the process talks to, and the local cluster behind it if we started one.
 #[derive(Debug)]
@@ -109,7 +104,7 @@ pub async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sq
 }
 
 /// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).
-pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), ApiError> {
+pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), sqlx::Error> {
     sqlx::query(
         "SELECT set_config('lock_timeout',
              CASE WHEN s = '0' OR s::interval > make_interval(secs => $1) THEN ($1 * 1000)::int8 || 'ms' ELSE s END,
@@ -122,44 +117,43 @@ pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) ->
     Ok(())
 }
 
-/// Sleeps before attempt `tries + 1`: jittered exponential backoff.
-async fn backoff(tries: u32) {
-    let jitter = rand::random_range(0..(5u64 << tries));
-    tokio::time::sleep(Duration::from_millis(jitter)).await;
+/// What a database error means for whoever must decide what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// A serialization failure or deadlock: run the whole transaction again.
+    Retry,
+    /// A lock or statement timeout: this row (or statement) is stuck, others are fine.
+    Busy,
+    /// The database cannot be reached: connection refused or broken, pool exhausted, shutting down.
+    Down,
+    /// Anything else: a bug or a broken constraint.
+    Other,
 }
 
-/// The future of one transaction body, borrowing the transaction's connection and context.
-pub type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, ApiError>> + Send + 'c>>;
-
-/// Runs `body(tx, ctx)` inside a transaction, committing on `Ok` and rolling back on `Err`.
-/// A deadlock or serialization failure (40P01, 40001) runs the whole transaction again, with
-/// jittered backoff, at most `MAX_ATTEMPTS` times in all; it never reaches the client as a 500.
-pub async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T, ApiError>
-where
-    C: Sync + ?Sized,
-    F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let attempt = async {
-            let mut tx = begin_writer(pool).await?;
-            let out = body(&mut tx, ctx).await?;
-            tx.commit().await.map_err(ApiError::from_commit)?;
-            Ok::<T, ApiError>(out)
-        };
-        match attempt.await {
-            Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
-                let sqlstate = err.sqlstate().unwrap_or_default();
-                tracing::debug!(%sqlstate, tries, "retrying transaction");
-                metrics::counter!(crate::metrics::TX_RETRIES, "sqlstate" => sqlstate).increment(1);
-                backoff(tries).await;
-            }
-            Err(err) if err.is_retryable() => {
-                tracing::warn!(error = %err, tries, "transaction kept conflicting; giving up");
-                return Err(ApiError::Unavailable(format!("gave up after {tries} conflicting attempts")));
-            }
-            other => return other,
-        }
+/// Classifies a database error.
+pub fn trouble(err: &sqlx::Error) -> Trouble {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => Trouble::Down,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // serialization_failure, deadlock_detected
+            Some("40001" | "40P01") => Trouble::Retry,
+            // lock_not_available, query_canceled (statement_timeout)
+            Some("55P03" | "57014") => Trouble::Busy,
+            // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+            Some("57P01" | "57P02" | "57P03" | "53300") => Trouble::Down,
+            Some(code) if code.starts_with("08") => Trouble::Down,
+            _ => Trouble::Other,
+        },
+        _ => Trouble::Other,
     }
+}
+
+/// The newest migration applied successfully (`None`: none yet).
+pub async fn applied_migration(db: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(db).await
 }

@@ -1,4 +1,4 @@
-//! The batching front of `POST /v1/reservations`.
+//! The batching front of reserving.
 //!
 //! Concurrent reservation requests are gathered for a very short window (at most
 //! `batch_max` orders, at most `batch_window_us` after the first) and decided in ONE
@@ -14,15 +14,14 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use sqlx::PgConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::idempotency::{self, Keyed, Outcome};
+use super::error::{Error, Result};
+use super::idempotency::{self, Keyed, Outcome, Render};
+use super::reservations::{self, NewReservation};
+use super::tx::transact;
 use crate::config::ServerArgs;
-use crate::db::transact;
-use crate::engine::reservations::{self as engine, NewReservation};
-use crate::error::ApiError;
 
 /// The lock wait of a batch transaction: 250 ms, or the configured one when shorter (which
 /// applies to orders running alone).
@@ -40,7 +39,7 @@ struct Job {
     req: NewReservation,
     key: Option<Keyed>,
     /// `None`: the batch failed as a whole; run this order on its own.
-    reply: oneshot::Sender<Option<Outcome>>,
+    reply: oneshot::Sender<Option<Result<Outcome>>>,
 }
 
 /// The handle requests submit to; cheap to clone.
@@ -51,7 +50,7 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the gathering task; it ends when every handle is gone, after finishing its work.
-    pub fn spawn(db: sqlx::PgPool, config: &ServerArgs) -> Self {
+    pub fn spawn(db: sqlx::PgPool, config: &ServerArgs, render: Render) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let gather = Gather {
             rx,
@@ -62,13 +61,14 @@ impl Batcher {
                 .map_or(2, |n| n.get())
                 .min(config.batch_concurrency.max(1)),
             db,
+            render,
         };
         tokio::spawn(gather.run());
         Self { queue }
     }
 
     /// Decides one order within a batch. `None` when it must run on its own instead.
-    pub async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Outcome> {
+    pub async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Result<Outcome>> {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Job { req, key, reply }).await.ok()?;
         answer.await.ok().flatten()
@@ -83,6 +83,7 @@ struct Gather {
     /// Most batches one gathering is split into (the machine's cores).
     parallelism: usize,
     db: sqlx::PgPool,
+    render: Render,
 }
 
 impl Gather {
@@ -129,9 +130,9 @@ impl Gather {
             }
             for (part, slot) in split(batch, slots.len()).into_iter().zip(slots) {
                 metrics::histogram!(crate::metrics::BATCH_SIZE).record(part.len() as f64);
-                let db = self.db.clone();
+                let (db, render) = (self.db.clone(), self.render);
                 tokio::spawn(async move {
-                    execute(&db, part).await;
+                    execute(&db, part, render).await;
                     drop(slot);
                 });
             }
@@ -215,32 +216,33 @@ fn clashes(a: &Job, b: &Job) -> bool {
     a.req.order_id == b.req.order_id || matches!((&a.key, &b.key), (Some(x), Some(y)) if x.key == y.key)
 }
 
-async fn execute(db: &sqlx::PgPool, batch: Vec<Job>) {
+async fn execute(db: &sqlx::PgPool, batch: Vec<Job>, render: Render) {
     let (work, replies): (Vec<(NewReservation, Option<Keyed>)>, Vec<_>) =
         batch.into_iter().map(|j| ((j.req, j.key), j.reply)).unzip();
-    match transact(db, &work, |conn, work| Box::pin(decide(conn, work))).await {
+    let ctx = (work, render);
+    match transact(db, &ctx, |conn, (work, render)| Box::pin(decide(conn, work, *render))).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Some(outcome));
+                let _ = reply.send(Some(Ok(outcome)));
             }
         }
         // The batch may have committed: every order gets that answer (running them again
         // could apply them twice; a keyed retry replays whatever was stored).
-        Err(err @ ApiError::OutcomeUnknown(_)) => {
-            tracing::warn!(error = %err, orders = work.len(), "a reservation batch's commit outcome is unknown");
+        Err(Error::OutcomeUnknown(cause)) => {
+            tracing::warn!(%cause, orders = ctx.0.len(), "a reservation batch's commit outcome is unknown");
             for reply in replies {
-                let _ = reply.send(Some(Outcome::Refused(ApiError::OutcomeUnknown(err.to_string()))));
+                let _ = reply.send(Some(Err(Error::OutcomeUnknown(cause.clone()))));
             }
         }
         // Nobody gets a connection: running each order alone would only fail again, slower.
         Err(err) if err.is_database_down() => {
-            tracing::warn!(error = %err, orders = work.len(), "a reservation batch found the database down");
+            tracing::warn!(error = %err, orders = ctx.0.len(), "a reservation batch found the database down");
             for reply in replies {
-                let _ = reply.send(Some(Outcome::Refused(ApiError::Unavailable(err.to_string()))));
+                let _ = reply.send(Some(Err(Error::Unavailable(err.to_string()))));
             }
         }
         Err(err) => {
-            tracing::warn!(error = %err, orders = work.len(), "a reservation batch failed; each order runs on its own");
+            tracing::warn!(error = %err, orders = ctx.0.len(), "a reservation batch failed; each order runs on its own");
             metrics::counter!(crate::metrics::BATCH_FALLBACKS).increment(1);
             for reply in replies {
                 let _ = reply.send(None);
@@ -250,11 +252,15 @@ async fn execute(db: &sqlx::PgPool, batch: Vec<Job>) {
 }
 
 /// The batch transaction body.
-async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)]) -> Result<Vec<Outcome>, ApiError> {
+async fn decide(
+    conn: &mut PgConnection,
+    work: &[(NewReservation, Option<Keyed>)],
+    render: Render,
+) -> Result<Vec<Outcome>> {
     // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
     // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
     // each order run alone under the normal lock timeout.
-    crate::db::cap_lock_timeout(conn, BATCH_LOCK_TIMEOUT).await?;
+    crate::store::db::cap_lock_timeout(conn, BATCH_LOCK_TIMEOUT).await?;
     let keyed: Vec<&Keyed> = work.iter().filter_map(|(_, k)| k.as_ref()).collect();
     let mut claims = if keyed.is_empty() { Vec::new() } else { idempotency::claim_many(conn, &keyed).await? };
     claims.reverse();
@@ -263,16 +269,10 @@ async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)
         work.iter().map(|(_, key)| if key.is_some() { claims.pop().flatten() } else { None }).collect();
     let runs: Vec<bool> = decided.iter().map(Option::is_none).collect();
     let live: Vec<&NewReservation> = work.iter().zip(&runs).filter(|(_, run)| **run).map(|((req, _), _)| req).collect();
-    let mut results = engine::reserve_many(conn, &live).await?.into_iter();
+    let mut results = reservations::reserve_many(conn, &live).await?.into_iter();
     for slot in decided.iter_mut().filter(|d| d.is_none()) {
-        let result = results.next().unwrap_or_else(|| Err(ApiError::Internal("an order got no answer".into())));
-        // A server error is no answer to store: fail the batch, and each order runs alone.
-        if let Err(err) = &result
-            && err.status().is_server_error()
-        {
-            return Err(ApiError::Internal(format!("an order in the batch failed: {err}")));
-        }
-        *slot = Some(Outcome::executed(StatusCode::CREATED, result));
+        let result = results.next().ok_or_else(|| Error::Bug("an order got no answer".into()))?;
+        *slot = Some(Outcome::executed(result)?);
     }
     let outcomes: Vec<Outcome> = decided.into_iter().flatten().collect();
     let ran: Vec<(&Keyed, &Outcome)> = work
@@ -281,7 +281,7 @@ async fn decide(conn: &mut PgConnection, work: &[(NewReservation, Option<Keyed>)
         .zip(runs)
         .filter_map(|(((_, key), outcome), run)| key.as_ref().filter(|_| run).map(|k| (k, outcome)))
         .collect();
-    idempotency::store_many(conn, &ran).await?;
+    idempotency::store_many(conn, &ran, render).await?;
     Ok(outcomes)
 }
 

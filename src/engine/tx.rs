@@ -1,0 +1,54 @@
+//! Running an operation as one transaction, again as a whole when PostgreSQL asks for it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::error::{Error, Result};
+use crate::store::db::begin_writer;
+
+/// How many times a transaction that hit a deadlock or serialization failure is run in all.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Sleeps before attempt `tries + 1`: jittered exponential backoff.
+async fn backoff(tries: u32) {
+    let jitter = rand::random_range(0..(5u64 << tries));
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+}
+
+/// The future of one transaction body, borrowing the transaction's connection and context.
+pub type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+/// Runs `body(tx, ctx)` inside a transaction, committing on `Ok` and rolling back on `Err`.
+/// A deadlock or serialization failure (40P01, 40001) runs the whole transaction again, with
+/// jittered backoff, at most `MAX_ATTEMPTS` times in all; it never reaches the client as a 500.
+pub async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
+where
+    C: Sync + ?Sized,
+    F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let attempt = async {
+            let mut tx = begin_writer(pool).await?;
+            let out = body(&mut tx, ctx).await?;
+            tx.commit().await.map_err(Error::from_commit)?;
+            Ok::<T, Error>(out)
+        };
+        match attempt.await {
+            Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
+                let sqlstate = err.sqlstate().unwrap_or_default();
+                tracing::debug!(%sqlstate, tries, "retrying transaction");
+                metrics::counter!(crate::metrics::TX_RETRIES, "sqlstate" => sqlstate).increment(1);
+                backoff(tries).await;
+            }
+            Err(err) if err.is_retryable() => {
+                tracing::warn!(error = %err, tries, "transaction kept conflicting; giving up");
+                return Err(Error::Unavailable(format!("gave up after {tries} conflicting attempts")));
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The authentication layer: 401 without a valid API key, 403 when its role does not allow
+//! the call (keys and roles: `crate::auth`).
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::required_role;
+
+/// The name of the API key a request came with (absent when no keys are configured).
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+/// Middleware: 401 without a valid key, 403 when its role does not allow the call. With no
+/// keys configured every call is allowed (the server refuses to start like that off loopback).
+pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.keys.is_empty() {
+        return next.run(request).await;
+    }
+    let Some(needed) = required_role(request.method(), request.uri().path(), state.config.metrics_public) else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(entry) = presented.and_then(|secret| state.keys.find(secret)) else {
+        return ApiError::Unauthorized("a valid API key is required: Authorization: Bearer <key>".into())
+            .into_response();
+    };
+    if !entry.role.allows(needed) {
+        return ApiError::Forbidden(format!(
+            "the key `{}` has role {}, this call needs {}",
+            entry.name,
+            entry.role.as_str(),
+            needed.as_str()
+        ))
+        .into_response();
+    }
+    tracing::Span::current().record("api_key", entry.name.as_str());
+    let mut request = request;
+    request.extensions_mut().insert(Caller(entry.name.clone()));
+    next.run(request).await
+}

@@ -1,0 +1,138 @@
+//! Locking stock levels and writing them back together with their ledger entries.
+//!
+//! Every lock here is taken in (sku, warehouse) order (see the lock order in `store/mod.rs`).
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::EntryKind;
+
+/// A level as a transaction locks (or reads) it, with its warehouse's allocation settings.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LevelRow {
+    pub sku: String,
+    pub warehouse: String,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub backorder_limit: i64,
+    pub priority: i32,
+    pub active: bool,
+    pub reorder_point: i64,
+}
+
+/// Locks every level of the given SKUs in active warehouses (the only ones that take new
+/// reservations).
+pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
+    let mut skus = skus.to_vec();
+    skus.sort_unstable();
+    skus.dedup();
+    sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
+           FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
+          WHERE l.sku = ANY($1)
+          ORDER BY l.sku, l.warehouse
+            FOR UPDATE OF l",
+    )
+    .bind(&skus)
+    .fetch_all(conn)
+    .await
+}
+
+/// Locks exactly the given levels.
+pub async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Vec<LevelRow>, sqlx::Error> {
+    let mut keys = keys.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    let (skus, warehouses): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
+           FROM stock_levels l
+           JOIN warehouses w ON w.code = l.warehouse
+           JOIN unnest($1::text[], $2::text[]) AS k(sku, warehouse)
+             ON k.sku = l.sku AND k.warehouse = l.warehouse
+          ORDER BY l.sku, l.warehouse
+            FOR UPDATE OF l",
+    )
+    .bind(&skus)
+    .bind(&warehouses)
+    .fetch_all(conn)
+    .await
+}
+
+/// Reads the levels of the given SKUs in active warehouses without locking them (for plans,
+/// which change nothing).
+pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
+           FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
+          WHERE l.sku = ANY($1)",
+    )
+    .bind(skus)
+    .fetch_all(conn)
+    .await
+}
+
+/// The change of one locked level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LevelChange<'a> {
+    pub sku: &'a str,
+    pub warehouse: &'a str,
+    pub on_hand_delta: i64,
+    pub reserved_delta: i64,
+}
+
+/// A ledger entry to write.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    pub id: Uuid,
+    pub sku: String,
+    pub warehouse: String,
+    pub kind: EntryKind,
+    pub on_hand_delta: i64,
+    pub reserved_delta: i64,
+    pub on_hand_after: i64,
+    pub reserved_after: i64,
+    pub reference: Option<String>,
+    pub reason: Option<&'static str>,
+}
+
+/// Applies every change and writes every ledger entry in one statement; returns each changed
+/// level's `(sku, warehouse, on_hand, reserved)` as the database has it now.
+pub async fn write(
+    conn: &mut PgConnection,
+    changes: &[LevelChange<'_>],
+    entries: &[NewEntry],
+) -> Result<Vec<(String, String, i64, i64)>, sqlx::Error> {
+    let e = entries;
+    sqlx::query_as(
+        "WITH upd AS (
+             UPDATE stock_levels l
+                SET on_hand = l.on_hand + d.dh, reserved = l.reserved + d.dr, updated_at = now()
+               FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS d(sku, warehouse, dh, dr)
+              WHERE l.sku = d.sku AND l.warehouse = d.warehouse
+          RETURNING l.sku, l.warehouse, l.on_hand, l.reserved
+         ), entries AS (
+             INSERT INTO ledger (id, sku, warehouse, kind, on_hand_delta, reserved_delta,
+                                 on_hand_after, reserved_after, reference, reason)
+             SELECT * FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
+                                  $11::int8[], $12::int8[], $13::text[], $14::text[])
+         )
+         SELECT sku, warehouse, on_hand, reserved FROM upd",
+    )
+    .bind(changes.iter().map(|c| c.sku).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.warehouse).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.on_hand_delta).collect::<Vec<_>>())
+    .bind(changes.iter().map(|c| c.reserved_delta).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.id).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.sku.as_str()).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.warehouse.as_str()).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.on_hand_delta).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.reserved_delta).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.on_hand_after).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.reserved_after).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.reference.as_deref()).collect::<Vec<_>>())
+    .bind(e.iter().map(|e| e.reason).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await
+}
