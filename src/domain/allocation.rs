@@ -81,6 +81,7 @@ pub struct Placement {
 /// A SKU the order cannot get enough of: what was asked, and what could be had (also the
 /// `lines` of an `insufficient_stock` answer).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ShortLine)]
 pub struct Shortage {
     pub sku: String,
     pub requested: i64,

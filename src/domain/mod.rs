@@ -10,6 +10,20 @@ pub use codes::{Code, Sku, WarehouseCode};
 pub use lifecycle::{EntryKind, EventKind, Settle, Status};
 pub use quantity::{AdjustReason, Delta, MAX_QUANTITY, Quantity};
 
+/// Longest accepted free-text field (names, regions, references).
+pub const MAX_TEXT: usize = 255;
+
+/// Free text (names, regions, references): at most [`MAX_TEXT`] characters, no control characters.
+pub fn text(raw: String) -> Result<String, String> {
+    if raw.chars().count() > MAX_TEXT {
+        Err(format!("must be at most {MAX_TEXT} characters"))
+    } else if raw.chars().any(char::is_control) {
+        Err("must not contain control characters".into())
+    } else {
+        Ok(raw)
+    }
+}
+
 /// One problem with one input field, reported under `errors` in a 422 answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {

@@ -4,27 +4,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
-use super::AppState;
 use super::error::ApiError;
 use super::extract::{OptionalJson, Path};
-use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode};
+use super::openapi::{BodyErrors, Problem, QueryErrors, WarehouseList};
+use super::state::AppState;
+use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
 use crate::store::catalogue::{self, SkuUpsert, WarehouseUpsert};
-
-/// Longest accepted free-text field (names, regions, references).
-pub const MAX_TEXT: usize = 255;
-
-pub fn text(raw: String) -> Result<String, String> {
-    if raw.chars().count() > MAX_TEXT {
-        Err(format!("must be at most {MAX_TEXT} characters"))
-    } else if raw.chars().any(char::is_control) {
-        Err("must not contain control characters".into())
-    } else {
-        Ok(raw)
-    }
-}
 
 fn created_or_ok(created: bool) -> StatusCode {
     if created { StatusCode::CREATED } else { StatusCode::OK }
@@ -38,21 +25,10 @@ pub struct WarehouseBody {
     active: Option<bool>,
 }
 
-#[utoipa::path(
-    put,
-    path = "/v1/warehouses/{code}",
-    tag = "catalogue",
-    params(("code" = String, Path, description = "warehouse code")),
-    request_body = WarehouseBody,
-    responses(
-        (status = 201, description = "created", body = crate::store::catalogue::Warehouse),
-        (status = 200, description = "updated", body = crate::store::catalogue::Warehouse),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(put, path = "/v1/warehouses/{code}", tag = "catalogue",
+    params(("code" = String, Path, description = "warehouse code")), request_body = WarehouseBody,
+    responses((status = 201, description = "created", body = crate::store::catalogue::Warehouse),
+        (status = 200, description = "updated", body = crate::store::catalogue::Warehouse), BodyErrors))]
 pub async fn put_warehouse(
     State(state): State<AppState>,
     Path(code): Path<String>,
@@ -76,36 +52,23 @@ pub async fn put_warehouse(
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/warehouses/{code}",
-    tag = "catalogue",
+#[utoipa::path(get, path = "/v1/warehouses/{code}", tag = "catalogue",
     params(("code" = String, Path, description = "warehouse code")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
-        (status = 404, description = "unknown warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
+        (status = 404, description = "unknown warehouse", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let warehouse = catalogue::get_warehouse(&mut conn, &code).await?.ok_or(Refusal::UnknownWarehouse(code))?;
     Ok(axum::Json(warehouse).into_response())
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/warehouses",
-    tag = "catalogue",
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "every warehouse, by priority", body = crate::http::openapi::WarehouseList)
-    )
-)]
+#[utoipa::path(get, path = "/v1/warehouses", tag = "catalogue",
+    responses((status = 200, description = "every warehouse, by priority", body = WarehouseList), QueryErrors))]
 pub async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let items = catalogue::list_warehouses(&mut conn).await?;
-    Ok(axum::Json(json!({ "items": items })).into_response())
+    Ok(axum::Json(WarehouseList { items }).into_response())
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -114,22 +77,12 @@ pub struct SkuBody {
     backorder_limit: Option<i64>,
 }
 
-#[utoipa::path(
-    put,
-    path = "/v1/skus/{sku}",
-    tag = "catalogue",
-    params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(put, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
     request_body = SkuBody,
-    responses(
-        (status = 201, description = "created", body = crate::store::catalogue::SkuRecord),
+    responses((status = 201, description = "created", body = crate::store::catalogue::SkuRecord),
         (status = 200, description = "updated", body = crate::store::catalogue::SkuRecord),
-        (status = 409, description = "backorder_limit_in_use: lowering the limit below what is backordered", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+        (status = 409, description = "backorder_limit_in_use: lowering the limit below what is backordered", body = Problem, content_type = "application/problem+json"),
+        BodyErrors))]
 pub async fn put_sku(
     State(state): State<AppState>,
     Path(sku): Path<String>,
@@ -147,17 +100,10 @@ pub async fn put_sku(
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/skus/{sku}",
-    tag = "catalogue",
-    params(("sku" = String, Path, description = "the SKU")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
-        (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
+    responses((status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
+        (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());

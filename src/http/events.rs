@@ -10,11 +10,11 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::{AppState, page_limit};
+use super::openapi::{EventPage, Problem, QueryErrors};
+use super::state::{AppState, page_limit};
 use crate::domain::EventKind;
 use crate::engine::feed::{self, StreamSlot};
 use crate::store::events;
@@ -44,17 +44,10 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 
 /// `GET /v1/events?after=&limit=&type=`: `next_cursor` is the last id returned (or `after`
 /// when nothing is new), so a reader can keep polling with it.
-#[utoipa::path(
-    get,
-    path = "/v1/events",
-    tag = "events",
-    params(EventQuery),
-    responses(
-        (status = 200, description = "events after `after`, by id", body = crate::http::openapi::EventPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery),
+    responses((status = 200, description = "events after `after`, by id", body = EventPage),
+        (status = 422, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let types = types(q.kind.as_deref())?;
@@ -64,7 +57,7 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) ->
     state.feed.catch_up(CATCH_UP).await;
     let mut conn = state.db.acquire().await?;
     let (items, next_cursor) = events::scan(&mut conn, after, limit, &types, MAX_SCAN).await?;
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(EventPage { items, next_cursor }).into_response())
 }
 
 /// The longest a page waits for the relay to number what has just committed.
@@ -82,17 +75,11 @@ pub struct StreamQuery {
 
 /// `GET /v1/events/stream?after=`: the same events, live, as SSE with `id:` lines. A client
 /// resumes with `Last-Event-ID` (which wins over `after`). Ends when the service shuts down.
-#[utoipa::path(
-    get,
-    path = "/v1/events/stream",
-    tag = "events",
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
-        (status = 429, description = "too many streams open (in all, or for this API key)", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
+        (status = 429, description = "too many streams open (in all, or for this API key)", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn stream(
     State(state): State<AppState>,
     caller: Option<axum::Extension<super::auth::Caller>>,

@@ -7,8 +7,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::AppState;
 use super::error::ApiError;
+use super::state::AppState;
 
 /// A JSON body kept both typed and raw (the raw value is the request's fingerprint for
 /// idempotency keys). Errors as for [`Json`].

@@ -3,11 +3,11 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::{AppState, page_limit};
+use super::openapi::{LedgerPage, Problem, QueryErrors};
+use super::state::{AppState, page_limit};
 use crate::store::ledger::{self, EntryPage};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -21,17 +21,10 @@ pub struct LedgerQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/ledger",
-    tag = "ledger",
-    params(LedgerQuery),
-    responses(
-        (status = 200, description = "a page of entries, oldest first", body = crate::http::openapi::LedgerPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range, or `after` names no entry", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/ledger", tag = "ledger", params(LedgerQuery),
+    responses((status = 200, description = "a page of entries, oldest first", body = LedgerPage),
+        (status = 422, description = "`limit` out of range, or `after` names no entry", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let page =
@@ -41,5 +34,5 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -
         .await?
         .ok_or_else(|| ApiError::field("after", "no ledger entry has this id; pass an entry id or a next_cursor"))?;
     let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(LedgerPage { items, next_cursor }).into_response())
 }

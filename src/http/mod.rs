@@ -13,38 +13,21 @@ pub mod openapi;
 pub mod operations;
 pub mod request_id;
 pub mod reservations;
+pub mod state;
 pub mod stock;
-
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use sqlx::PgPool;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use self::error::ApiError;
-use crate::config::ServerArgs;
-use crate::engine::{Engine, Error};
-
-/// What every handler can reach.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub db: PgPool,
-    pub config: Arc<ServerArgs>,
-    /// Flips to `true` when the server starts draining; long-lived streams end on it.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// API keys; empty means no authentication (loopback only, see startup).
-    pub keys: Arc<crate::auth::Keys>,
-    /// Every operation that changes something.
-    pub engine: Engine,
-    /// The event relay and the live streams' shared memory of recent events.
-    pub feed: crate::engine::feed::Feed,
-}
+pub use self::state::AppState;
+use crate::engine::Error;
 
 /// The whole API, ready to serve.
 pub fn app(state: AppState) -> Router {
@@ -150,14 +133,5 @@ async fn with_timeout(limit: std::time::Duration, req: Request, next: Next) -> R
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout(limit).into_response(),
-    }
-}
-
-/// A page size from a query: default, at least 1, at most the configured maximum.
-pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiError> {
-    match requested {
-        None => Ok(100.min(state.config.max_page_size)),
-        Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::field("limit", format!("must be between 1 and {}", state.config.max_page_size))),
     }
 }

@@ -1,10 +1,14 @@
-//! The OpenAPI 3.1 document, generated from the handlers' annotations, and the shapes that
-//! only exist in it (pages, problems).
+//! The OpenAPI 3.1 document, generated from the handlers' annotations; the responses and
+//! parameters many operations share, declared once; and the shapes of the answers that are
+//! not a stored row (pages, lists, views).
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, ResponsesBuilder, Type};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::store::catalogue::Warehouse;
 use crate::store::events::Event;
@@ -51,9 +55,9 @@ pub struct Problem {
     /// The request's `x-request-id`.
     pub request_id: String,
     /// 422 `validation_failed`: every bad field.
-    pub errors: Option<Vec<FieldErrorDoc>>,
+    pub errors: Option<Vec<crate::domain::FieldError>>,
     /// 409 `insufficient_stock`: every short line.
-    pub lines: Option<Vec<ShortLineDoc>>,
+    pub lines: Option<Vec<crate::domain::Shortage>>,
     /// 409 `duplicate_order`: the existing reservation.
     pub reservation_id: Option<String>,
     /// 409 `reservation_not_active`: the reservation's status.
@@ -62,60 +66,111 @@ pub struct Problem {
     pub current_on_hand: Option<i64>,
 }
 
-#[derive(Debug, ToSchema)]
-#[schema(as = FieldError)]
-pub struct FieldErrorDoc {
-    pub field: String,
-    pub message: String,
+/// A problem+json answer, declared once: `Problem` by reference.
+fn problem(description: &str) -> RefOr<Response> {
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
+    ResponseBuilder::new().description(description).content("application/problem+json", content).build().into()
 }
 
-#[derive(Debug, ToSchema)]
-#[schema(as = ShortLine)]
-pub struct ShortLineDoc {
-    pub sku: String,
-    pub requested: i64,
-    pub available: i64,
+/// Declares a set of problem+json responses once, for every operation that can give them.
+macro_rules! problems {
+    ($(#[$doc:meta])* $name:ident { $($status:literal => $description:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
+
+        impl IntoResponses for $name {
+            fn responses() -> BTreeMap<String, RefOr<Response>> {
+                ResponsesBuilder::new()$(.response($status, problem($description)))+.build().into()
+            }
+        }
+    };
 }
 
-#[derive(Debug, ToSchema)]
+problems!(
+    /// The answer every operation can give to a bad query or path (a value of the wrong type,
+    /// a NUL byte).
+    QueryErrors { "400" => "malformed request (bad query values, a NUL byte in the path or query)" }
+);
+
+problems!(
+    /// The answers of every operation that takes a JSON body, before it reaches the engine.
+    BodyErrors {
+        "400" => "malformed JSON or wrong types",
+        "413" => "the body is too large",
+        "415" => "the body is not declared JSON",
+        "422" => "invalid values (every bad field under `errors`)",
+    }
+);
+
+problems!(
+    /// A stock operation naming a SKU or warehouse that does not exist.
+    UnknownSkuOrWarehouse { "404" => "unknown SKU or warehouse" }
+);
+
+problems!(
+    /// An operation on a reservation that does not exist.
+    UnknownReservation { "404" => "unknown reservation" }
+);
+
+impl IntoParams for super::extract::IdempotencyKey {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let schema =
+            utoipa::openapi::ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255));
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .description(Some(
+                    "1–255 printable ASCII characters; a retry with the same key and request replays the first answer",
+                ))
+                .schema(Some(schema))
+                .build(),
+        ]
+    }
+}
+
+// The shapes of answers (serialised as they are declared).
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct WarehouseList {
     pub items: Vec<Warehouse>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LevelPage {
     pub items: Vec<Level>,
     /// Pass back as `cursor`; null on the last page.
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LedgerPage {
     pub items: Vec<Entry>,
     /// Pass back as `after`; null on the last page.
-    pub next_cursor: Option<String>,
+    pub next_cursor: Option<uuid::Uuid>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventPage {
     pub items: Vec<Event>,
     /// The last id returned (or `after` when nothing is new): poll on with `after=next_cursor`.
     pub next_cursor: i64,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ReservationList {
     pub items: Vec<Reservation>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct Totals {
     pub on_hand: i64,
     pub reserved: i64,
     pub available: i64,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct StockView {
     pub sku: String,
     pub backorder_limit: i64,
@@ -123,7 +178,7 @@ pub struct StockView {
     pub warehouses: Vec<Level>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AvailabilityItem {
     pub sku: String,
     /// Sum over active warehouses.
@@ -131,14 +186,17 @@ pub struct AvailabilityItem {
     pub warehouses: BTreeMap<String, i64>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Availability {
     pub items: Vec<AvailabilityItem>,
 }
 
-#[derive(Debug, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    pub status: String,
+    pub status: &'static str,
+    /// `/health/ready`: the newest migration, applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<i64>,
 }
 
 #[derive(Debug)]

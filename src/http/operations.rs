@@ -4,40 +4,27 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
 
-use super::AppState;
 use super::error::ApiError;
+use super::openapi::{Health, Problem, QueryErrors};
+use super::state::AppState;
 use crate::engine::Error;
 use crate::metrics::{POOL_IDLE, POOL_MAX, POOL_SIZE};
 use crate::store::db::{self, MIGRATOR};
 
 /// The process is up.
-#[utoipa::path(
-    get,
-    path = "/health/live",
-    tag = "operations",
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "the process is up", body = crate::http::openapi::Health)
-    )
-)]
-pub async fn live() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "the process is up", body = Health), QueryErrors))]
+pub async fn live() -> Json<Health> {
+    Json(Health { status: "ok", migration: None })
 }
 
 /// The database is reachable and every migration this binary knows is applied.
-#[utoipa::path(
-    get,
-    path = "/health/ready",
-    tag = "operations",
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "database reachable, migrations applied", body = crate::http::openapi::Health),
-        (status = 503, description = "not ready", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
-pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses((status = 200, description = "database reachable, migrations applied", body = Health),
+        (status = 503, description = "not ready", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
+pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied = db::applied_migration(&state.db).await.map_err(|err| match err {
         // Reachable but not migrated (no table yet) is "not ready", not a server error.
@@ -47,19 +34,13 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     if applied.unwrap_or(0) < expected {
         return Err(Error::Unavailable(format!("migrations pending: at {applied:?}, need {expected}")).into());
     }
-    Ok(Json(json!({"status": "ok", "migration": expected})))
+    Ok(Json(Health { status: "ok", migration: Some(expected) }))
 }
 
 /// `GET /metrics`: Prometheus text format.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
-    )
-)]
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        QueryErrors))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
     metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);

@@ -4,19 +4,18 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 use uuid::Uuid;
 
-use super::AppState;
 use super::answer::{keyed, render, respond};
-use super::catalogue::text;
 use super::error::{ApiError, ErrorCode};
 use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
+use super::openapi::{BodyErrors, Problem, QueryErrors, ReservationList, UnknownReservation};
+use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
-use crate::domain::{Quantity, Settle, Sku, Validator, WarehouseCode};
+use crate::domain::{Quantity, Settle, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
 use crate::engine::reservations::{NewReservation, PartLine};
-use crate::store::reservations as store;
+use crate::store::reservations::{self as store, Reservation};
 
 /// Default and bounds of `ttl_seconds`.
 pub const DEFAULT_TTL: i64 = 900;
@@ -89,22 +88,11 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     })?)
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/reservations",
-    tag = "reservations",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
-    request_body = ReserveBody,
-    responses(
-        (status = 201, description = "held", body = crate::store::reservations::Reservation),
-        (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or pinned warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(post, path = "/v1/reservations", tag = "reservations", params(IdempotencyKey), request_body = ReserveBody,
+    responses((status = 201, description = "held", body = Reservation),
+        (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
+        BodyErrors))]
 pub async fn create(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -128,22 +116,12 @@ pub async fn create(
     Ok(response)
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/reservations/plan",
-    tag = "reservations",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+#[utoipa::path(post, path = "/v1/reservations/plan", tag = "reservations", params(IdempotencyKey),
     request_body = ReserveBody,
-    responses(
-        (status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
-        (status = 409, description = "insufficient_stock or duplicate_order", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or pinned warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
+        (status = 409, description = "insufficient_stock or duplicate_order", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
+        BodyErrors))]
 pub async fn plan(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -159,17 +137,10 @@ fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::from(Refusal::UnknownReservation(raw.to_owned())))
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/reservations/{id}",
-    tag = "reservations",
+#[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations",
     params(("id" = String, Path, description = "reservation id (UUID)")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "the reservation", body = crate::store::reservations::Reservation),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "the reservation", body = Reservation),
+        QueryErrors, UnknownReservation))]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = reservation_id(&id)?;
     let mut conn = state.db.acquire().await?;
@@ -183,17 +154,10 @@ pub struct ByOrder {
     order_id: Option<String>,
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/reservations",
-    tag = "reservations",
-    params(ByOrder),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "the reservation of the order (or none)", body = crate::http::openapi::ReservationList),
-        (status = 422, description = "`order_id` is missing", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
+    responses((status = 200, description = "the reservation of the order (or none)", body = ReservationList),
+        (status = 422, description = "`order_id` is missing", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let order_id = q.order_id.ok_or_else(|| ApiError::field("order_id", "is required"))?;
     let mut conn = state.db.acquire().await?;
@@ -203,7 +167,7 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Re
     {
         items.push(reservation);
     }
-    Ok(axum::Json(json!({ "items": items })).into_response())
+    Ok(axum::Json(ReservationList { items }).into_response())
 }
 
 /// Unknown fields are refused: a misspelt `lines` must not turn a partial fulfil into a full one.
@@ -257,22 +221,12 @@ async fn settle(
     respond(state.engine.settle(id, kind, parts, key.as_ref()).await, StatusCode::OK)
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/reservations/{id}/fulfil",
-    tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+#[utoipa::path(post, path = "/v1/reservations/{id}/fulfil", tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey),
     request_body = Option<SettleBody>,
-    responses(
-        (status = 200, description = "after deducting", body = crate::store::reservations::Reservation),
-        (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "after deducting", body = Reservation),
+        (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = Problem, content_type = "application/problem+json"),
+        BodyErrors, UnknownReservation))]
 pub async fn fulfil(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -283,22 +237,12 @@ pub async fn fulfil(
     settle(state, key, uri, id, body, Settle::Fulfil).await
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/reservations/{id}/release",
-    tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
+#[utoipa::path(post, path = "/v1/reservations/{id}/release", tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey),
     request_body = Option<SettleBody>,
-    responses(
-        (status = 200, description = "after giving units back", body = crate::store::reservations::Reservation),
-        (status = 409, description = "over_release or reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "after giving units back", body = Reservation),
+        (status = 409, description = "over_release or reservation_not_active", body = Problem, content_type = "application/problem+json"),
+        BodyErrors, UnknownReservation))]
 pub async fn release(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -314,22 +258,11 @@ pub struct ExtendBody {
     ttl_seconds: Option<i64>,
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/reservations/{id}/extend",
-    tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
-    request_body = ExtendBody,
-    responses(
-        (status = 200, description = "with the new expires_at", body = crate::store::reservations::Reservation),
-        (status = 409, description = "reservation_not_active", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown reservation", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(post, path = "/v1/reservations/{id}/extend", tag = "reservations",
+    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey), request_body = ExtendBody,
+    responses((status = 200, description = "with the new expires_at", body = Reservation),
+        (status = 409, description = "reservation_not_active", body = Problem, content_type = "application/problem+json"),
+        BodyErrors, UnknownReservation))]
 pub async fn extend(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,

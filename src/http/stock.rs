@@ -3,20 +3,23 @@
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::json;
 
 use super::answer::{keyed, respond};
-use super::catalogue::text;
 use super::error::ApiError;
 use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query};
-use super::{AppState, page_limit};
-use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode};
+use super::openapi::{
+    Availability, AvailabilityItem, BodyErrors, LevelPage, Problem, QueryErrors, StockView, Totals,
+    UnknownSkuOrWarehouse,
+};
+use super::state::{AppState, page_limit};
+use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
 use crate::engine::import;
 use crate::engine::stock::{Adjust, Receive, Transfer};
 use crate::store::catalogue;
-use crate::store::stock::{self, LevelPage};
+use crate::store::stock::{self, Level, LevelFilter};
 
 /// Most SKUs one availability request may ask for.
 pub const MAX_AVAILABILITY_SKUS: usize = 1000;
@@ -29,21 +32,9 @@ pub struct ReceiveBody {
     reference: Option<String>,
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/stock/receive",
-    tag = "stock",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
-    request_body = ReceiveBody,
-    responses(
-        (status = 200, description = "the level after the receipt", body = crate::store::stock::Level),
-        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(post, path = "/v1/stock/receive", tag = "stock", params(IdempotencyKey), request_body = ReceiveBody,
+    responses((status = 200, description = "the level after the receipt", body = Level),
+        BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn receive(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -71,22 +62,10 @@ pub struct AdjustBody {
     expected_on_hand: Option<i64>,
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/stock/adjust",
-    tag = "stock",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
-    request_body = AdjustBody,
-    responses(
-        (status = 200, description = "the level after the adjustment", body = crate::store::stock::Level),
-        (status = 409, description = "insufficient_stock or stale_quantity", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(post, path = "/v1/stock/adjust", tag = "stock", params(IdempotencyKey), request_body = AdjustBody,
+    responses((status = 200, description = "the level after the adjustment", body = Level),
+        (status = 409, description = "insufficient_stock or stale_quantity", body = Problem, content_type = "application/problem+json"),
+        BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn adjust(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -130,22 +109,10 @@ pub struct TransferBody {
     reference: Option<String>,
 }
 
-#[utoipa::path(
-    post,
-    path = "/v1/stock/transfer",
-    tag = "stock",
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key and body replays the first answer")),
-    request_body = TransferBody,
-    responses(
-        (status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
-        (status = 409, description = "insufficient_stock", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(post, path = "/v1/stock/transfer", tag = "stock", params(IdempotencyKey), request_body = TransferBody,
+    responses((status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
+        (status = 409, description = "insufficient_stock", body = Problem, content_type = "application/problem+json"),
+        BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn transfer(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -175,22 +142,12 @@ pub struct ReplenishmentBody {
     reorder_quantity: Option<i64>,
 }
 
-#[utoipa::path(
-    put,
-    path = "/v1/stock/{sku}/{warehouse}",
-    tag = "stock",
+#[utoipa::path(put, path = "/v1/stock/{sku}/{warehouse}", tag = "stock",
     params(("sku" = String, Path, description = "the SKU"), ("warehouse" = String, Path, description = "warehouse code")),
     request_body = ReplenishmentBody,
-    responses(
-        (status = 200, description = "updated", body = crate::store::stock::Level),
-        (status = 201, description = "the level was created", body = crate::store::stock::Level),
-        (status = 404, description = "unknown SKU or warehouse", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "invalid values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 400, description = "malformed JSON or wrong types", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not declared JSON", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "updated", body = Level),
+        (status = 201, description = "the level was created", body = Level), BodyErrors,
+        UnknownSkuOrWarehouse))]
 pub async fn put_replenishment(
     State(state): State<AppState>,
     Path((sku, warehouse)): Path<(String, String)>,
@@ -211,24 +168,10 @@ pub async fn put_replenishment(
     Ok((status, axum::Json(level)).into_response())
 }
 
-#[derive(Debug, Serialize)]
-struct Totals {
-    on_hand: i64,
-    reserved: i64,
-    available: i64,
-}
-
-#[utoipa::path(
-    get,
-    path = "/v1/stock/{sku}",
-    tag = "stock",
-    params(("sku" = String, Path, description = "the SKU")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "per warehouse and in total", body = crate::http::openapi::StockView),
-        (status = 404, description = "unknown SKU", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = String, Path, description = "the SKU")),
+    responses((status = 200, description = "per warehouse and in total", body = StockView),
+        (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());
@@ -236,33 +179,22 @@ pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String
     let mut conn = state.db.acquire().await?;
     let record = catalogue::get_sku(&mut conn, &sku).await?.ok_or_else(|| Refusal::UnknownSku(sku.clone()))?;
     let levels = stock::levels_of_sku(&mut conn, &sku).await?;
-    let total = levels.iter().fold(Totals { on_hand: 0, reserved: 0, available: 0 }, |t, l| Totals {
+    let total = levels.iter().fold(Totals::default(), |t, l| Totals {
         on_hand: t.on_hand + l.on_hand,
         reserved: t.reserved + l.reserved,
         available: t.available + l.available,
     });
-    Ok(axum::Json(json!({
-        "sku": record.sku,
-        "backorder_limit": record.backorder_limit,
-        "total": total,
-        "warehouses": levels,
-    }))
-    .into_response())
+    let view = StockView { sku: record.sku, backorder_limit: record.backorder_limit, total, warehouses: levels };
+    Ok(axum::Json(view).into_response())
 }
 
 /// `GET /v1/availability?sku=A&sku=B` (also `sku=A,B`): one item per requested SKU, in request
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
-#[utoipa::path(
-    get,
-    path = "/v1/availability",
-    tag = "stock",
+#[utoipa::path(get, path = "/v1/availability", tag = "stock",
     params(("sku" = Vec<String>, Query, description = "repeat for each SKU (or comma-separate), up to 1000")),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "one item per requested SKU, in request order", body = crate::http::openapi::Availability),
-        (status = 422, description = "no SKU, or too many", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+    responses((status = 200, description = "one item per requested SKU, in request order", body = Availability),
+        (status = 422, description = "no SKU, or too many", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn availability(
     State(state): State<AppState>,
     Query(pairs): Query<Vec<(String, String)>>,
@@ -285,19 +217,16 @@ pub async fn availability(
     unique.dedup();
     let mut conn = state.db.acquire().await?;
     let rows = stock::availability(&mut conn, &unique).await?;
-    let items: Vec<Value> = requested
-        .iter()
+    let items = requested
+        .into_iter()
         .map(|sku| {
-            let mut total = 0;
-            let mut warehouses = Map::new();
-            for row in rows.iter().filter(|r| &r.sku == sku) {
-                total += row.available;
-                warehouses.insert(row.warehouse.clone(), json!(row.available));
-            }
-            json!({ "sku": sku, "available": total, "warehouses": warehouses })
+            let mine = || rows.iter().filter(|r| r.sku == sku);
+            let available = mine().map(|r| r.available).sum();
+            let warehouses = mine().map(|r| (r.warehouse.clone(), r.available)).collect();
+            AvailabilityItem { sku: sku.clone(), available, warehouses }
         })
         .collect();
-    Ok(axum::Json(json!({ "items": items })).into_response())
+    Ok(axum::Json(Availability { items }).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -309,26 +238,23 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-#[utoipa::path(
-    get,
-    path = "/v1/stock",
-    tag = "stock",
-    params(ListQuery),
-    responses(
-        (status = 200, description = "a page of levels", body = crate::http::openapi::LevelPage),
-        (status = 400, description = "bad parameter values", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`limit` out of range", body = crate::http::openapi::Problem, content_type = "application/problem+json")
-    )
-)]
+#[utoipa::path(get, path = "/v1/stock", tag = "stock", params(ListQuery),
+    responses((status = 200, description = "a page of levels", body = LevelPage),
+        (status = 422, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let page =
-        LevelPage { warehouse: q.warehouse, below_reorder_point: q.below_reorder_point.unwrap_or(false), after, limit };
+    let page = LevelFilter {
+        warehouse: q.warehouse,
+        below_reorder_point: q.below_reorder_point.unwrap_or(false),
+        after,
+        limit,
+    };
     let mut conn = state.db.acquire().await?;
     let (items, more) = stock::page_levels(&mut conn, &page).await?;
     let next_cursor = more.then(|| items.last().map(|l| encode_cursor(&l.sku, &l.warehouse))).flatten();
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })).into_response())
+    Ok(axum::Json(LevelPage { items, next_cursor }).into_response())
 }
 
 /// Cursors are opaque to clients: hex of `sku/warehouse` (`/` cannot occur in either code).
@@ -378,21 +304,14 @@ pub struct ImportQuery {
 /// `POST /v1/stock/import`: a CSV body (`sku,warehouse,on_hand[,reorder_point,reorder_quantity]`,
 /// header optional), streamed into the database. `on_hand` is the counted quantity: the level
 /// is set to it, with a `receive` (new level) or `adjust`/`count` ledger entry.
-#[utoipa::path(
-    post,
-    path = "/v1/stock/import",
-    tag = "stock",
-    params(ImportQuery, ("Idempotency-Key" = Option<String>, Header, description = "1–255 printable ASCII characters; a retry with the same key, CSV and options replays the first answer")),
+#[utoipa::path(post, path = "/v1/stock/import", tag = "stock", params(ImportQuery, IdempotencyKey),
     request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
-    responses(
-        (status = 400, description = "malformed request (bad query values, a NUL byte in the path or query)", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
-        (status = 422, description = "bad rows, by line number; nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 415, description = "the body is not CSV", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = crate::http::openapi::Problem, content_type = "application/problem+json"),
-    )
-)]
+    responses((status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
+        (status = 422, description = "bad rows, by line number; nothing applied", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "the body is not CSV", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = Problem, content_type = "application/problem+json"),
+        QueryErrors))]
 pub async fn import(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,

@@ -22,7 +22,9 @@ pub struct Reservation {
     pub lines: Vec<ReservationLine>,
 }
 
+/// One line of a reservation, with where it is held from.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Line)]
 pub struct ReservationLine {
     pub sku: String,
     pub quantity: i64,

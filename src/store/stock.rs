@@ -123,7 +123,7 @@ pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Ve
 
 /// A filter and position for paging through stock levels in (sku, warehouse) order.
 #[derive(Debug, Clone, Default)]
-pub struct LevelPage {
+pub struct LevelFilter {
     pub warehouse: Option<String>,
     pub below_reorder_point: bool,
     pub after: Option<(String, String)>,
@@ -131,7 +131,7 @@ pub struct LevelPage {
 }
 
 /// One page of levels; fetches one row more than asked to know whether another page exists.
-pub async fn page_levels(conn: &mut PgConnection, page: &LevelPage) -> Result<(Vec<Level>, bool), sqlx::Error> {
+pub async fn page_levels(conn: &mut PgConnection, page: &LevelFilter) -> Result<(Vec<Level>, bool), sqlx::Error> {
     let (after_sku, after_wh) = page.after.clone().unwrap_or_default();
     let mut rows: Vec<Level> = sqlx::query_as(concat!(
         "SELECT ",

@@ -1,0 +1,33 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::error::ApiError;
+use crate::config::ServerArgs;
+use crate::engine::Engine;
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub db: PgPool,
+    pub config: Arc<ServerArgs>,
+    /// Flips to `true` when the server starts draining; long-lived streams end on it.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// API keys; empty means no authentication (loopback only, see startup).
+    pub keys: Arc<crate::auth::Keys>,
+    /// Every operation that changes something.
+    pub engine: Engine,
+    /// The event relay and the live streams' shared memory of recent events.
+    pub feed: crate::engine::feed::Feed,
+}
+
+/// A page size from a query: default, at least 1, at most the configured maximum.
+pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiError> {
+    match requested {
+        None => Ok(100.min(state.config.max_page_size)),
+        Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::field("limit", format!("must be between 1 and {}", state.config.max_page_size))),
+    }
+}
