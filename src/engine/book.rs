@@ -18,23 +18,6 @@ use crate::domain::{EntryKind, EventKind};
 use crate::store::events::{self, NewEvent};
 use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
 
-/// A level as locked, and as changed so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockedLevel {
-    pub on_hand: i64,
-    pub reserved: i64,
-    pub backorder_limit: i64,
-    pub priority: i32,
-    pub active: bool,
-    pub reorder_point: i64,
-}
-
-impl LockedLevel {
-    pub fn available(&self) -> i64 {
-        self.on_hand - self.reserved
-    }
-}
-
 type Key = (String, String);
 
 /// Why a change was refused; nothing was changed.
@@ -48,7 +31,8 @@ pub enum Refused {
 
 #[derive(Debug, Default)]
 pub struct Book {
-    levels: BTreeMap<Key, LockedLevel>,
+    /// Each level as locked, and as changed so far.
+    levels: BTreeMap<Key, LevelRow>,
     locked: BTreeMap<Key, (i64, i64)>,
     entries: Vec<NewEntry>,
     events: Vec<NewEvent>,
@@ -72,23 +56,15 @@ impl Book {
 
     fn from_rows(rows: Vec<LevelRow>) -> Self {
         let mut book = Self::default();
-        for r in rows {
-            let key = (r.sku, r.warehouse);
-            book.locked.insert(key.clone(), (r.on_hand, r.reserved));
-            let level = LockedLevel {
-                on_hand: r.on_hand,
-                reserved: r.reserved,
-                backorder_limit: r.backorder_limit,
-                priority: r.priority,
-                active: r.active,
-                reorder_point: r.reorder_point,
-            };
-            book.levels.insert(key, level);
+        for row in rows {
+            let key = (row.sku.clone(), row.warehouse.clone());
+            book.locked.insert(key.clone(), (row.on_hand, row.reserved));
+            book.levels.insert(key, row);
         }
         book
     }
 
-    pub fn get(&self, sku: &str, warehouse: &str) -> Option<&LockedLevel> {
+    pub fn get(&self, sku: &str, warehouse: &str) -> Option<&LevelRow> {
         self.levels.get(&(sku.to_owned(), warehouse.to_owned()))
     }
     pub fn has_sku(&self, sku: &str) -> bool {
@@ -130,7 +106,13 @@ impl Book {
         Ok(())
     }
 
-    /// Changes a level and records its ledger entry, or refuses and changes nothing.
+    /// Records an event for the outbox.
+    pub fn event(&mut self, event: NewEvent) {
+        self.events.push(event);
+    }
+
+    /// Changes a level and records its ledger entry (returned, for a reason to be added), or
+    /// refuses and changes nothing.
     pub fn apply(
         &mut self,
         sku: &str,
@@ -139,27 +121,7 @@ impl Book {
         on_hand_delta: i64,
         reserved_delta: i64,
         reference: Option<&str>,
-    ) -> Result<(), Refused> {
-        self.apply_with_reason(sku, warehouse, kind, on_hand_delta, reserved_delta, reference, None)
-    }
-
-    /// Records an event for the outbox.
-    pub fn event(&mut self, event: NewEvent) {
-        self.events.push(event);
-    }
-
-    /// [`Book::apply`] with the reason of a manual adjustment.
-    #[allow(clippy::too_many_arguments)]
-    pub fn apply_with_reason(
-        &mut self,
-        sku: &str,
-        warehouse: &str,
-        kind: EntryKind,
-        on_hand_delta: i64,
-        reserved_delta: i64,
-        reference: Option<&str>,
-        reason: Option<&'static str>,
-    ) -> Result<(), Refused> {
+    ) -> Result<&mut NewEntry, Refused> {
         self.allows(sku, warehouse, on_hand_delta, reserved_delta)?;
         let level = self.levels.get_mut(&(sku.to_owned(), warehouse.to_owned())).ok_or(Refused::Unknown)?;
         level.on_hand += on_hand_delta;
@@ -174,9 +136,9 @@ impl Book {
             on_hand_after: level.on_hand,
             reserved_after: level.reserved,
             reference: reference.map(str::to_owned),
-            reason,
+            reason: None,
         });
-        Ok(())
+        Ok(self.entries.last_mut().expect("just pushed"))
     }
 
     /// Writes every changed level and every ledger entry in one statement, then verifies that

@@ -28,9 +28,9 @@ pub use self::idempotency::{Answer, Keyed, Outcome, Render};
 use self::reservations::{NewReservation, PartLine};
 use self::tx::{TxFuture, transact};
 use crate::config::ServerArgs;
-use crate::domain::{Settle, Sku, WarehouseCode};
+use crate::domain::Settle;
 use crate::store::catalogue::{SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
-use crate::store::stock::Level;
+use crate::store::stock::{Level, Replenishment};
 
 /// The engine of one process; cheap to clone.
 #[derive(Debug, Clone)]
@@ -111,18 +111,8 @@ impl Engine {
     }
 
     /// Sets a level's replenishment settings; the flag tells whether the level was created.
-    pub async fn set_replenishment(
-        &self,
-        sku: Sku,
-        warehouse: WarehouseCode,
-        reorder_point: Option<i64>,
-        reorder_quantity: Option<i64>,
-    ) -> Result<(Level, bool)> {
-        let ctx = (sku, warehouse, reorder_point, reorder_quantity);
-        transact(&self.db, &ctx, |tx, (sku, warehouse, point, quantity)| {
-            Box::pin(stock::set_replenishment(tx, sku, warehouse, *point, *quantity))
-        })
-        .await
+    pub async fn set_replenishment(&self, settings: &Replenishment) -> Result<(Level, bool)> {
+        transact(&self.db, settings, |tx, settings| Box::pin(stock::set_replenishment(tx, settings))).await
     }
 
     /// Creates or updates a warehouse; the flag tells whether it was created.

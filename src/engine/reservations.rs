@@ -326,7 +326,7 @@ pub async fn settle(
             Settle::Release => (EntryKind::Release, 0),
         };
         match book.apply(sku, warehouse, entry, on_hand_delta, -quantity, Some(&reference)) {
-            Ok(()) => {}
+            Ok(_) => {}
             // A backordered hold: the warehouse lacks the physical units to ship.
             Err(Refused::Floor { on_hand, .. }) => {
                 shortages.push(Shortage { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })

@@ -7,7 +7,7 @@ use super::book::Book;
 use super::error::{Error, Refusal, Result};
 use crate::domain::{AdjustReason, Delta, EntryKind, Quantity, Shortage, Sku, WarehouseCode};
 use crate::store::catalogue;
-use crate::store::stock::{self, Level};
+use crate::store::stock::{self, Level, Replenishment};
 
 #[derive(Debug, Clone)]
 pub struct Receive {
@@ -69,15 +69,9 @@ async fn level_now(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Resul
 
 /// Sets the replenishment settings of a level, creating the level when needed (`None` keeps
 /// the current value); the flag tells whether the level was created.
-pub async fn set_replenishment(
-    conn: &mut PgConnection,
-    sku: &Sku,
-    warehouse: &WarehouseCode,
-    reorder_point: Option<i64>,
-    reorder_quantity: Option<i64>,
-) -> Result<(Level, bool)> {
-    require_sku_and_warehouses(conn, sku, &[warehouse]).await?;
-    Ok(stock::set_replenishment(conn, sku, warehouse, reorder_point, reorder_quantity).await?)
+pub async fn set_replenishment(conn: &mut PgConnection, settings: &Replenishment) -> Result<(Level, bool)> {
+    require_sku_and_warehouses(conn, &settings.sku, &[&settings.warehouse]).await?;
+    Ok(stock::set_replenishment(conn, settings).await?)
 }
 
 /// Locks one level, applies one change through the book (ledger entry and events included)
@@ -101,6 +95,7 @@ pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level> {
     change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
         let (sku, wh) = (cmd.sku.as_str(), cmd.warehouse.as_str());
         book.apply(sku, wh, EntryKind::Receive, cmd.quantity.get(), 0, cmd.reference.as_deref())
+            .map(drop)
             .map_err(|_| Error::Bug(format!("cannot receive into {sku}/{wh}")))
     })
     .await
@@ -120,25 +115,18 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level> {
         }
         let delta = cmd.delta.get();
         let available = level.available();
-        book.apply_with_reason(
-            sku,
-            wh,
-            EntryKind::Adjust,
-            delta,
-            0,
-            cmd.reference.as_deref(),
-            Some(cmd.reason.as_str()),
-        )
-        .map_err(|_| {
-            Refusal::InsufficientStock {
-                detail: format!(
-                    "removing {} units from {sku}/{wh} would break its floor (available {available})",
-                    -delta
-                ),
-                lines: vec![Shortage { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
-            }
-            .into()
-        })
+        book.apply(sku, wh, EntryKind::Adjust, delta, 0, cmd.reference.as_deref())
+            .map(|entry| entry.reason = Some(cmd.reason.as_str()))
+            .map_err(|_| {
+                Refusal::InsufficientStock {
+                    detail: format!(
+                        "removing {} units from {sku}/{wh} would break its floor (available {available})",
+                        -delta
+                    ),
+                    lines: vec![Shortage { sku: sku.to_owned(), requested: -delta, available: available.max(0) }],
+                }
+                .into()
+            })
     })
     .await
 }

@@ -1,24 +1,11 @@
-//! Turning the engine's outcomes into HTTP answers, and requests into idempotency keys.
+//! Turning the engine's outcomes into HTTP answers.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::error::ApiError;
-use crate::engine::{Answer, Keyed, Outcome};
-
-/// The key of a POST (none without the header): the request as its key's claim and stored
-/// answer see it — method, path and the canonical text of its body (serde_json's maps are
-/// sorted) — and the status a success is stored with.
-pub fn keyed(key: Option<String>, path: &str, body: &Value, success: StatusCode) -> Option<Keyed> {
-    Some(Keyed {
-        key: key?,
-        method: "POST",
-        path: path.to_owned(),
-        fingerprint: body.to_string(),
-        success: success.as_u16(),
-    })
-}
+use crate::engine::{Answer, Outcome};
 
 /// The HTTP answer of an outcome. Call it in the request's own task (a replayed problem names
 /// the current request id).

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::extract::Query;
-use super::openapi::{EventPage, Problem, QueryErrors};
+use super::openapi::{EventPage, PageErrors, Problem, QueryErrors};
 use super::state::{AppState, page_limit};
 use crate::domain::EventKind;
 use crate::engine::feed::{self, StreamSlot};
@@ -46,8 +46,7 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 /// when nothing is new), so a reader can keep polling with it.
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery),
     responses((status = 200, description = "events after `after`, by id", body = EventPage),
-        (status = 422, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
-        QueryErrors))]
+        PageErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let types = types(q.kind.as_deref())?;

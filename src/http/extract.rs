@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::state::AppState;
+use crate::engine::{Keyed, Refusal};
 
 /// A JSON body kept both typed and raw (the raw value is the request's fingerprint for
 /// idempotency keys). Errors as for [`Json`].
@@ -51,23 +52,43 @@ fn typed<T: DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ApiError> {
     T::deserialize(raw).map_err(|err| ApiError::Malformed(format!("the body has a field of the wrong type: {err}")))
 }
 
-/// The `Idempotency-Key` header: 1–255 printable ASCII characters, or absent.
+/// The `Idempotency-Key` header (1–255 printable ASCII characters, or absent), with the path
+/// it was sent to.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKey(pub Option<String>);
+pub struct IdempotencyKey {
+    key: Option<String>,
+    path: String,
+}
+
+impl IdempotencyKey {
+    /// The request as its key's claim and stored answer see it (`None` without a key): method,
+    /// path and the canonical text of its body (serde_json's maps are sorted), and the status
+    /// a success is stored with.
+    pub fn keyed(&self, body: &serde_json::Value, success: StatusCode) -> Option<Keyed> {
+        Some(Keyed {
+            key: self.key.clone()?,
+            method: "POST",
+            path: self.path.clone(),
+            fingerprint: body.to_string(),
+            success: success.as_u16(),
+        })
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let path = parts.uri.path().to_owned();
         let Some(value) = parts.headers.get("idempotency-key") else {
-            return Ok(IdempotencyKey(None));
+            return Ok(IdempotencyKey { key: None, path });
         };
         let key = value
             .to_str()
             .ok()
             .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b)));
         match key {
-            Some(key) => Ok(IdempotencyKey(Some(key.to_owned()))),
+            Some(key) => Ok(IdempotencyKey { key: Some(key.to_owned()), path }),
             None => Err(ApiError::field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")),
         }
     }
@@ -166,5 +187,18 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
             .await
             .map(|axum::extract::Path(v)| Path(v))
             .map_err(|err| ApiError::Malformed(format!("bad path: {err}")))
+    }
+}
+
+/// A reservation id from the path. Anything but a UUID names no reservation: 404.
+#[derive(Debug, Clone, Copy)]
+pub struct ReservationId(pub uuid::Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
+        uuid::Uuid::parse_str(&raw).map(ReservationId).map_err(|_| Refusal::UnknownReservation(raw).into())
     }
 }

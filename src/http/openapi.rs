@@ -104,6 +104,14 @@ problems!(
 );
 
 problems!(
+    /// The answers of a listing to a bad query: a value of the wrong type, a bad `limit`.
+    PageErrors {
+        "400" => "malformed request (bad query values, a NUL byte in the path or query)",
+        "422" => "`limit` out of range",
+    }
+);
+
+problems!(
     /// A stock operation naming a SKU or warehouse that does not exist.
     UnknownSkuOrWarehouse { "404" => "unknown SKU or warehouse" }
 );

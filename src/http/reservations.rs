@@ -1,14 +1,14 @@
 //! The order service's API: reservations.
 
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::answer::{keyed, render, respond};
+use super::answer::{render, respond};
 use super::error::{ApiError, ErrorCode};
-use super::extract::{Body, IdempotencyKey, OptionalBody, Path, Query};
+use super::extract::{Body, IdempotencyKey, OptionalBody, Query, ReservationId};
 use super::openapi::{BodyErrors, Problem, QueryErrors, ReservationList, UnknownReservation};
 use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
@@ -95,12 +95,11 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
         BodyErrors))]
 pub async fn create(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     body: Body<ReserveBody>,
 ) -> Result<Response, ApiError> {
     let req = parse_reservation(body.value, &state)?;
-    let key = keyed(key, uri.path(), &body.raw, StatusCode::CREATED);
+    let key = key.keyed(&body.raw, StatusCode::CREATED);
     let response = match state.engine.reserve(req, key).await {
         Ok(outcome) => render(outcome, StatusCode::CREATED),
         Err(err) => ApiError::from(err).into_response(),
@@ -124,25 +123,19 @@ pub async fn create(
         BodyErrors))]
 pub async fn plan(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     body: Body<ReserveBody>,
 ) -> Result<Response, ApiError> {
     let req = parse_reservation(body.value, &state)?;
-    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    let key = key.keyed(&body.raw, StatusCode::OK);
     respond(state.engine.plan(&req, key.as_ref()).await, StatusCode::OK)
-}
-
-fn reservation_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::from(Refusal::UnknownReservation(raw.to_owned())))
 }
 
 #[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations",
     params(("id" = String, Path, description = "reservation id (UUID)")),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id = reservation_id(&id)?;
+pub async fn get(State(state): State<AppState>, ReservationId(id): ReservationId) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let reservation = store::get(&mut conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     Ok(axum::Json(reservation).into_response())
@@ -209,15 +202,13 @@ fn parse_parts(body: Option<SettleBody>) -> Result<Option<Vec<PartLine>>, ApiErr
 
 async fn settle(
     state: AppState,
-    key: Option<String>,
-    uri: Uri,
-    id: String,
+    key: IdempotencyKey,
+    id: Uuid,
     body: OptionalBody<SettleBody>,
     kind: Settle,
 ) -> Result<Response, ApiError> {
-    let id = reservation_id(&id)?;
     let parts = parse_parts(body.value)?;
-    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    let key = key.keyed(&body.raw, StatusCode::OK);
     respond(state.engine.settle(id, kind, parts, key.as_ref()).await, StatusCode::OK)
 }
 
@@ -229,12 +220,11 @@ async fn settle(
         BodyErrors, UnknownReservation))]
 pub async fn fulfil(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
-    Path(id): Path<String>,
+    key: IdempotencyKey,
+    ReservationId(id): ReservationId,
     body: OptionalBody<SettleBody>,
 ) -> Result<Response, ApiError> {
-    settle(state, key, uri, id, body, Settle::Fulfil).await
+    settle(state, key, id, body, Settle::Fulfil).await
 }
 
 #[utoipa::path(post, path = "/v1/reservations/{id}/release", tag = "reservations",
@@ -245,12 +235,11 @@ pub async fn fulfil(
         BodyErrors, UnknownReservation))]
 pub async fn release(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
-    Path(id): Path<String>,
+    key: IdempotencyKey,
+    ReservationId(id): ReservationId,
     body: OptionalBody<SettleBody>,
 ) -> Result<Response, ApiError> {
-    settle(state, key, uri, id, body, Settle::Release).await
+    settle(state, key, id, body, Settle::Release).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -265,15 +254,13 @@ pub struct ExtendBody {
         BodyErrors, UnknownReservation))]
 pub async fn extend(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
-    Path(id): Path<String>,
+    key: IdempotencyKey,
+    ReservationId(id): ReservationId,
     body: Body<ExtendBody>,
 ) -> Result<Response, ApiError> {
-    let id = reservation_id(&id)?;
     let mut v = Validator::new();
     let ttl_seconds = v.required("ttl_seconds", body.value.ttl_seconds, ttl);
     let ttl_seconds = v.finish(|| ttl_seconds)?;
-    let key = keyed(key, uri.path(), &body.raw, StatusCode::OK);
+    let key = key.keyed(&body.raw, StatusCode::OK);
     respond(state.engine.extend(id, ttl_seconds, key.as_ref()).await, StatusCode::OK)
 }

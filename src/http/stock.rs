@@ -1,16 +1,16 @@
 //! Ops stock operations and stock reads.
 
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::answer::{keyed, respond};
+use super::answer::respond;
 use super::error::ApiError;
 use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query};
 use super::openapi::{
-    Availability, AvailabilityItem, BodyErrors, LevelPage, Problem, QueryErrors, StockView, Totals,
+    Availability, AvailabilityItem, BodyErrors, LevelPage, PageErrors, Problem, QueryErrors, StockView, Totals,
     UnknownSkuOrWarehouse,
 };
 use super::state::{AppState, page_limit};
@@ -19,7 +19,7 @@ use crate::engine::Refusal;
 use crate::engine::import;
 use crate::engine::stock::{Adjust, Receive, Transfer};
 use crate::store::catalogue;
-use crate::store::stock::{self, Level, LevelFilter};
+use crate::store::stock::{self, Level, LevelFilter, Replenishment};
 
 /// Most SKUs one availability request may ask for.
 pub const MAX_AVAILABILITY_SKUS: usize = 1000;
@@ -37,8 +37,7 @@ pub struct ReceiveBody {
         BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn receive(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     Body { value: body, raw }: Body<ReceiveBody>,
 ) -> Result<Response, ApiError> {
     let mut v = Validator::new();
@@ -48,7 +47,7 @@ pub async fn receive(
     let reference = v.optional("reference", body.reference, text);
     let cmd =
         v.finish(|| Some(Receive { sku: sku?, warehouse: warehouse?, quantity: quantity?, reference: reference? }))?;
-    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    let key = key.keyed(&raw, StatusCode::OK);
     respond(state.engine.receive(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
@@ -68,8 +67,7 @@ pub struct AdjustBody {
         BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn adjust(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     Body { value: body, raw }: Body<AdjustBody>,
 ) -> Result<Response, ApiError> {
     let mut v = Validator::new();
@@ -96,7 +94,7 @@ pub async fn adjust(
             expected_on_hand: expected_on_hand?,
         })
     })?;
-    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    let key = key.keyed(&raw, StatusCode::OK);
     respond(state.engine.adjust(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
@@ -115,8 +113,7 @@ pub struct TransferBody {
         BodyErrors, UnknownSkuOrWarehouse))]
 pub async fn transfer(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     Body { value: body, raw }: Body<TransferBody>,
 ) -> Result<Response, ApiError> {
     let mut v = Validator::new();
@@ -132,7 +129,7 @@ pub async fn transfer(
     }
     let cmd =
         v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
-    let key = keyed(key, uri.path(), &raw, StatusCode::OK);
+    let key = key.keyed(&raw, StatusCode::OK);
     respond(state.engine.transfer(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
@@ -162,8 +159,15 @@ pub async fn put_replenishment(
     };
     let reorder_point = v.optional("reorder_point", body.reorder_point, in_range);
     let reorder_quantity = v.optional("reorder_quantity", body.reorder_quantity, in_range);
-    let (sku, warehouse, point, quantity) = v.finish(|| Some((sku?, warehouse?, reorder_point?, reorder_quantity?)))?;
-    let (level, created) = state.engine.set_replenishment(sku, warehouse, point, quantity).await?;
+    let settings = v.finish(|| {
+        Some(Replenishment {
+            sku: sku?,
+            warehouse: warehouse?,
+            reorder_point: reorder_point?,
+            reorder_quantity: reorder_quantity?,
+        })
+    })?;
+    let (level, created) = state.engine.set_replenishment(&settings).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, axum::Json(level)).into_response())
 }
@@ -240,8 +244,7 @@ pub struct ListQuery {
 
 #[utoipa::path(get, path = "/v1/stock", tag = "stock", params(ListQuery),
     responses((status = 200, description = "a page of levels", body = LevelPage),
-        (status = 422, description = "`limit` out of range", body = Problem, content_type = "application/problem+json"),
-        QueryErrors))]
+        PageErrors))]
 pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -314,8 +317,7 @@ pub struct ImportQuery {
         QueryErrors))]
 pub async fn import(
     State(state): State<AppState>,
-    IdempotencyKey(key): IdempotencyKey,
-    uri: Uri,
+    key: IdempotencyKey,
     Query(q): Query<ImportQuery>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
@@ -335,6 +337,6 @@ pub async fn import(
     let create_missing = q.create_missing.unwrap_or(false);
     // The request as its Idempotency-Key sees it: the CSV by its digest, and the option.
     let request = json!({ "csv_sha256": staged.sha256(), "create_missing": create_missing });
-    let key = keyed(key, uri.path(), &request, StatusCode::OK);
+    let key = key.keyed(&request, StatusCode::OK);
     respond(state.engine.import(&staged, create_missing, key.as_ref()).await, StatusCode::OK)
 }

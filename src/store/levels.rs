@@ -20,6 +20,12 @@ pub struct LevelRow {
     pub reorder_point: i64,
 }
 
+impl LevelRow {
+    pub fn available(&self) -> i64 {
+        self.on_hand - self.reserved
+    }
+}
+
 /// Locks every level of the given SKUs in active warehouses (the only ones that take new
 /// reservations).
 pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
@@ -82,7 +88,7 @@ pub struct LevelChange<'a> {
 }
 
 /// A ledger entry to write.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEntry {
     pub id: Uuid,
     pub sku: String,

@@ -54,15 +54,18 @@ pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> 
         .await
 }
 
-/// Sets the replenishment settings of a level, creating the level when needed.
-/// `None` keeps the current value. The flag tells whether the level was created.
-pub async fn set_replenishment(
-    conn: &mut PgConnection,
-    sku: &Sku,
-    warehouse: &WarehouseCode,
-    reorder_point: Option<i64>,
-    reorder_quantity: Option<i64>,
-) -> Result<(Level, bool), sqlx::Error> {
+/// What a `PUT /v1/stock/{sku}/{warehouse}` sets; `None` keeps the current value.
+#[derive(Debug, Clone)]
+pub struct Replenishment {
+    pub sku: Sku,
+    pub warehouse: WarehouseCode,
+    pub reorder_point: Option<i64>,
+    pub reorder_quantity: Option<i64>,
+}
+
+/// Sets the replenishment settings of a level, creating the level when needed. The flag tells
+/// whether the level was created.
+pub async fn set_replenishment(conn: &mut PgConnection, r: &Replenishment) -> Result<(Level, bool), sqlx::Error> {
     let row: LevelWithFlag = sqlx::query_as(concat!(
         "INSERT INTO stock_levels AS s (sku, warehouse, backorder_limit, reorder_point, reorder_quantity)
          SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1 FOR SHARE
@@ -74,10 +77,10 @@ pub async fn set_replenishment(
         level_columns!(),
         ", (xmax = 0) AS inserted"
     ))
-    .bind(sku.as_str())
-    .bind(warehouse.as_str())
-    .bind(reorder_point)
-    .bind(reorder_quantity)
+    .bind(r.sku.as_str())
+    .bind(r.warehouse.as_str())
+    .bind(r.reorder_point)
+    .bind(r.reorder_quantity)
     .fetch_one(conn)
     .await?;
     Ok((row.level, row.inserted))
