@@ -211,29 +211,24 @@ impl ServerArgs {
     }
 }
 
+/// The defaults of the command line's arguments — the `#[arg]`s above are their only
+/// definition — without reading the environment (tests and embedders get the same defaults
+/// the binary starts with, whatever `INVENTORY_*` variables are set).
+fn defaults<T: clap::FromArgMatches + Args>() -> T {
+    let command = T::augment_args(clap::Command::new("inventory")).mut_args(|arg| arg.env(None));
+    let matches = command.try_get_matches_from(["inventory"]).expect("every argument has a default or is optional");
+    T::from_arg_matches(&matches).expect("defaults parse into their own types")
+}
+
 impl Default for ServerArgs {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            body_limit: 1024 * 1024,
-            import_max_bytes: DEFAULT_IMPORT_MAX_BYTES,
-            request_timeout_secs: 30,
-            max_page_size: 1000,
-            max_reservation_lines: 100,
-            expiry_interval_ms: 1000,
-            expiry_batch_size: 100,
-            idempotency_retention_secs: 86_400,
-            event_retention_secs: 604_800,
-            api_keys: None,
-            api_keys_file: None,
-            insecure_no_auth: false,
-            metrics_public: true,
-            batch_max: 128,
-            batch_window_us: 1000,
-            batch_concurrency: 4,
-            max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
-            max_event_streams_per_key: DEFAULT_MAX_EVENT_STREAMS_PER_KEY,
-        }
+        defaults()
+    }
+}
+
+impl Default for DatabaseArgs {
+    fn default() -> Self {
+        defaults()
     }
 }
 
@@ -259,6 +254,16 @@ mod tests {
         assert_eq!(ServerArgs::default().import_max_bytes, cli.server.import_max_bytes);
         let cli = Cli::try_parse_from(["inventory", "serve", "--import-max-bytes", "1000"]).unwrap();
         assert_eq!(cli.server.import_max_bytes, 1000);
+    }
+
+    #[test]
+    fn the_defaults_are_the_command_lines_and_ignore_the_environment() {
+        let cli = Cli::try_parse_from(["inventory"]).unwrap();
+        let server = ServerArgs::default();
+        assert_eq!(server.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!((server.batch_max, server.max_page_size), (cli.server.batch_max, cli.server.max_page_size));
+        assert_eq!(DatabaseArgs::default().db_pool_size, 16);
+        assert_eq!(DatabaseArgs::default().data_dir, PathBuf::from(".inventory"));
     }
 
     #[test]

@@ -145,7 +145,7 @@ async fn migrate_command(args: &DatabaseArgs, database: &Database) -> Result<(),
 async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
     let pool = db::connect(&database.url, args).await?;
     MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
-    let violations = crate::store::check::whole_database(&pool).await.map_err(engine::Error::from)?;
+    let violations = crate::store::invariants::whole_database(&pool).await.map_err(engine::Error::from)?;
     pool.close().await;
     for v in &violations {
         println!("VIOLATION {v}");

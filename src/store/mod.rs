@@ -18,11 +18,11 @@
 //!    advisory lock and touches only committed events.
 
 pub mod catalogue;
-pub mod check;
 pub mod db;
 pub mod events;
 pub mod idempotency;
 pub mod import;
+pub mod invariants;
 pub mod ledger;
 pub mod levels;
 pub mod reservations;

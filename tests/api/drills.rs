@@ -864,7 +864,7 @@ async fn verify_exactly_once(app: &TestApp, clients: &[Client], tag: &str) -> us
     }
 
     let mut conn = app.db.acquire().await.unwrap();
-    for v in inventory::store::check::violations(&mut conn).await.unwrap() {
+    for v in inventory::store::invariants::violations(&mut conn).await.unwrap() {
         problems.push(format!("invariant: {v}"));
     }
     assert!(

@@ -91,14 +91,7 @@ fn spawn_reaper(pid: u32, local: &LocalPostgres, dir: PathBuf) {
 
 /// Database settings as the service would get them from the command line.
 pub fn database_args(url: Option<String>) -> DatabaseArgs {
-    DatabaseArgs {
-        database_url: url,
-        data_dir: PathBuf::from(".inventory"),
-        db_pool_size: 16,
-        db_acquire_timeout_secs: 5,
-        db_lock_timeout_ms: 2_000,
-        db_statement_timeout_ms: 30_000,
-    }
+    DatabaseArgs { database_url: url, ..DatabaseArgs::default() }
 }
 
 /// A fresh database copied from the migrated template; returns its URL.
@@ -168,7 +161,7 @@ impl Drop for TearDown {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.ok()?;
-                inventory::store::check::violations(&mut conn).await.ok()
+                inventory::store::invariants::violations(&mut conn).await.ok()
             })
         })
         .join()
@@ -324,7 +317,7 @@ impl TestApp {
     /// The contract's invariants over the whole test database: panics listing every violation.
     pub async fn assert_invariants(&self) {
         let mut conn = self.db.acquire().await.unwrap();
-        let violations = inventory::store::check::violations(&mut conn).await.unwrap();
+        let violations = inventory::store::invariants::violations(&mut conn).await.unwrap();
         assert!(
             violations.is_empty(),
             "invariants broken:\n{}",

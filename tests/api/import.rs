@@ -344,3 +344,100 @@ async fn an_import_key_reused_for_another_csv_or_other_options_is_422() {
     assert_eq!(app.ledger_count().await, ledger, "nothing applied");
     app.assert_invariants().await;
 }
+
+/// The availability-crossing rules are stated twice: in Rust (`EventKind::crossings`, used by
+/// every operation through the book) and in the import's set-based SQL. Twin levels go through
+/// the same transitions, one by import and one by adjustment: both must report exactly the
+/// events the rule names.
+#[tokio::test]
+async fn import_and_adjustment_report_the_same_stock_crossings() {
+    use inventory::domain::EventKind;
+    let app = TestApp::spawn().await;
+    app.warehouse("IMP", 1).await;
+    app.warehouse("ENG", 1).await;
+    let mut cases = Vec::new();
+    for on_hand0 in [0, 3, 5, 6, 7, 10] {
+        for reserved in [0, 2] {
+            for reorder_point in [0, 5] {
+                for on_hand1 in [0, 1, 3, 5, 6, 7, 12] {
+                    if on_hand1 >= reserved && on_hand0 >= reserved && on_hand1 != on_hand0 {
+                        cases.push((on_hand0, reserved, reorder_point, on_hand1));
+                    }
+                }
+            }
+        }
+    }
+    for (n, &(on_hand0, reserved, reorder_point, _)) in cases.iter().enumerate() {
+        let sku = format!("X{n}");
+        app.sku(&sku).await;
+        for wh in ["IMP", "ENG"] {
+            let (status, _) = app.put(&format!("/v1/stock/{sku}/{wh}"), json!({"reorder_point": reorder_point})).await;
+            assert_eq!(status, StatusCode::CREATED);
+            if on_hand0 > 0 {
+                app.receive(&sku, wh, on_hand0).await;
+            }
+            if reserved > 0 {
+                let line = json!({"sku": sku, "quantity": reserved, "warehouse": wh});
+                let (status, _) =
+                    app.post("/v1/reservations", json!({"order_id": format!("{sku}-{wh}"), "lines": [line]})).await;
+                assert_eq!(status, StatusCode::CREATED);
+            }
+        }
+    }
+    let (_, page) = app.get("/v1/events?limit=1").await;
+    let mut mark = page["next_cursor"].as_i64().unwrap();
+    loop {
+        let (_, page) = app.get(&format!("/v1/events?after={mark}&limit=1000")).await;
+        let next = page["next_cursor"].as_i64().unwrap();
+        if next == mark {
+            break;
+        }
+        mark = next;
+    }
+
+    let csv: String = cases.iter().enumerate().map(|(n, c)| format!("X{n},IMP,{}\n", c.3)).collect();
+    let (status, body) = import(&app, "", &csv).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (n, &(on_hand0, _, _, on_hand1)) in cases.iter().enumerate() {
+        let adjust =
+            json!({"sku": format!("X{n}"), "warehouse": "ENG", "delta": on_hand1 - on_hand0, "reason": "count"});
+        let (status, body) = app.post("/v1/stock/adjust", adjust).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    let mut seen: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    let mut after = mark;
+    loop {
+        let (_, page) = app.get(&format!("/v1/events?after={after}&limit=1000")).await;
+        for e in page["items"].as_array().unwrap() {
+            if let (Some(sku), Some(wh)) = (e["sku"].as_str(), e["warehouse"].as_str()) {
+                seen.entry((sku.to_owned(), wh.to_owned())).or_default().push(e["type"].as_str().unwrap().to_owned());
+            }
+        }
+        let next = page["next_cursor"].as_i64().unwrap();
+        if next == after {
+            break;
+        }
+        after = next;
+    }
+    let mut crossing = 0;
+    for (n, &(on_hand0, reserved, reorder_point, on_hand1)) in cases.iter().enumerate() {
+        let rule: Vec<String> = EventKind::crossings(on_hand0 - reserved, on_hand1 - reserved, reorder_point)
+            .into_iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        crossing += usize::from(!rule.is_empty());
+        for wh in ["IMP", "ENG"] {
+            let mut got = seen.remove(&(format!("X{n}"), wh.to_owned())).unwrap_or_default();
+            got.sort();
+            let mut want = rule.clone();
+            want.sort();
+            assert_eq!(
+                got, want,
+                "{wh}: on_hand {on_hand0} -> {on_hand1}, reserved {reserved}, reorder point {reorder_point}"
+            );
+        }
+    }
+    assert!(crossing >= 20, "the cases cross every rule often: {crossing} of {}", cases.len());
+    assert!(seen.is_empty(), "events for levels no case changed: {seen:?}");
+}
