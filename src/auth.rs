@@ -27,7 +27,7 @@ impl Role {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Read => "read",
             Self::Orders => "orders",
@@ -36,7 +36,7 @@ impl Role {
         }
     }
 
-    pub fn allows(self, needed: Role) -> bool {
+    pub(crate) fn allows(self, needed: Role) -> bool {
         self == Role::Admin || needed == Role::Read || self == needed
     }
 }
@@ -86,7 +86,7 @@ impl Keys {
     }
 
     /// The keys of `--api-keys` (inline entries) and `--api-keys-file`, together.
-    pub fn load(inline: Option<&str>, file: Option<&std::path::Path>) -> Result<Self, String> {
+    pub(crate) fn load(inline: Option<&str>, file: Option<&std::path::Path>) -> Result<Self, String> {
         let mut text = inline.unwrap_or_default().to_owned();
         if let Some(path) = file {
             let file = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -96,7 +96,7 @@ impl Keys {
         Self::parse(&text)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
@@ -128,7 +128,7 @@ pub fn mint(name: &str, role: Role) -> (String, String) {
 
 /// The role a request needs: reads need `read`; reservations need `orders`; catalogue and stock
 /// changes need `ops`. `None`: open to everyone.
-pub fn required_role(method: &Method, path: &str, metrics_public: bool) -> Option<Role> {
+pub(crate) fn required_role(method: &Method, path: &str, metrics_public: bool) -> Option<Role> {
     if path.starts_with("/health/") || path == "/openapi.json" || path.starts_with("/docs") {
         return None;
     }

@@ -13,7 +13,7 @@ use crate::engine::expiry::Sweeper;
 use crate::store::{events, idempotency};
 
 /// Starts every background task; they end when `stop` becomes `true`.
-pub fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+pub(crate) fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let interval = Duration::from_millis(config.expiry_interval_ms.max(10));
     let batch = config.expiry_batch_size.max(1);
     let retention = config.idempotency_retention_secs.max(0);

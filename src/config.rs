@@ -110,18 +110,18 @@ impl std::fmt::Debug for DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    pub fn acquire_timeout(&self) -> Duration {
+    pub(crate) fn acquire_timeout(&self) -> Duration {
         Duration::from_secs(self.db_acquire_timeout_secs)
     }
 }
 
 /// The default of `--import-max-bytes`: 512 MiB.
-pub const DEFAULT_IMPORT_MAX_BYTES: usize = 512 * 1024 * 1024;
+pub(crate) const DEFAULT_IMPORT_MAX_BYTES: usize = 512 * 1024 * 1024;
 
 /// Live event streams open at once, by default.
-pub const DEFAULT_MAX_EVENT_STREAMS: usize = 1024;
+pub(crate) const DEFAULT_MAX_EVENT_STREAMS: usize = 1024;
 /// Live event streams one API key may hold open, by default.
-pub const DEFAULT_MAX_EVENT_STREAMS_PER_KEY: usize = 512;
+pub(crate) const DEFAULT_MAX_EVENT_STREAMS_PER_KEY: usize = 512;
 
 /// How the HTTP server behaves.
 #[derive(Debug, Clone, Args)]
@@ -206,7 +206,7 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    pub fn request_timeout(&self) -> Duration {
+    pub(crate) fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
     }
 }

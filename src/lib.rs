@@ -11,13 +11,13 @@
 //! `startup` and `background` wire everything together.
 
 pub mod auth;
-pub mod background;
+pub(crate) mod background;
 pub mod config;
 pub mod domain;
 pub mod engine;
-pub mod http;
+pub(crate) mod http;
 pub mod local_pg;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

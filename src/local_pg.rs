@@ -144,10 +144,6 @@ impl LocalPostgres {
         self.port
     }
 
-    pub fn cluster_dir(&self) -> &Path {
-        &self.cluster_dir
-    }
-
     /// Stops the cluster (fast shutdown: connections are closed, committed data is safe).
     pub fn stop(&self) -> Result<(), LocalPgError> {
         let out = self.pg_command("pg_ctl", &["stop", "-D", &self.dir_arg(), "-m", "fast", "-w", "-t", "60"])?;

@@ -30,7 +30,7 @@ impl Strategy {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Priority => "priority",
             Self::Single => "single",
@@ -72,7 +72,7 @@ pub struct Line {
 
 /// Units of one SKU held from one warehouse.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placement {
+pub(crate) struct Placement {
     pub sku: String,
     pub warehouse: String,
     pub quantity: i64,
@@ -90,7 +90,11 @@ pub struct Shortage {
 
 /// Allocates every line or reports every short SKU. Allocations come grouped by SKU in the
 /// order the SKUs first appear in `lines`, each SKU's warehouses in the order they were used.
-pub fn allocate(lines: &[Line], candidates: &[Candidate], strategy: Strategy) -> Result<Vec<Placement>, Vec<Shortage>> {
+pub(crate) fn allocate(
+    lines: &[Line],
+    candidates: &[Candidate],
+    strategy: Strategy,
+) -> Result<Vec<Placement>, Vec<Shortage>> {
     match strategy {
         Strategy::Priority => allocate_by_priority(lines, candidates),
         Strategy::Single => allocate_single(lines, candidates),

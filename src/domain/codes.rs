@@ -4,7 +4,7 @@ use std::fmt;
 
 /// Why a string is not a valid code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodeError {
+pub(crate) enum CodeError {
     #[error("must not be empty")]
     Empty,
     #[error("must be at most 64 characters")]
@@ -16,7 +16,7 @@ pub enum CodeError {
 /// A string matching `^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`: the shape of both warehouse codes
 /// and SKUs in the contract.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Code(String);
+pub(crate) struct Code(String);
 
 impl Code {
     pub fn parse(raw: impl Into<String>) -> Result<Self, CodeError> {
@@ -35,11 +35,11 @@ impl Code {
         Ok(Self(raw))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
-    pub fn into_string(self) -> String {
+    pub(crate) fn into_string(self) -> String {
         self.0
     }
 }
@@ -48,18 +48,18 @@ macro_rules! code_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(Code);
+        pub(crate) struct $name(Code);
 
         impl $name {
             pub fn parse(raw: impl Into<String>) -> Result<Self, CodeError> {
                 Code::parse(raw).map(Self)
             }
 
-            pub fn as_str(&self) -> &str {
+            pub(crate) fn as_str(&self) -> &str {
                 self.0.as_str()
             }
 
-            pub fn into_string(self) -> String {
+            pub(crate) fn into_string(self) -> String {
                 self.0.into_string()
             }
         }

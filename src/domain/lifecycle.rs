@@ -68,7 +68,7 @@ impl Settle {
 
 /// The kinds of ledger entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
+pub(crate) enum EntryKind {
     Receive,
     Adjust,
     TransferOut,

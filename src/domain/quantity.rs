@@ -3,14 +3,14 @@
 use std::fmt;
 
 /// The largest quantity (and the largest absolute adjustment) the contract accepts.
-pub const MAX_QUANTITY: i64 = 1_000_000_000;
+pub(crate) const MAX_QUANTITY: i64 = 1_000_000_000;
 
 /// A whole number of units from 1 to 1,000,000,000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Quantity(i64);
+pub(crate) struct Quantity(i64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum QuantityError {
+pub(crate) enum QuantityError {
     #[error("must be between 1 and {MAX_QUANTITY}")]
     OutOfRange,
     #[error("must be non-zero and between -{MAX_QUANTITY} and {MAX_QUANTITY}")]
@@ -22,7 +22,7 @@ impl Quantity {
         if (1..=MAX_QUANTITY).contains(&raw) { Ok(Self(raw)) } else { Err(QuantityError::OutOfRange) }
     }
 
-    pub fn get(self) -> i64 {
+    pub(crate) fn get(self) -> i64 {
         self.0
     }
 }
@@ -35,7 +35,7 @@ impl fmt::Display for Quantity {
 
 /// A signed, non-zero change of `on_hand` within ±1,000,000,000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delta(i64);
+pub(crate) struct Delta(i64);
 
 impl Delta {
     pub fn parse(raw: i64) -> Result<Self, QuantityError> {
@@ -46,14 +46,14 @@ impl Delta {
         }
     }
 
-    pub fn get(self) -> i64 {
+    pub(crate) fn get(self) -> i64 {
         self.0
     }
 }
 
 /// Why an ops person adjusted a stock level by hand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdjustReason {
+pub(crate) enum AdjustReason {
     Count,
     Damage,
     Loss,
@@ -64,7 +64,7 @@ pub enum AdjustReason {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("must be one of count, damage, loss, found, return, correction")]
-pub struct ReasonError;
+pub(crate) struct ReasonError;
 
 impl AdjustReason {
     pub fn parse(raw: &str) -> Result<Self, ReasonError> {
@@ -79,7 +79,7 @@ impl AdjustReason {
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Count => "count",
             Self::Damage => "damage",

@@ -44,13 +44,13 @@ struct Job {
 
 /// The handle requests submit to; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Batcher {
+pub(crate) struct Batcher {
     queue: mpsc::Sender<Job>,
 }
 
 impl Batcher {
     /// Starts the gathering task; it ends when every handle is gone, after finishing its work.
-    pub fn spawn(db: sqlx::PgPool, config: &ServerArgs, render: Render) -> Self {
+    pub(crate) fn spawn(db: sqlx::PgPool, config: &ServerArgs, render: Render) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let gather = Gather {
             rx,
@@ -68,7 +68,7 @@ impl Batcher {
     }
 
     /// Decides one order within a batch. `None` when it must run on its own instead.
-    pub async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Result<Outcome>> {
+    pub(crate) async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Result<Outcome>> {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Job { req, key, reply }).await.ok()?;
         answer.await.ok().flatten()

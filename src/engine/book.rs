@@ -22,7 +22,7 @@ type Key = (String, String);
 
 /// Why a change was refused; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// The level was not locked by this book (or does not exist).
     Unknown,
     /// The change would break invariant 1 or 2; carries the level's `on_hand` and `available`.
@@ -30,7 +30,7 @@ pub enum Refused {
 }
 
 #[derive(Debug, Default)]
-pub struct Book {
+pub(crate) struct Book {
     /// Each level as locked, and as changed so far.
     levels: BTreeMap<Key, LevelRow>,
     locked: BTreeMap<Key, (i64, i64)>,
@@ -40,17 +40,17 @@ pub struct Book {
 
 impl Book {
     /// Locks every level of the given SKUs in active warehouses.
-    pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
+    pub(crate) async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
         Ok(Self::from_rows(levels::lock_skus(conn, skus).await?))
     }
 
     /// Locks exactly the given levels.
-    pub async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self> {
+    pub(crate) async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self> {
         Ok(Self::from_rows(levels::lock(conn, keys).await?))
     }
 
     /// Reads levels without locking them (for plans, which change nothing).
-    pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
+    pub(crate) async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Self> {
         Ok(Self::from_rows(levels::read_skus(conn, skus).await?))
     }
 
@@ -64,19 +64,19 @@ impl Book {
         book
     }
 
-    pub fn get(&self, sku: &str, warehouse: &str) -> Option<&LevelRow> {
+    pub(crate) fn get(&self, sku: &str, warehouse: &str) -> Option<&LevelRow> {
         self.levels.get(&(sku.to_owned(), warehouse.to_owned()))
     }
-    pub fn has_sku(&self, sku: &str) -> bool {
+    pub(crate) fn has_sku(&self, sku: &str) -> bool {
         self.levels.range((sku.to_owned(), String::new())..).next().is_some_and(|((s, _), _)| s == sku)
     }
 
-    pub fn has_level(&self, sku: &str, warehouse: &str) -> bool {
+    pub(crate) fn has_level(&self, sku: &str, warehouse: &str) -> bool {
         self.get(sku, warehouse).is_some()
     }
 
     /// The levels of `skus` as allocation candidates, as they stand now.
-    pub fn candidates_of(&self, skus: &[&str]) -> Vec<Candidate> {
+    pub(crate) fn candidates_of(&self, skus: &[&str]) -> Vec<Candidate> {
         let mut out = Vec::new();
         for (i, sku) in skus.iter().enumerate() {
             if skus[..i].contains(sku) {
@@ -96,7 +96,13 @@ impl Book {
     }
 
     /// Whether a change would keep invariants 1 and 2, without making it.
-    pub fn allows(&self, sku: &str, warehouse: &str, on_hand_delta: i64, reserved_delta: i64) -> Result<(), Refused> {
+    pub(crate) fn allows(
+        &self,
+        sku: &str,
+        warehouse: &str,
+        on_hand_delta: i64,
+        reserved_delta: i64,
+    ) -> Result<(), Refused> {
         let level = self.get(sku, warehouse).ok_or(Refused::Unknown)?;
         let on_hand = level.on_hand + on_hand_delta;
         let reserved = level.reserved + reserved_delta;
@@ -107,7 +113,7 @@ impl Book {
     }
 
     /// Records an event for the outbox.
-    pub fn event(&mut self, event: NewEvent) {
+    pub(crate) fn event(&mut self, event: NewEvent) {
         self.events.push(event);
     }
 
@@ -143,7 +149,7 @@ impl Book {
 
     /// Writes every changed level and every ledger entry in one statement, then verifies that
     /// the database arrived at the values computed here.
-    pub async fn flush(mut self, conn: &mut PgConnection) -> Result<()> {
+    pub(crate) async fn flush(mut self, conn: &mut PgConnection) -> Result<()> {
         self.stock_events();
         if !self.events.is_empty() {
             events::insert(conn, &self.events).await?;

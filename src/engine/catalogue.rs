@@ -6,14 +6,14 @@ use super::error::{Refusal, Result};
 use crate::store::catalogue::{self as store, SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
 
 /// Creates or updates a warehouse; the flag tells whether it was created.
-pub async fn upsert_warehouse(conn: &mut PgConnection, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
+pub(crate) async fn upsert_warehouse(conn: &mut PgConnection, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
     Ok(store::upsert_warehouse(conn, upsert).await?)
 }
 
 /// Creates or updates a SKU. A new `backorder_limit` is copied onto every stock level of the
 /// SKU in the same transaction; lowering it below what a level already has backordered is
 /// refused.
-pub async fn upsert_sku(conn: &mut PgConnection, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
+pub(crate) async fn upsert_sku(conn: &mut PgConnection, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
     let (record, created) = store::upsert_sku(conn, upsert).await?;
     if !created && upsert.backorder_limit.is_some() {
         let limit = record.backorder_limit;

@@ -95,7 +95,7 @@ impl Error {
     /// Classifies an error of COMMIT itself: an answer from the server (an error it raised)
     /// means the transaction rolled back; anything else (the connection broke after COMMIT
     /// was sent) leaves the outcome unknown.
-    pub fn from_commit(err: sqlx::Error) -> Self {
+    pub(crate) fn from_commit(err: sqlx::Error) -> Self {
         match err {
             sqlx::Error::Database(_) => Self::Database(err),
             other => Self::OutcomeUnknown(other.to_string()),
@@ -103,7 +103,7 @@ impl Error {
     }
 
     /// What kind of database trouble this is, if it is one.
-    pub fn trouble(&self) -> Option<Trouble> {
+    pub(crate) fn trouble(&self) -> Option<Trouble> {
         match self {
             Self::Database(err) => Some(trouble(err)),
             Self::Unavailable(_) => Some(Trouble::Down),
@@ -112,22 +112,22 @@ impl Error {
     }
 
     /// Serialization failures and deadlocks: the transaction can be run again as a whole.
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         self.trouble() == Some(Trouble::Retry)
     }
 
     /// A lock or statement timeout: one row (or statement) is stuck, the rest are fine.
-    pub fn is_busy(&self) -> bool {
+    pub(crate) fn is_busy(&self) -> bool {
         self.trouble() == Some(Trouble::Busy)
     }
 
     /// The database cannot be reached at all (not one row or request's trouble).
-    pub fn is_database_down(&self) -> bool {
+    pub(crate) fn is_database_down(&self) -> bool {
         self.trouble() == Some(Trouble::Down)
     }
 
     /// The SQLSTATE of a database error, if this is one.
-    pub fn sqlstate(&self) -> Option<String> {
+    pub(crate) fn sqlstate(&self) -> Option<String> {
         match self {
             Self::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
             _ => None,
@@ -136,4 +136,4 @@ impl Error {
 }
 
 /// The result of an engine operation.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;

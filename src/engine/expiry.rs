@@ -23,14 +23,14 @@ const MAX_ROUNDS: usize = 100;
 /// whose expiry failed, each left out for a while, so that one stuck row or one broken
 /// reservation delays only the reservations that touch it.
 #[derive(Debug)]
-pub struct Sweeper {
+pub(crate) struct Sweeper {
     batch: i64,
     stuck_levels: HashMap<(String, String), Instant>,
     failed: HashMap<Uuid, Instant>,
 }
 
 impl Sweeper {
-    pub fn new(batch: i64) -> Self {
+    pub(crate) fn new(batch: i64) -> Self {
         Self { batch: batch.max(1), stuck_levels: HashMap::new(), failed: HashMap::new() }
     }
 
@@ -43,7 +43,7 @@ impl Sweeper {
     }
 
     /// Expires overdue reservations batch by batch until none is left (or only skipped ones).
-    pub async fn sweep(&mut self, pool: &PgPool) {
+    pub(crate) async fn sweep(&mut self, pool: &PgPool) {
         metrics::counter!(crate::metrics::EXPIRY_SWEEPS).increment(1);
         let now = Instant::now();
         self.stuck_levels.retain(|_, since| now.duration_since(*since) < STUCK_LEVEL_PAUSE);

@@ -17,13 +17,13 @@ use crate::store::events::{self, Event};
 /// Events kept in memory for live streams.
 const RECENT: usize = 10_000;
 /// Events read from the database at a time (a stream catching up, or the relay task).
-pub const PAGE: i64 = 500;
+pub(crate) const PAGE: i64 = 500;
 /// How often the relay runs when nobody asks for it.
 const TICK: Duration = Duration::from_millis(100);
 
 /// The process's feed; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Feed {
+pub(crate) struct Feed {
     inner: Arc<Inner>,
 }
 
@@ -51,13 +51,13 @@ const CATCHING_UP: usize = 2;
 
 /// An event with its Server-Sent Events frame, rendered once for every stream.
 #[derive(Debug)]
-pub struct Framed {
+pub(crate) struct Framed {
     pub event: Event,
     pub frame: axum::body::Bytes,
 }
 
 impl Framed {
-    pub fn new(event: Event) -> Self {
+    pub(crate) fn new(event: Event) -> Self {
         let data = serde_json::to_string(&event).unwrap_or_default();
         let frame = format!("id: {}\nevent: {}\ndata: {data}\n\n", event.id, event.kind);
         Self { event, frame: frame.into() }
@@ -66,7 +66,7 @@ impl Framed {
 
 /// Most live streams open at once.
 #[derive(Debug, Clone, Copy)]
-pub struct StreamLimits {
+pub(crate) struct StreamLimits {
     pub total: usize,
     pub per_caller: usize,
 }
@@ -79,7 +79,7 @@ struct StreamCount {
 
 /// What a stream reads next.
 #[derive(Debug)]
-pub struct Slice {
+pub(crate) struct Slice {
     /// Matching events after the cursor, oldest first.
     pub events: Vec<Arc<Framed>>,
     /// The highest id looked at (matching or not): the cursor moves here.
@@ -161,7 +161,7 @@ impl Feed {
 
     /// Waits (at most `limit`) until a relay run that began after this call has finished, so
     /// that a reader sees what it committed before asking. Many callers share one run.
-    pub async fn catch_up(&self, limit: Duration) {
+    pub(crate) async fn catch_up(&self, limit: Duration) {
         let needed = self.inner.started.load(Ordering::SeqCst) + 1;
         let mut finished = self.inner.finished.subscribe();
         self.inner.kick.notify_one();
@@ -169,13 +169,13 @@ impl Feed {
     }
 
     /// A receiver that changes whenever new events arrive.
-    pub fn subscribe(&self) -> watch::Receiver<i64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.inner.head.subscribe()
     }
 
     /// Events after `after` from memory, matching `types` (all when empty), at most `limit`;
     /// `None` when memory does not reach back that far.
-    pub fn recent_after(&self, after: i64, types: &[String], limit: usize) -> Option<Slice> {
+    pub(crate) fn recent_after(&self, after: i64, types: &[String], limit: usize) -> Option<Slice> {
         let head = *self.inner.head.borrow();
         let recent = self.inner.recent.read().unwrap_or_else(|e| e.into_inner());
         if after >= head {
@@ -203,7 +203,7 @@ impl Feed {
 
     /// Events after `after` from the database (a stream far behind the memory), at most one
     /// page, filtered by `types`; waits its turn among the streams doing the same.
-    pub async fn from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice> {
+    pub(crate) async fn page_from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice> {
         let _turn = self.inner.catching_up.acquire().await.map_err(|e| Error::Bug(e.to_string()))?;
         let mut conn = db.acquire().await?;
         let page = events::page(&mut conn, after, PAGE, &[]).await?;
@@ -217,7 +217,7 @@ impl Feed {
     }
 
     /// Opens a stream slot for `caller`, or says which limit is reached.
-    pub fn open_stream(&self, caller: &str) -> Result<StreamSlot, Refusal> {
+    pub(crate) fn open_stream(&self, caller: &str) -> Result<StreamSlot, Refusal> {
         let mut count = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
         let limits = self.inner.limits;
         if count.total >= limits.total {
@@ -239,7 +239,7 @@ impl Feed {
 
 /// An open stream's place; given back when the stream ends.
 #[derive(Debug)]
-pub struct StreamSlot {
+pub(crate) struct StreamSlot {
     feed: Feed,
     caller: String,
 }

@@ -13,7 +13,7 @@ use crate::store::idempotency::{self as store, Stored};
 
 /// A keyed request as its claim and stored answer see it.
 #[derive(Debug, Clone)]
-pub struct Keyed {
+pub(crate) struct Keyed {
     pub key: String,
     pub method: &'static str,
     pub path: String,
@@ -25,17 +25,17 @@ pub struct Keyed {
 
 /// An answer as stored and replayed: a status and a body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: u16,
     pub body: String,
 }
 
 /// Writes a refusal down the way it is answered; given by the layer that answers.
-pub type Render = fn(&Refusal) -> Answer;
+pub(crate) type Render = fn(&Refusal) -> Answer;
 
 /// What a request with (or without) a key came to.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Executed now; the result as JSON.
     Done(String),
     /// Executed before; the stored answer.
@@ -46,7 +46,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The outcome of executing a request now.
-    pub fn executed<T: Serialize>(result: Result<T, Refusal>) -> Result<Self> {
+    pub(crate) fn executed<T: Serialize>(result: Result<T, Refusal>) -> Result<Self> {
         match result {
             Ok(value) => Ok(Self::Done(serde_json::to_string(&value).map_err(|e| Error::Bug(e.to_string()))?)),
             Err(refusal) => Ok(Self::Refused(refusal)),
@@ -56,7 +56,7 @@ impl Outcome {
 
 /// Claims the keys of a batch and looks up stored answers: for each key, `Some(outcome)` when
 /// it is already decided (replay, reuse, in progress), `None` when the request must run.
-pub async fn claim_many(conn: &mut PgConnection, keyed: &[&Keyed]) -> Result<Vec<Option<Outcome>>> {
+pub(crate) async fn claim_many(conn: &mut PgConnection, keyed: &[&Keyed]) -> Result<Vec<Option<Outcome>>> {
     let keys: Vec<&str> = keyed.iter().map(|k| k.key.as_str()).collect();
     let claims = store::claim(conn, &keys).await?;
     Ok(keyed
@@ -77,7 +77,7 @@ pub async fn claim_many(conn: &mut PgConnection, keyed: &[&Keyed]) -> Result<Vec
 }
 
 /// Stores the answers of keyed requests executed in this transaction (refusals too).
-pub async fn store_many(conn: &mut PgConnection, answers: &[(&Keyed, &Outcome)], render: Render) -> Result<()> {
+pub(crate) async fn store_many(conn: &mut PgConnection, answers: &[(&Keyed, &Outcome)], render: Render) -> Result<()> {
     let rows: Vec<Stored> = answers
         .iter()
         .filter_map(|(k, outcome)| {

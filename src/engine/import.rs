@@ -23,7 +23,7 @@ const MAX_REPORTED: usize = 100;
 /// Rows are sent to COPY in chunks of about this many bytes.
 const COPY_CHUNK: usize = 256 * 1024;
 /// Longest line accepted (without its line break); a longer one is a malformed body.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// What an import did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -254,7 +254,7 @@ pub struct Staged {
 
 impl Staged {
     /// The SHA-256 of the uploaded bytes, in hex.
-    pub fn sha256(&self) -> &str {
+    pub(crate) fn sha256(&self) -> &str {
         &self.sha256
     }
 }

@@ -6,25 +6,26 @@
 //! in here. The operation bodies lock through `store`, decide in memory ([`book::Book`],
 //! `domain`), and write set-based.
 
-pub mod batch;
-pub mod book;
-pub mod catalogue;
-pub mod error;
-pub mod expiry;
-pub mod feed;
-pub mod idempotency;
+pub(crate) mod batch;
+pub(crate) mod book;
+pub(crate) mod catalogue;
+pub(crate) mod error;
+pub(crate) mod expiry;
+pub(crate) mod feed;
+pub(crate) mod idempotency;
 pub mod import;
 pub mod reservations;
-pub mod stock;
-pub mod tx;
+pub(crate) mod stock;
+pub(crate) mod tx;
 
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use self::batch::Batcher;
-pub use self::error::{Error, Refusal, Result};
-pub use self::idempotency::{Answer, Keyed, Outcome, Render};
+pub(crate) use self::error::Result;
+pub use self::error::{Error, Refusal};
+pub(crate) use self::idempotency::{Answer, Keyed, Outcome, Render};
 use self::reservations::{NewReservation, PartLine};
 use self::tx::{TxFuture, transact};
 use crate::config::ServerArgs;
@@ -34,7 +35,7 @@ use crate::store::stock::{Level, Replenishment};
 
 /// The engine of one process; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Engine {
+pub(crate) struct Engine {
     db: PgPool,
     /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
     batcher: Option<Batcher>,
@@ -61,7 +62,7 @@ impl Engine {
 
     /// Holds stock for one order, all or nothing: in a batch with concurrent orders when
     /// batching is on, alone when it is off or the batch failed as a whole.
-    pub async fn reserve(&self, req: NewReservation, key: Option<Keyed>) -> Result<Outcome> {
+    pub(crate) async fn reserve(&self, req: NewReservation, key: Option<Keyed>) -> Result<Outcome> {
         if let Some(batcher) = &self.batcher
             && let Some(outcome) = batcher.submit(req.clone(), key.clone()).await
         {
@@ -71,12 +72,12 @@ impl Engine {
     }
 
     /// The allocation `reserve` would make now, holding nothing.
-    pub async fn plan(&self, req: &NewReservation, key: Option<&Keyed>) -> Result<Outcome> {
+    pub(crate) async fn plan(&self, req: &NewReservation, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, req, |tx, req| Box::pin(reservations::plan(tx, req))).await
     }
 
     /// Fulfils or releases what a reservation holds (all of it when `parts` is `None`).
-    pub async fn settle(
+    pub(crate) async fn settle(
         &self,
         id: Uuid,
         kind: Settle,
@@ -89,19 +90,19 @@ impl Engine {
     }
 
     /// Moves an active reservation's deadline to now + `ttl_seconds`.
-    pub async fn extend(&self, id: Uuid, ttl_seconds: i64, key: Option<&Keyed>) -> Result<Outcome> {
+    pub(crate) async fn extend(&self, id: Uuid, ttl_seconds: i64, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, &(id, ttl_seconds), |tx, (id, ttl)| Box::pin(reservations::extend(tx, *id, *ttl))).await
     }
 
-    pub async fn receive(&self, cmd: &stock::Receive, key: Option<&Keyed>) -> Result<Outcome> {
+    pub(crate) async fn receive(&self, cmd: &stock::Receive, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::receive(tx, cmd))).await
     }
 
-    pub async fn adjust(&self, cmd: &stock::Adjust, key: Option<&Keyed>) -> Result<Outcome> {
+    pub(crate) async fn adjust(&self, cmd: &stock::Adjust, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::adjust(tx, cmd))).await
     }
 
-    pub async fn transfer(&self, cmd: &stock::Transfer, key: Option<&Keyed>) -> Result<Outcome> {
+    pub(crate) async fn transfer(&self, cmd: &stock::Transfer, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::transfer(tx, cmd))).await
     }
 
@@ -111,17 +112,17 @@ impl Engine {
     }
 
     /// Sets a level's replenishment settings; the flag tells whether the level was created.
-    pub async fn set_replenishment(&self, settings: &Replenishment) -> Result<(Level, bool)> {
+    pub(crate) async fn set_replenishment(&self, settings: &Replenishment) -> Result<(Level, bool)> {
         transact(&self.db, settings, |tx, settings| Box::pin(stock::set_replenishment(tx, settings))).await
     }
 
     /// Creates or updates a warehouse; the flag tells whether it was created.
-    pub async fn upsert_warehouse(&self, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
+    pub(crate) async fn upsert_warehouse(&self, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await
     }
 
     /// Creates or updates a SKU; the flag tells whether it was created.
-    pub async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
+    pub(crate) async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
     }
 }

@@ -27,7 +27,7 @@ pub struct NewReservation {
 
 /// A validated `{sku, warehouse, quantity}` of a partial fulfil or release.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartLine {
+pub(crate) struct PartLine {
     pub sku: String,
     pub warehouse: String,
     pub quantity: i64,
@@ -35,21 +35,21 @@ pub struct PartLine {
 
 /// What a plan answers: the allocation the service would make right now.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub order_id: String,
     pub strategy: &'static str,
     pub lines: Vec<PlanLine>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct PlanLine {
+pub(crate) struct PlanLine {
     pub sku: String,
     pub quantity: i64,
     pub allocations: Vec<PlanAllocation>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct PlanAllocation {
+pub(crate) struct PlanAllocation {
     pub warehouse: String,
     pub quantity: i64,
 }
@@ -131,7 +131,7 @@ fn sku_order(lines: &[Line]) -> Vec<&str> {
 }
 
 /// Holds stock for one order, all or nothing.
-pub async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation> {
+pub(crate) async fn reserve(conn: &mut PgConnection, req: &NewReservation) -> Result<Reservation> {
     Ok(reserve_many(conn, &[req]).await?.pop().ok_or_else(|| Error::Bug("no answer".into()))??)
 }
 
@@ -232,7 +232,7 @@ fn hold(
 }
 
 /// The allocation `reserve` would make right now, holding nothing.
-pub async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan> {
+pub(crate) async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan> {
     if let Some(reservation_id) = store::id_of_order(conn, &req.order_id).await? {
         return Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }.into());
     }
@@ -276,11 +276,11 @@ async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<A
 }
 
 /// The longest an expiry transaction waits for a row lock.
-pub const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
+pub(crate) const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Fulfils (deducts) or releases (gives back) held units: everything still held when `parts`
 /// is `None`, else the listed quantities.
-pub async fn settle(
+pub(crate) async fn settle(
     conn: &mut PgConnection,
     id: Uuid,
     kind: Settle,
@@ -366,7 +366,7 @@ pub async fn settle(
 }
 
 /// Moves the deadline of an active reservation to now + ttl.
-pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation> {
+pub(crate) async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation> {
     let (mut header, allocations) = lock_active(conn, id).await?;
     header.expires_at = store::extend(conn, id, ttl_seconds).await?;
     Ok(store::assemble(header, allocations))
@@ -376,7 +376,7 @@ pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Resu
 /// names; returns how many. Waits at most [`SWEEP_LOCK_TIMEOUT`] for any row: a level someone
 /// holds for long fails this transaction quickly, and the sweep then leaves that level's
 /// reservations for later instead of stalling every other SKU's expiry behind it.
-pub async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize> {
+pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize> {
     crate::store::db::cap_lock_timeout(conn, SWEEP_LOCK_TIMEOUT).await?;
     let due = store::lock_overdue(conn, batch, skips).await?;
     if due.is_empty() {

@@ -10,7 +10,7 @@ use crate::store::catalogue;
 use crate::store::stock::{self, Level, Replenishment};
 
 #[derive(Debug, Clone)]
-pub struct Receive {
+pub(crate) struct Receive {
     pub sku: Sku,
     pub warehouse: WarehouseCode,
     pub quantity: Quantity,
@@ -18,7 +18,7 @@ pub struct Receive {
 }
 
 #[derive(Debug, Clone)]
-pub struct Adjust {
+pub(crate) struct Adjust {
     pub sku: Sku,
     pub warehouse: WarehouseCode,
     pub delta: Delta,
@@ -28,7 +28,7 @@ pub struct Adjust {
 }
 
 #[derive(Debug, Clone)]
-pub struct Transfer {
+pub(crate) struct Transfer {
     pub sku: Sku,
     pub from: WarehouseCode,
     pub to: WarehouseCode,
@@ -38,7 +38,7 @@ pub struct Transfer {
 
 /// Both sides of a transfer after it happened.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Transferred {
+pub(crate) struct Transferred {
     pub sku: String,
     pub quantity: i64,
     pub from: Level,
@@ -46,7 +46,7 @@ pub struct Transferred {
 }
 
 /// Refuses unless the SKU and every warehouse exist; returns the SKU's backorder limit.
-pub async fn require_sku_and_warehouses(
+pub(crate) async fn require_sku_and_warehouses(
     conn: &mut PgConnection,
     sku: &Sku,
     warehouses: &[&WarehouseCode],
@@ -69,7 +69,7 @@ async fn level_now(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Resul
 
 /// Sets the replenishment settings of a level, creating the level when needed (`None` keeps
 /// the current value); the flag tells whether the level was created.
-pub async fn set_replenishment(conn: &mut PgConnection, settings: &Replenishment) -> Result<(Level, bool)> {
+pub(crate) async fn set_replenishment(conn: &mut PgConnection, settings: &Replenishment) -> Result<(Level, bool)> {
     require_sku_and_warehouses(conn, &settings.sku, &[&settings.warehouse]).await?;
     Ok(stock::set_replenishment(conn, settings).await?)
 }
@@ -89,7 +89,7 @@ async fn change_one(
 }
 
 /// Goods arrived: `on_hand += quantity`, creating the level on first receive.
-pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level> {
+pub(crate) async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
     change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
@@ -102,7 +102,7 @@ pub async fn receive(conn: &mut PgConnection, cmd: &Receive) -> Result<Level> {
 }
 
 /// A counted or corrected change of `on_hand`, optionally compare-and-set on `on_hand`.
-pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level> {
+pub(crate) async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.warehouse]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.warehouse).await?;
     change_one(conn, &cmd.sku, &cmd.warehouse, |book| {
@@ -136,7 +136,7 @@ pub async fn adjust(conn: &mut PgConnection, cmd: &Adjust) -> Result<Level> {
 /// nothing behind. It is deadlock-free although the new row is locked before the other one:
 /// until commit nobody else can see it, and whoever waits on its key holds no row lock yet
 /// (every operation creates its levels before it locks any).
-pub async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred> {
+pub(crate) async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<Transferred> {
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.to).await?;
     let (sku, from, to) = (cmd.sku.as_str(), cmd.from.as_str(), cmd.to.as_str());

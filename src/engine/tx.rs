@@ -18,12 +18,12 @@ async fn backoff(tries: u32) {
 }
 
 /// The future of one transaction body, borrowing the transaction's connection and context.
-pub type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+pub(crate) type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
 
 /// Runs `body(tx, ctx)` inside a transaction, committing on `Ok` and rolling back on `Err`.
 /// A deadlock or serialization failure (40P01, 40001) runs the whole transaction again, with
 /// jittered backoff, at most `MAX_ATTEMPTS` times in all; it never reaches the client as a 500.
-pub async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
+pub(crate) async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
 where
     C: Sync + ?Sized,
     F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,

@@ -9,7 +9,7 @@ use crate::engine::{Answer, Outcome};
 
 /// The HTTP answer of an outcome. Call it in the request's own task (a replayed problem names
 /// the current request id).
-pub fn render(outcome: Outcome, success: StatusCode) -> Response {
+pub(crate) fn render(outcome: Outcome, success: StatusCode) -> Response {
     match outcome {
         Outcome::Done(body) => json_response(success, body, false),
         Outcome::Replay(Answer { status, body }) => {
@@ -22,7 +22,7 @@ pub fn render(outcome: Outcome, success: StatusCode) -> Response {
 }
 
 /// [`render`] of an engine result.
-pub fn respond(result: crate::engine::Result<Outcome>, success: StatusCode) -> Result<Response, ApiError> {
+pub(crate) fn respond(result: crate::engine::Result<Outcome>, success: StatusCode) -> Result<Response, ApiError> {
     Ok(render(result?, success))
 }
 

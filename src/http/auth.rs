@@ -11,11 +11,11 @@ use crate::auth::required_role;
 
 /// The name of the API key a request came with (absent when no keys are configured).
 #[derive(Debug, Clone)]
-pub struct Caller(pub String);
+pub(crate) struct Caller(pub String);
 
 /// Middleware: 401 without a valid key, 403 when its role does not allow the call. With no
 /// keys configured every call is allowed (the server refuses to start like that off loopback).
-pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(crate) async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if state.keys.is_empty() {
         return next.run(request).await;
     }

@@ -18,7 +18,7 @@ fn created_or_ok(created: bool) -> StatusCode {
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct WarehouseBody {
+pub(crate) struct WarehouseBody {
     name: Option<String>,
     region: Option<String>,
     priority: Option<i64>,
@@ -29,7 +29,7 @@ pub struct WarehouseBody {
     params(("code" = String, Path, description = "warehouse code")), request_body = WarehouseBody,
     responses((status = 201, description = "created", body = crate::store::catalogue::Warehouse),
         (status = 200, description = "updated", body = crate::store::catalogue::Warehouse), BodyErrors))]
-pub async fn put_warehouse(
+pub(crate) async fn put_warehouse(
     State(state): State<AppState>,
     Path(code): Path<String>,
     OptionalJson(body): OptionalJson<WarehouseBody>,
@@ -57,7 +57,10 @@ pub async fn put_warehouse(
     responses((status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
         (status = 404, description = "unknown warehouse", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn get_warehouse(
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let warehouse = catalogue::get_warehouse(&mut conn, &code).await?.ok_or(Refusal::UnknownWarehouse(code))?;
     Ok(axum::Json(warehouse).into_response())
@@ -65,14 +68,14 @@ pub async fn get_warehouse(State(state): State<AppState>, Path(code): Path<Strin
 
 #[utoipa::path(get, path = "/v1/warehouses", tag = "catalogue",
     responses((status = 200, description = "every warehouse, by priority", body = WarehouseList), QueryErrors))]
-pub async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub(crate) async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let items = catalogue::list_warehouses(&mut conn).await?;
     Ok(axum::Json(WarehouseList { items }).into_response())
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct SkuBody {
+pub(crate) struct SkuBody {
     name: Option<String>,
     backorder_limit: Option<i64>,
 }
@@ -83,7 +86,7 @@ pub struct SkuBody {
         (status = 200, description = "updated", body = crate::store::catalogue::SkuRecord),
         (status = 409, description = "backorder_limit_in_use: lowering the limit below what is backordered", body = Problem, content_type = "application/problem+json"),
         BodyErrors))]
-pub async fn put_sku(
+pub(crate) async fn put_sku(
     State(state): State<AppState>,
     Path(sku): Path<String>,
     OptionalJson(body): OptionalJson<SkuBody>,
@@ -104,7 +107,7 @@ pub async fn put_sku(
     responses((status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn get_sku(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());
     }

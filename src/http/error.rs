@@ -14,10 +14,10 @@ use crate::store::db::Trouble;
 
 /// The `code` of an error answer, left in the response's extensions for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ErrorCode(pub &'static str);
+pub(crate) struct ErrorCode(pub &'static str);
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The body is not valid JSON, has wrong types, or a query parameter has a bad value.
     #[error("{0}")]
     Malformed(String),
@@ -76,11 +76,11 @@ impl From<Vec<FieldError>> for ApiError {
 }
 
 impl ApiError {
-    pub fn field(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         Self::Validation(vec![FieldError::new(field, message)])
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -185,7 +185,7 @@ impl ApiError {
     }
 
     /// The problem+json body, as sent to clients.
-    pub fn to_problem(&self) -> Value {
+    pub(crate) fn to_problem(&self) -> Value {
         let status = self.status();
         let code = self.code();
         let mut body = Map::new();
@@ -223,7 +223,7 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
 }
 
 /// A refusal written down as it is answered, for the engine to store for replay.
-pub fn answer_of(refusal: &Refusal) -> Answer {
+pub(crate) fn answer_of(refusal: &Refusal) -> Answer {
     let err = ApiError::Refused(refusal.clone());
     Answer { status: err.status().as_u16(), body: err.to_problem().to_string() }
 }

@@ -21,7 +21,7 @@ use crate::store::events;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct EventQuery {
+pub(crate) struct EventQuery {
     after: Option<i64>,
     limit: Option<i64>,
     #[serde(rename = "type")]
@@ -47,7 +47,7 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery),
     responses((status = 200, description = "events after `after`, by id", body = EventPage),
         PageErrors))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let types = types(q.kind.as_deref())?;
     let after = q.after.unwrap_or(0).max(0);
@@ -66,7 +66,7 @@ const MAX_SCAN: i64 = 10_000;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct StreamQuery {
+pub(crate) struct StreamQuery {
     after: Option<i64>,
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -79,7 +79,7 @@ pub struct StreamQuery {
     responses((status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
         (status = 429, description = "too many streams open (in all, or for this API key)", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn stream(
+pub(crate) async fn stream(
     State(state): State<AppState>,
     caller: Option<axum::Extension<super::auth::Caller>>,
     headers: HeaderMap,
@@ -150,7 +150,7 @@ impl Reader {
         self.news.mark_unchanged();
         let (slice, from_database) = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
             Some(slice) => (slice, false),
-            None => (self.state.feed.from_database(&self.state.db, self.after, &self.types).await?, true),
+            None => (self.state.feed.page_from_database(&self.state.db, self.after, &self.types).await?, true),
         };
         let moved = slice.scanned_to > self.after;
         self.after = slice.scanned_to;

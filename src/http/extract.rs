@@ -14,14 +14,14 @@ use crate::engine::{Keyed, Refusal};
 /// A JSON body kept both typed and raw (the raw value is the request's fingerprint for
 /// idempotency keys). Errors as for [`Json`].
 #[derive(Debug, Clone)]
-pub struct Body<T> {
+pub(crate) struct Body<T> {
     pub value: T,
     pub raw: serde_json::Value,
 }
 
 /// Like [`Body`], but an empty body is allowed (`value` is `None`, `raw` is `null`).
 #[derive(Debug, Clone)]
-pub struct OptionalBody<T> {
+pub(crate) struct OptionalBody<T> {
     pub value: Option<T>,
     pub raw: serde_json::Value,
 }
@@ -55,7 +55,7 @@ fn typed<T: DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ApiError> {
 /// The `Idempotency-Key` header (1–255 printable ASCII characters, or absent), with the path
 /// it was sent to.
 #[derive(Debug, Clone)]
-pub struct IdempotencyKey {
+pub(crate) struct IdempotencyKey {
     key: Option<String>,
     path: String,
 }
@@ -64,7 +64,7 @@ impl IdempotencyKey {
     /// The request as its key's claim and stored answer see it (`None` without a key): method,
     /// path and the canonical text of its body (serde_json's maps are sorted), and the status
     /// a success is stored with.
-    pub fn keyed(&self, body: &serde_json::Value, success: StatusCode) -> Option<Keyed> {
+    pub(crate) fn keyed(&self, body: &serde_json::Value, success: StatusCode) -> Option<Keyed> {
         Some(Keyed {
             key: self.key.clone()?,
             method: "POST",
@@ -96,11 +96,11 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 
 /// A JSON body. Wrong content type → 415, too large → 413, not JSON or wrong types → 400.
 #[derive(Debug, Clone)]
-pub struct Json<T>(pub T);
+pub(crate) struct Json<T>(pub T);
 
 /// An optional JSON body: an empty body is `None` (for fulfil/release "everything").
 #[derive(Debug, Clone)]
-pub struct OptionalJson<T>(pub Option<T>);
+pub(crate) struct OptionalJson<T>(pub Option<T>);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
     type Rejection = ApiError;
@@ -162,7 +162,7 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 /// Query parameters; a value of the wrong shape → 400.
 #[derive(Debug, Clone)]
-pub struct Query<T>(pub T);
+pub(crate) struct Query<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
@@ -177,7 +177,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 
 /// Path parameters; undecodable segments → 400.
 #[derive(Debug, Clone)]
-pub struct Path<T>(pub T);
+pub(crate) struct Path<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
     type Rejection = ApiError;
@@ -192,7 +192,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
 
 /// A reservation id from the path. Anything but a UUID names no reservation: 404.
 #[derive(Debug, Clone, Copy)]
-pub struct ReservationId(pub uuid::Uuid);
+pub(crate) struct ReservationId(pub uuid::Uuid);
 
 impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
     type Rejection = ApiError;

@@ -12,7 +12,7 @@ use crate::store::ledger::{self, EntryPage};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct LedgerQuery {
+pub(crate) struct LedgerQuery {
     sku: Option<String>,
     warehouse: Option<String>,
     reference: Option<String>,
@@ -25,7 +25,7 @@ pub struct LedgerQuery {
     responses((status = 200, description = "a page of entries, oldest first", body = LedgerPage),
         (status = 422, description = "`limit` out of range, or `after` names no entry", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<LedgerQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let page =
         EntryPage { sku: q.sku, warehouse: q.warehouse, reference: q.reference, after: q.after.or(q.cursor), limit };

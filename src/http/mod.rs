@@ -2,19 +2,19 @@
 //! parse into domain types, call the engine (or, for plain reads, the store), render; every
 //! error becomes problem+json in `error.rs`.
 
-pub mod answer;
-pub mod auth;
-pub mod catalogue;
-pub mod error;
-pub mod events;
-pub mod extract;
-pub mod ledger;
-pub mod openapi;
-pub mod operations;
-pub mod request_id;
+pub(crate) mod answer;
+pub(crate) mod auth;
+pub(crate) mod catalogue;
+pub(crate) mod error;
+pub(crate) mod events;
+pub(crate) mod extract;
+pub(crate) mod ledger;
+pub(crate) mod openapi;
+pub(crate) mod operations;
+pub(crate) mod request_id;
 pub mod reservations;
-pub mod state;
-pub mod stock;
+pub(crate) mod state;
+pub(crate) mod stock;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -26,11 +26,11 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use self::error::ApiError;
-pub use self::state::AppState;
+pub(crate) use self::state::AppState;
 use crate::engine::Error;
 
 /// The whole API, ready to serve.
-pub fn app(state: AppState) -> Router {
+pub(crate) fn app(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout();
     let (router, openapi) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())

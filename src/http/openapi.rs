@@ -16,10 +16,12 @@ use crate::store::ledger::Entry;
 use crate::store::reservations::Reservation;
 use crate::store::stock::Level;
 
-/// The stable `code` of a problem.
+/// The stable `code` of a problem (for the document only: the codes answered are those of
+/// `error.rs`, which a test holds to this list).
 #[derive(Debug, ToSchema)]
+#[expect(dead_code, reason = "described, never built")]
 #[schema(rename_all = "snake_case")]
-pub enum ProblemCode {
+pub(crate) enum ProblemCode {
     MalformedRequest,
     ValidationFailed,
     NotFound,
@@ -43,9 +45,11 @@ pub enum ProblemCode {
     InternalError,
 }
 
-/// An RFC 9457 problem (`application/problem+json`). Conflicts may carry more members.
+/// An RFC 9457 problem (`application/problem+json`). Conflicts may carry more members. For the
+/// document only: `error.rs` builds the bodies.
 #[derive(Debug, ToSchema)]
-pub struct Problem {
+#[expect(dead_code, reason = "described, never built")]
+pub(crate) struct Problem {
     #[schema(rename = "type")]
     pub kind: String,
     pub title: String,
@@ -77,7 +81,7 @@ macro_rules! problems {
     ($(#[$doc:meta])* $name:ident { $($status:literal => $description:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug)]
-        pub struct $name;
+        pub(crate) struct $name;
 
         impl IntoResponses for $name {
             fn responses() -> BTreeMap<String, RefOr<Response>> {
@@ -141,45 +145,45 @@ impl IntoParams for super::extract::IdempotencyKey {
 // The shapes of answers (serialised as they are declared).
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct WarehouseList {
+pub(crate) struct WarehouseList {
     pub items: Vec<Warehouse>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct LevelPage {
+pub(crate) struct LevelPage {
     pub items: Vec<Level>,
     /// Pass back as `cursor`; null on the last page.
     pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct LedgerPage {
+pub(crate) struct LedgerPage {
     pub items: Vec<Entry>,
     /// Pass back as `after`; null on the last page.
     pub next_cursor: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct EventPage {
+pub(crate) struct EventPage {
     pub items: Vec<Event>,
     /// The last id returned (or `after` when nothing is new): poll on with `after=next_cursor`.
     pub next_cursor: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ReservationList {
+pub(crate) struct ReservationList {
     pub items: Vec<Reservation>,
 }
 
 #[derive(Debug, Default, Serialize, ToSchema)]
-pub struct Totals {
+pub(crate) struct Totals {
     pub on_hand: i64,
     pub reserved: i64,
     pub available: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct StockView {
+pub(crate) struct StockView {
     pub sku: String,
     pub backorder_limit: i64,
     pub total: Totals,
@@ -187,7 +191,7 @@ pub struct StockView {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct AvailabilityItem {
+pub(crate) struct AvailabilityItem {
     pub sku: String,
     /// Sum over active warehouses.
     pub available: i64,
@@ -195,12 +199,12 @@ pub struct AvailabilityItem {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Availability {
+pub(crate) struct Availability {
     pub items: Vec<AvailabilityItem>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     pub status: &'static str,
     /// `/health/ready`: the newest migration, applied.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -249,4 +253,60 @@ impl Modify for BearerAuth {
     )
 )]
 #[derive(Debug)]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Error, Refusal};
+    use crate::http::error::ApiError;
+    use utoipa::PartialSchema;
+
+    #[test]
+    fn every_code_answered_is_a_documented_problem_code() {
+        let id = uuid::Uuid::nil();
+        let settle = crate::domain::Settle::Fulfil;
+        let refusals = [
+            Refusal::UnknownSku("A".into()),
+            Refusal::InsufficientStock { detail: String::new(), lines: Vec::new() },
+            Refusal::DuplicateOrder { order_id: "o".into(), reservation_id: id },
+            Refusal::NotActive { reservation_id: id, status: crate::domain::Status::Expired },
+            Refusal::OverSettle { settle, sku: "A".into(), warehouse: "W".into(), requested: 2, held: 1 },
+            Refusal::OverSettle {
+                settle: crate::domain::Settle::Release,
+                sku: "A".into(),
+                warehouse: "W".into(),
+                requested: 2,
+                held: 1,
+            },
+            Refusal::StaleQuantity { current_on_hand: 1 },
+            Refusal::BackorderLimitInUse { warehouse: "W".into(), available: -2, limit: 1 },
+            Refusal::IdempotencyInProgress,
+            Refusal::IdempotencyKeyReused,
+            Refusal::TooManyStreams(String::new()),
+            Refusal::BadRows(Vec::new()),
+            Refusal::NotCsv(String::new()),
+            Refusal::TooLarge { limit: 1 },
+        ];
+        let mut errors: Vec<ApiError> = refusals.into_iter().map(ApiError::from).collect();
+        errors.extend([
+            ApiError::Malformed(String::new()),
+            ApiError::Validation(Vec::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::UnsupportedMediaType,
+            ApiError::Unauthorized(String::new()),
+            ApiError::Forbidden(String::new()),
+            ApiError::MethodNotAllowed,
+            ApiError::Timeout(std::time::Duration::from_secs(1)),
+            ApiError::from(Error::OutcomeUnknown(String::new())),
+            ApiError::from(Error::Unavailable(String::new())),
+            ApiError::from(Error::Bug(String::new())),
+        ]);
+        let schema = serde_json::to_value(ProblemCode::schema()).unwrap();
+        let documented: Vec<&str> = schema["enum"].as_array().unwrap().iter().filter_map(|c| c.as_str()).collect();
+        for err in &errors {
+            assert!(documented.contains(&err.code()), "{} is answered but not documented", err.code());
+        }
+    }
+}

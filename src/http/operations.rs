@@ -15,7 +15,7 @@ use crate::store::db::{self, MIGRATOR};
 /// The process is up.
 #[utoipa::path(get, path = "/health/live", tag = "operations",
     responses((status = 200, description = "the process is up", body = Health), QueryErrors))]
-pub async fn live() -> Json<Health> {
+pub(crate) async fn live() -> Json<Health> {
     Json(Health { status: "ok", migration: None })
 }
 
@@ -24,7 +24,7 @@ pub async fn live() -> Json<Health> {
     responses((status = 200, description = "database reachable, migrations applied", body = Health),
         (status = 503, description = "not ready", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied = db::applied_migration(&state.db).await.map_err(|err| match err {
         // Reachable but not migrated (no table yet) is "not ready", not a server error.
@@ -41,7 +41,7 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiErr
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         QueryErrors))]
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
     metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);
     metrics::gauge!(POOL_MAX).set(state.db.options().get_max_connections() as f64);

@@ -9,14 +9,14 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
-pub const HEADER: &str = "x-request-id";
+pub(crate) const HEADER: &str = "x-request-id";
 
 tokio::task_local! {
     static REQUEST_ID: String;
 }
 
 /// The id of the request being served by this task, if any.
-pub fn current() -> Option<String> {
+pub(crate) fn current() -> Option<String> {
     REQUEST_ID.try_with(Clone::clone).ok()
 }
 
@@ -26,7 +26,7 @@ fn usable(value: &HeaderValue) -> Option<String> {
 }
 
 /// Outermost middleware: assigns the id, opens the request span, logs the outcome.
-pub async fn layer(request: Request, next: Next) -> Response {
+pub(crate) async fn layer(request: Request, next: Next) -> Response {
     let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = request.method().clone();
     let span = tracing::info_span!(
@@ -89,7 +89,7 @@ struct Route(String);
 
 /// Route-level middleware: records the matched route template (never the raw path) in the span
 /// and hands it to the outer layer for metrics.
-pub async fn record_route(request: Request, next: Next) -> Response {
+pub(crate) async fn record_route(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     if let Some(route) = &route {
         tracing::Span::current().record("route", route.as_str());

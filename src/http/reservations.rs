@@ -18,11 +18,11 @@ use crate::engine::reservations::{NewReservation, PartLine};
 use crate::store::reservations::{self as store, Reservation};
 
 /// Default and bounds of `ttl_seconds`.
-pub const DEFAULT_TTL: i64 = 900;
-pub const MAX_TTL: i64 = 604_800;
+pub(crate) const DEFAULT_TTL: i64 = 900;
+pub(crate) const MAX_TTL: i64 = 604_800;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct ReserveBody {
+pub(crate) struct ReserveBody {
     order_id: Option<String>,
     lines: Option<Vec<LineBody>>,
     ttl_seconds: Option<i64>,
@@ -30,7 +30,7 @@ pub struct ReserveBody {
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct LineBody {
+pub(crate) struct LineBody {
     sku: Option<String>,
     quantity: Option<i64>,
     warehouse: Option<String>,
@@ -93,7 +93,7 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
         (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
         BodyErrors))]
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<AppState>,
     key: IdempotencyKey,
     body: Body<ReserveBody>,
@@ -121,7 +121,7 @@ pub async fn create(
         (status = 409, description = "insufficient_stock or duplicate_order", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
         BodyErrors))]
-pub async fn plan(
+pub(crate) async fn plan(
     State(state): State<AppState>,
     key: IdempotencyKey,
     body: Body<ReserveBody>,
@@ -135,7 +135,7 @@ pub async fn plan(
     params(("id" = String, Path, description = "reservation id (UUID)")),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
-pub async fn get(State(state): State<AppState>, ReservationId(id): ReservationId) -> Result<Response, ApiError> {
+pub(crate) async fn get(State(state): State<AppState>, ReservationId(id): ReservationId) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
     let reservation = store::get(&mut conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     Ok(axum::Json(reservation).into_response())
@@ -143,7 +143,7 @@ pub async fn get(State(state): State<AppState>, ReservationId(id): ReservationId
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ByOrder {
+pub(crate) struct ByOrder {
     order_id: Option<String>,
 }
 
@@ -151,7 +151,7 @@ pub struct ByOrder {
     responses((status = 200, description = "the reservation of the order (or none)", body = ReservationList),
         (status = 422, description = "`order_id` is missing", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let order_id = q.order_id.ok_or_else(|| ApiError::field("order_id", "is required"))?;
     let mut conn = state.db.acquire().await?;
     let mut items = Vec::new();
@@ -166,13 +166,13 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Re
 /// Unknown fields are refused: a misspelt `lines` must not turn a partial fulfil into a full one.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SettleBody {
+pub(crate) struct SettleBody {
     lines: Option<Vec<PartBody>>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PartBody {
+pub(crate) struct PartBody {
     sku: Option<String>,
     warehouse: Option<String>,
     quantity: Option<i64>,
@@ -218,7 +218,7 @@ async fn settle(
     responses((status = 200, description = "after deducting", body = Reservation),
         (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownReservation))]
-pub async fn fulfil(
+pub(crate) async fn fulfil(
     State(state): State<AppState>,
     key: IdempotencyKey,
     ReservationId(id): ReservationId,
@@ -233,7 +233,7 @@ pub async fn fulfil(
     responses((status = 200, description = "after giving units back", body = Reservation),
         (status = 409, description = "over_release or reservation_not_active", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownReservation))]
-pub async fn release(
+pub(crate) async fn release(
     State(state): State<AppState>,
     key: IdempotencyKey,
     ReservationId(id): ReservationId,
@@ -243,7 +243,7 @@ pub async fn release(
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct ExtendBody {
+pub(crate) struct ExtendBody {
     ttl_seconds: Option<i64>,
 }
 
@@ -252,7 +252,7 @@ pub struct ExtendBody {
     responses((status = 200, description = "with the new expires_at", body = Reservation),
         (status = 409, description = "reservation_not_active", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownReservation))]
-pub async fn extend(
+pub(crate) async fn extend(
     State(state): State<AppState>,
     key: IdempotencyKey,
     ReservationId(id): ReservationId,

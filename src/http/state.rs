@@ -10,7 +10,7 @@ use crate::engine::Engine;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub db: PgPool,
     pub config: Arc<ServerArgs>,
     /// Flips to `true` when the server starts draining; long-lived streams end on it.
@@ -24,7 +24,7 @@ pub struct AppState {
 }
 
 /// A page size from a query: default, at least 1, at most the configured maximum.
-pub fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiError> {
+pub(crate) fn page_limit(requested: Option<i64>, state: &AppState) -> Result<i64, ApiError> {
     match requested {
         None => Ok(100.min(state.config.max_page_size)),
         Some(n) if (1..=state.config.max_page_size).contains(&n) => Ok(n),

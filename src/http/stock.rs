@@ -22,10 +22,10 @@ use crate::store::catalogue;
 use crate::store::stock::{self, Level, LevelFilter, Replenishment};
 
 /// Most SKUs one availability request may ask for.
-pub const MAX_AVAILABILITY_SKUS: usize = 1000;
+pub(crate) const MAX_AVAILABILITY_SKUS: usize = 1000;
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct ReceiveBody {
+pub(crate) struct ReceiveBody {
     sku: Option<String>,
     warehouse: Option<String>,
     quantity: Option<i64>,
@@ -35,7 +35,7 @@ pub struct ReceiveBody {
 #[utoipa::path(post, path = "/v1/stock/receive", tag = "stock", params(IdempotencyKey), request_body = ReceiveBody,
     responses((status = 200, description = "the level after the receipt", body = Level),
         BodyErrors, UnknownSkuOrWarehouse))]
-pub async fn receive(
+pub(crate) async fn receive(
     State(state): State<AppState>,
     key: IdempotencyKey,
     Body { value: body, raw }: Body<ReceiveBody>,
@@ -52,7 +52,7 @@ pub async fn receive(
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct AdjustBody {
+pub(crate) struct AdjustBody {
     sku: Option<String>,
     warehouse: Option<String>,
     delta: Option<i64>,
@@ -65,7 +65,7 @@ pub struct AdjustBody {
     responses((status = 200, description = "the level after the adjustment", body = Level),
         (status = 409, description = "insufficient_stock or stale_quantity", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
-pub async fn adjust(
+pub(crate) async fn adjust(
     State(state): State<AppState>,
     key: IdempotencyKey,
     Body { value: body, raw }: Body<AdjustBody>,
@@ -99,7 +99,7 @@ pub async fn adjust(
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
-pub struct TransferBody {
+pub(crate) struct TransferBody {
     sku: Option<String>,
     from: Option<String>,
     to: Option<String>,
@@ -111,7 +111,7 @@ pub struct TransferBody {
     responses((status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
         (status = 409, description = "insufficient_stock", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
-pub async fn transfer(
+pub(crate) async fn transfer(
     State(state): State<AppState>,
     key: IdempotencyKey,
     Body { value: body, raw }: Body<TransferBody>,
@@ -134,7 +134,7 @@ pub async fn transfer(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-pub struct ReplenishmentBody {
+pub(crate) struct ReplenishmentBody {
     reorder_point: Option<i64>,
     reorder_quantity: Option<i64>,
 }
@@ -145,7 +145,7 @@ pub struct ReplenishmentBody {
     responses((status = 200, description = "updated", body = Level),
         (status = 201, description = "the level was created", body = Level), BodyErrors,
         UnknownSkuOrWarehouse))]
-pub async fn put_replenishment(
+pub(crate) async fn put_replenishment(
     State(state): State<AppState>,
     Path((sku, warehouse)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<ReplenishmentBody>,
@@ -176,7 +176,10 @@ pub async fn put_replenishment(
     responses((status = 200, description = "per warehouse and in total", body = StockView),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn get_sku_stock(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());
     }
@@ -199,7 +202,7 @@ pub async fn get_sku_stock(State(state): State<AppState>, Path(sku): Path<String
     responses((status = 200, description = "one item per requested SKU, in request order", body = Availability),
         (status = 422, description = "no SKU, or too many", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn availability(
+pub(crate) async fn availability(
     State(state): State<AppState>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
@@ -235,7 +238,7 @@ pub async fn availability(
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     warehouse: Option<String>,
     below_reorder_point: Option<bool>,
     limit: Option<i64>,
@@ -245,7 +248,7 @@ pub struct ListQuery {
 #[utoipa::path(get, path = "/v1/stock", tag = "stock", params(ListQuery),
     responses((status = 200, description = "a page of levels", body = LevelPage),
         PageErrors))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let page = LevelFilter {
@@ -299,7 +302,7 @@ mod tests {
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ImportQuery {
+pub(crate) struct ImportQuery {
     /// Create unknown SKUs and warehouses instead of rejecting their rows.
     create_missing: Option<bool>,
 }

@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 use crate::domain::{Sku, WarehouseCode};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Warehouse {
+pub(crate) struct Warehouse {
     pub code: String,
     pub name: String,
     pub region: Option<String>,
@@ -19,7 +19,7 @@ pub struct Warehouse {
 
 /// What a `PUT /v1/warehouses/{code}` sets; `None` keeps the current value (or the default).
 #[derive(Debug, Clone)]
-pub struct WarehouseUpsert {
+pub(crate) struct WarehouseUpsert {
     pub code: WarehouseCode,
     pub name: String,
     pub region: Option<String>,
@@ -28,7 +28,7 @@ pub struct WarehouseUpsert {
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct SkuRecord {
+pub(crate) struct SkuRecord {
     pub sku: String,
     pub name: Option<String>,
     pub backorder_limit: i64,
@@ -37,14 +37,17 @@ pub struct SkuRecord {
 }
 
 #[derive(Debug, Clone)]
-pub struct SkuUpsert {
+pub(crate) struct SkuUpsert {
     pub sku: Sku,
     pub name: Option<String>,
     pub backorder_limit: Option<i64>,
 }
 
 /// Creates or updates a warehouse; the flag tells whether it was created.
-pub async fn upsert_warehouse(conn: &mut PgConnection, w: &WarehouseUpsert) -> Result<(Warehouse, bool), sqlx::Error> {
+pub(crate) async fn upsert_warehouse(
+    conn: &mut PgConnection,
+    w: &WarehouseUpsert,
+) -> Result<(Warehouse, bool), sqlx::Error> {
     let row: (Warehouse, bool) = sqlx::query_as::<_, WarehouseWithFlag>(
         "INSERT INTO warehouses AS w (code, name, region, priority, active)
          VALUES ($1, $2, $3, COALESCE($4, 100), COALESCE($5, true))
@@ -80,17 +83,17 @@ impl From<WarehouseWithFlag> for (Warehouse, bool) {
     }
 }
 
-pub async fn list_warehouses(conn: &mut PgConnection) -> Result<Vec<Warehouse>, sqlx::Error> {
+pub(crate) async fn list_warehouses(conn: &mut PgConnection) -> Result<Vec<Warehouse>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM warehouses ORDER BY priority, code").fetch_all(conn).await
 }
 
-pub async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Option<Warehouse>, sqlx::Error> {
+pub(crate) async fn get_warehouse(conn: &mut PgConnection, code: &str) -> Result<Option<Warehouse>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM warehouses WHERE code = $1").bind(code).fetch_optional(conn).await
 }
 
 /// Creates or updates a SKU (the row only; see [`lock_floors`] and [`copy_backorder_limit`]).
 /// The flag tells whether it was created.
-pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRecord, bool), sqlx::Error> {
+pub(crate) async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRecord, bool), sqlx::Error> {
     let row: SkuWithFlag = sqlx::query_as(
         "INSERT INTO skus AS s (sku, name, backorder_limit)
          VALUES ($1, $2, COALESCE($3, 0))
@@ -109,7 +112,7 @@ pub async fn upsert_sku(conn: &mut PgConnection, s: &SkuUpsert) -> Result<(SkuRe
 }
 
 /// Locks every level of a SKU (in warehouse order) and returns each one's `available`.
-pub async fn lock_floors(conn: &mut PgConnection, sku: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub(crate) async fn lock_floors(conn: &mut PgConnection, sku: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT warehouse, on_hand - reserved FROM stock_levels WHERE sku = $1 ORDER BY warehouse FOR UPDATE",
     )
@@ -119,7 +122,7 @@ pub async fn lock_floors(conn: &mut PgConnection, sku: &str) -> Result<Vec<(Stri
 }
 
 /// Copies a SKU's backorder limit onto its (locked) levels; their CHECK constraint enforces it.
-pub async fn copy_backorder_limit(conn: &mut PgConnection, sku: &str, limit: i64) -> Result<(), sqlx::Error> {
+pub(crate) async fn copy_backorder_limit(conn: &mut PgConnection, sku: &str, limit: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE stock_levels SET backorder_limit = $2 WHERE sku = $1 AND backorder_limit <> $2")
         .bind(sku)
         .bind(limit)
@@ -135,12 +138,12 @@ struct SkuWithFlag {
     inserted: bool,
 }
 
-pub async fn get_sku(conn: &mut PgConnection, sku: &str) -> Result<Option<SkuRecord>, sqlx::Error> {
+pub(crate) async fn get_sku(conn: &mut PgConnection, sku: &str) -> Result<Option<SkuRecord>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM skus WHERE sku = $1").bind(sku).fetch_optional(conn).await
 }
 
 /// The SKU's backorder limit (`None`: no such SKU) and which of `codes` are warehouses.
-pub async fn find_sku_and_warehouses(
+pub(crate) async fn find_sku_and_warehouses(
     conn: &mut PgConnection,
     sku: &str,
     codes: &[&str],
@@ -156,7 +159,7 @@ pub async fn find_sku_and_warehouses(
 }
 
 /// Of the given SKUs and warehouses, those that do not exist, each sorted.
-pub async fn unknown(
+pub(crate) async fn unknown(
     conn: &mut PgConnection,
     skus: &[&str],
     warehouses: &[&str],

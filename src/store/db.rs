@@ -14,7 +14,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The database the process talks to, and the local cluster behind it if we started one.
 #[derive(Debug)]
-pub struct Database {
+pub(crate) struct Database {
     pub url: String,
     pub local: Option<LocalPostgres>,
 }
@@ -34,7 +34,7 @@ pub enum SetupError {
 impl Database {
     /// `DATABASE_URL` when given; otherwise the local cluster under the data directory, started
     /// (and created) when needed, with an `inventory` database in it.
-    pub async fn locate(args: &DatabaseArgs) -> Result<Self, SetupError> {
+    pub(crate) async fn locate(args: &DatabaseArgs) -> Result<Self, SetupError> {
         if let Some(url) = &args.database_url {
             return Ok(Self { url: url.clone(), local: None });
         }
@@ -47,7 +47,7 @@ impl Database {
     /// Stops the local cluster, if this process runs one. `owner` (the service) stops it even
     /// when it attached to a running one; a one-off command (check, import, migrate) stops only a
     /// cluster it started itself, never the one a running service is using.
-    pub async fn shutdown(self, owner: bool) {
+    pub(crate) async fn shutdown(self, owner: bool) {
         if let Some(local) = self.local.filter(|l| owner || l.launched()) {
             match tokio::task::spawn_blocking(move || local.stop()).await {
                 Ok(Ok(())) => {}
@@ -97,14 +97,14 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
 /// shared advisory lock, taken right after BEGIN, before it has a transaction id), so readers of
 /// the ledger wait for it and for nobody else (see `writer_horizon()` in migrations 0006, 0007).
-pub async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+pub(crate) async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await?;
     Ok(tx)
 }
 
 /// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).
-pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), sqlx::Error> {
+pub(crate) async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), sqlx::Error> {
     sqlx::query(
         "SELECT set_config('lock_timeout',
              CASE WHEN s = '0' OR s::interval > make_interval(secs => $1) THEN ($1 * 1000)::int8 || 'ms' ELSE s END,
@@ -119,7 +119,7 @@ pub async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) ->
 
 /// What a database error means for whoever must decide what to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trouble {
+pub(crate) enum Trouble {
     /// A serialization failure or deadlock: run the whole transaction again.
     Retry,
     /// A lock or statement timeout: this row (or statement) is stuck, others are fine.
@@ -131,7 +131,7 @@ pub enum Trouble {
 }
 
 /// Classifies a database error.
-pub fn trouble(err: &sqlx::Error) -> Trouble {
+pub(crate) fn trouble(err: &sqlx::Error) -> Trouble {
     match err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -154,6 +154,6 @@ pub fn trouble(err: &sqlx::Error) -> Trouble {
 }
 
 /// The newest migration applied successfully (`None`: none yet).
-pub async fn applied_migration(db: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+pub(crate) async fn applied_migration(db: &PgPool) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(db).await
 }

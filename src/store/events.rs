@@ -9,7 +9,7 @@ use crate::domain::EventKind;
 
 /// An event for the outbox, written in the transaction of the change it reports.
 #[derive(Debug, Clone)]
-pub struct NewEvent {
+pub(crate) struct NewEvent {
     pub kind: EventKind,
     pub sku: Option<String>,
     pub warehouse: Option<String>,
@@ -18,7 +18,7 @@ pub struct NewEvent {
 }
 
 /// Writes events to the outbox; they get their public ids from [`relay`] after the commit.
-pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+pub(crate) async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO events (type, sku, warehouse, reservation_id, data)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])",
@@ -34,7 +34,7 @@ pub async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), 
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Event {
+pub(crate) struct Event {
     pub id: i64,
     pub at: DateTime<Utc>,
     #[serde(rename = "type")]
@@ -57,7 +57,7 @@ pub struct Event {
 /// a larger id at a later run, so a reader paging with `after` never misses one, and no running
 /// transaction — however long — holds the feed back. (Events of one entity stay in order: the
 /// change that follows another waits for its commit.)
-pub async fn relay(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub(crate) async fn relay(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
@@ -81,7 +81,7 @@ pub async fn relay(pool: &PgPool) -> Result<u64, sqlx::Error> {
 }
 
 /// Relayed events after `after`, oldest first, optionally of some types only.
-pub async fn page(
+pub(crate) async fn page(
     conn: &mut PgConnection,
     after: i64,
     limit: i64,
@@ -100,7 +100,7 @@ pub async fn page(
 }
 
 /// The highest relayed id (0 when none).
-pub async fn last_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+pub(crate) async fn last_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(conn).await
 }
 
@@ -108,7 +108,7 @@ pub async fn last_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
 /// than `max_scan` events: returns them and the cursor to continue from — the last event
 /// returned when `limit` was reached, else the last event looked at, so that a filter for a
 /// rare type moves on instead of scanning the same stretch again on every poll.
-pub async fn scan(
+pub(crate) async fn scan(
     conn: &mut PgConnection,
     after: i64,
     limit: i64,
@@ -145,7 +145,7 @@ pub async fn scan(
 
 /// Deletes relayed events older than the retention, but never the newest one: it carries the
 /// counter the next ids continue from.
-pub async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM events WHERE seq IN (
              SELECT seq FROM events

@@ -5,7 +5,7 @@ use sqlx::{PgConnection, PgPool};
 
 /// An answer stored under a key, with the request it answered.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Stored {
+pub(crate) struct Stored {
     pub key: String,
     pub method: String,
     pub path: String,
@@ -24,7 +24,7 @@ pub struct Stored {
 /// request that committed in between, miss that request's stored answer, run it again, and fail
 /// on the key's unique index. A lock is released only after its holder's commit is visible, so
 /// a snapshot taken after the lock is held sees every stored answer.
-pub async fn claim(conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<(bool, Option<Stored>)>, sqlx::Error> {
+pub(crate) async fn claim(conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<(bool, Option<Stored>)>, sqlx::Error> {
     let locked: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_try_advisory_xact_lock(hashtextextended(u.key, 7041))
            FROM unnest($1::text[]) WITH ORDINALITY AS u(key, n)
@@ -49,7 +49,7 @@ pub async fn claim(conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<(bool, 
 }
 
 /// Stores answers.
-pub async fn insert(conn: &mut PgConnection, rows: &[Stored]) -> Result<(), sqlx::Error> {
+pub(crate) async fn insert(conn: &mut PgConnection, rows: &[Stored]) -> Result<(), sqlx::Error> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -69,7 +69,7 @@ pub async fn insert(conn: &mut PgConnection, rows: &[Stored]) -> Result<(), sqlx
 }
 
 /// Deletes keys older than the retention, a bounded batch at a time; returns how many.
-pub async fn purge(db: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn purge(db: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM idempotency_keys WHERE key IN (
              SELECT key FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)

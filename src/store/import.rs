@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Lifts the statement timeout for this transaction (a million rows take longer than a request
 /// may; row locks still time out) and creates the staging table, dropped at commit.
-pub async fn prepare(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn prepare(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
     sqlx::query(
         "CREATE TEMP TABLE import_rows (line bigint, sku text, warehouse text, on_hand bigint,
@@ -25,7 +25,7 @@ pub async fn prepare(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 /// `COPY`s CSV rows (`line,sku,warehouse,on_hand,reorder_point,reorder_quantity`) from `input`
 /// into the staging table, `chunk` bytes at a time. The inner error: `input` could not be read
 /// (the copy was aborted).
-pub async fn copy_rows<R: AsyncRead + Unpin>(
+pub(crate) async fn copy_rows<R: AsyncRead + Unpin>(
     conn: &mut PgConnection,
     input: &mut R,
     chunk: usize,
@@ -54,7 +54,7 @@ pub async fn copy_rows<R: AsyncRead + Unpin>(
 }
 
 /// Rows naming a level another row names too: `(line, message)`, at most 100.
-pub async fn repeated_rows(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
+pub(crate) async fn repeated_rows(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT line, format('%s/%s appears more than once', sku, warehouse) FROM (
              SELECT line, sku, warehouse, count(*) OVER (PARTITION BY sku, warehouse) AS n FROM import_rows) d
@@ -65,7 +65,7 @@ pub async fn repeated_rows(conn: &mut PgConnection) -> Result<Vec<(i64, String)>
 }
 
 /// Rows naming an unknown SKU or warehouse: `(line, message)`, at most 100.
-pub async fn rows_of_unknowns(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
+pub(crate) async fn rows_of_unknowns(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT line, format('unknown sku %s (import with create_missing to create it)', sku) FROM import_rows r
           WHERE NOT EXISTS (SELECT 1 FROM skus s WHERE s.sku = r.sku)
@@ -79,7 +79,7 @@ pub async fn rows_of_unknowns(conn: &mut PgConnection) -> Result<Vec<(i64, Strin
 }
 
 /// Creates the SKUs and warehouses the rows name that do not exist (named after their code).
-pub async fn create_missing(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn create_missing(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO skus (sku) SELECT DISTINCT sku FROM import_rows ORDER BY sku ON CONFLICT DO NOTHING")
         .execute(&mut *conn)
         .await?;
@@ -97,7 +97,7 @@ pub async fn create_missing(conn: &mut PgConnection) -> Result<(), sqlx::Error> 
 /// reports: RETURNING yields exactly the rows it inserted, never one that already existed or
 /// that a concurrent transaction inserted first (transaction ids are not compared: they wrap
 /// around).
-pub async fn lock_and_create_levels(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+pub(crate) async fn lock_and_create_levels(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query(
         "SELECT count(*) FROM (
              SELECT 1 FROM skus WHERE sku IN (SELECT sku FROM import_rows) ORDER BY sku FOR SHARE) locked",
@@ -134,7 +134,7 @@ pub async fn lock_and_create_levels(conn: &mut PgConnection) -> Result<(), sqlx:
 }
 
 /// Rows whose `on_hand` would break a level's floor: `(line, message)`, at most 100.
-pub async fn rows_below_floor(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
+pub(crate) async fn rows_below_floor(conn: &mut PgConnection) -> Result<Vec<(i64, String)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT r.line, format('on_hand %s is below what is held (%s) beyond the backorder limit %s',
                                r.on_hand, l.reserved, l.backorder_limit)
@@ -152,7 +152,7 @@ pub async fn rows_below_floor(conn: &mut PgConnection) -> Result<Vec<(i64, Strin
 ///
 /// The crossing rules are `domain::EventKind::crossings`, stated again in SQL so that a
 /// million levels are merged in one statement; a test holds the two together.
-pub async fn write(conn: &mut PgConnection, reference: &str) -> Result<(i64, i64), sqlx::Error> {
+pub(crate) async fn write(conn: &mut PgConnection, reference: &str) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
         "WITH old AS (
              SELECT l.sku, l.warehouse, l.reserved, r.on_hand, c.sku IS NOT NULL AS created,

@@ -67,7 +67,7 @@ pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, sqlx:
 
 /// [`violations`] over the whole database in one read-only REPEATABLE READ snapshot, without a
 /// statement timeout (at 5M levels the check takes longer than a request may).
-pub async fn whole_database(db: &PgPool) -> Result<Vec<Violation>, sqlx::Error> {
+pub(crate) async fn whole_database(db: &PgPool) -> Result<Vec<Violation>, sqlx::Error> {
     let mut tx = db.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;

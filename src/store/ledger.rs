@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub id: Uuid,
     pub at: DateTime<Utc>,
     pub sku: String,
@@ -21,7 +21,7 @@ pub struct Entry {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct EntryPage {
+pub(crate) struct EntryPage {
     pub sku: Option<String>,
     pub warehouse: Option<String>,
     pub reference: Option<String>,
@@ -36,7 +36,7 @@ pub struct EntryPage {
 /// later has a `txid` at or above it, so it comes after any cursor already handed out and a
 /// reader paging with `after` never misses it (see migration 0006). The horizon is taken in a
 /// statement before the page's. One statement per filter shape, so each can use its index.
-pub async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, sqlx::Error> {
+pub(crate) async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, sqlx::Error> {
     let (horizon, known): (i64, bool) = sqlx::query_as(
         "SELECT writer_horizon()::text::int8, $1::uuid IS NULL OR EXISTS (SELECT 1 FROM ledger WHERE id = $1)",
     )

@@ -9,7 +9,7 @@ use crate::domain::EntryKind;
 
 /// A level as a transaction locks (or reads) it, with its warehouse's allocation settings.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct LevelRow {
+pub(crate) struct LevelRow {
     pub sku: String,
     pub warehouse: String,
     pub on_hand: i64,
@@ -21,14 +21,14 @@ pub struct LevelRow {
 }
 
 impl LevelRow {
-    pub fn available(&self) -> i64 {
+    pub(crate) fn available(&self) -> i64 {
         self.on_hand - self.reserved
     }
 }
 
 /// Locks every level of the given SKUs in active warehouses (the only ones that take new
 /// reservations).
-pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
+pub(crate) async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
     let mut skus = skus.to_vec();
     skus.sort_unstable();
     skus.dedup();
@@ -45,7 +45,7 @@ pub async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<Lev
 }
 
 /// Locks exactly the given levels.
-pub async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Vec<LevelRow>, sqlx::Error> {
+pub(crate) async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Vec<LevelRow>, sqlx::Error> {
     let mut keys = keys.to_vec();
     keys.sort_unstable();
     keys.dedup();
@@ -67,7 +67,7 @@ pub async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Vec<
 
 /// Reads the levels of the given SKUs in active warehouses without locking them (for plans,
 /// which change nothing).
-pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
+pub(crate) async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<LevelRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
            FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse AND w.active
@@ -80,7 +80,7 @@ pub async fn read_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<Vec<Lev
 
 /// The change of one locked level.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LevelChange<'a> {
+pub(crate) struct LevelChange<'a> {
     pub sku: &'a str,
     pub warehouse: &'a str,
     pub on_hand_delta: i64,
@@ -89,7 +89,7 @@ pub struct LevelChange<'a> {
 
 /// A ledger entry to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEntry {
+pub(crate) struct NewEntry {
     pub id: Uuid,
     pub sku: String,
     pub warehouse: String,
@@ -104,7 +104,7 @@ pub struct NewEntry {
 
 /// Applies every change and writes every ledger entry in one statement; returns each changed
 /// level's `(sku, warehouse, on_hand, reserved)` as the database has it now.
-pub async fn write(
+pub(crate) async fn write(
     conn: &mut PgConnection,
     changes: &[LevelChange<'_>],
     entries: &[NewEntry],

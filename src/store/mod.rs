@@ -17,13 +17,13 @@
 //!    rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
 //!    advisory lock and touches only committed events.
 
-pub mod catalogue;
+pub(crate) mod catalogue;
 pub mod db;
-pub mod events;
-pub mod idempotency;
+pub(crate) mod events;
+pub(crate) mod idempotency;
 pub mod import;
 pub mod invariants;
-pub mod ledger;
-pub mod levels;
+pub(crate) mod ledger;
+pub(crate) mod levels;
 pub mod reservations;
-pub mod stock;
+pub(crate) mod stock;

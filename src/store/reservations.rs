@@ -42,7 +42,7 @@ pub struct AllocationView {
 
 /// A reservation row.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Header {
+pub(crate) struct Header {
     pub id: Uuid,
     pub order_id: String,
     pub status: String,
@@ -55,14 +55,14 @@ pub struct Header {
 
 impl Header {
     /// The stored status; `None` for a value the service never writes.
-    pub fn status(&self) -> Option<Status> {
+    pub(crate) fn status(&self) -> Option<Status> {
         Status::parse(&self.status)
     }
 }
 
 /// An allocation row.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct Allocation {
+pub(crate) struct Allocation {
     pub reservation_id: Uuid,
     pub sku: String,
     pub warehouse: String,
@@ -74,13 +74,13 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    pub fn held(&self) -> i64 {
+    pub(crate) fn held(&self) -> i64 {
         self.quantity - self.fulfilled - self.released
     }
 }
 
 /// Builds the client view from a header and its allocations (in any order).
-pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation {
+pub(crate) fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation {
     allocations.sort_by_key(|a| (a.line_no, a.seq));
     let mut lines: Vec<ReservationLine> = Vec::new();
     for a in allocations {
@@ -112,7 +112,7 @@ pub fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Reservation
 
 /// Inserts many reservation rows at once, in `order_id` order (so concurrent batches meet on
 /// the unique index in the same order); returns the rows inserted, not the duplicates.
-pub async fn insert_many(
+pub(crate) async fn insert_many(
     conn: &mut PgConnection,
     ids: &[Uuid],
     order_ids: &[&str],
@@ -136,7 +136,10 @@ pub async fn insert_many(
 }
 
 /// The reservation ids of existing orders.
-pub async fn ids_of_orders(conn: &mut PgConnection, order_ids: &[&str]) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
+pub(crate) async fn ids_of_orders(
+    conn: &mut PgConnection,
+    order_ids: &[&str],
+) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
     sqlx::query_as("SELECT order_id, id FROM reservations WHERE order_id = ANY($1)")
         .bind(order_ids)
         .fetch_all(conn)
@@ -144,17 +147,17 @@ pub async fn ids_of_orders(conn: &mut PgConnection, order_ids: &[&str]) -> Resul
 }
 
 /// Deletes reservation rows this transaction inserted for orders it then refused.
-pub async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+pub(crate) async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM reservations WHERE id = ANY($1)").bind(ids).execute(conn).await?;
     Ok(())
 }
 
-pub async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, sqlx::Error> {
+pub(crate) async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1").bind(order_id).fetch_optional(conn).await
 }
 
 /// Locks one reservation row.
-pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, sqlx::Error> {
+pub(crate) async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1 FOR UPDATE",
@@ -167,7 +170,7 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, s
 /// What the expiry sweep leaves out this time: reservations whose expiry failed, and
 /// reservations that hold units of a level found stuck (locked by someone else for long).
 #[derive(Debug, Clone, Default)]
-pub struct SweepSkips {
+pub(crate) struct SweepSkips {
     pub ids: Vec<Uuid>,
     pub levels: Vec<(String, String)>,
     /// Only this reservation (the one-at-a-time fallback).
@@ -192,7 +195,11 @@ macro_rules! overdue_and_not_skipped {
 /// Locks up to `limit` active reservations whose deadline has passed (database clock), oldest
 /// deadline first, skipping rows other transactions hold (a fulfil in progress, another
 /// instance's sweep) and whatever `skips` names.
-pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Header>, sqlx::Error> {
+pub(crate) async fn lock_overdue(
+    conn: &mut PgConnection,
+    limit: i64,
+    skips: &SweepSkips,
+) -> Result<Vec<Header>, sqlx::Error> {
     let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
     sqlx::query_as(concat!(
         "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
@@ -213,7 +220,11 @@ pub async fn lock_overdue(conn: &mut PgConnection, limit: i64, skips: &SweepSkip
 }
 
 /// Ids of overdue active reservations (unlocked, a hint for the one-at-a-time fallback).
-pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips) -> Result<Vec<Uuid>, sqlx::Error> {
+pub(crate) async fn overdue_ids(
+    conn: &mut PgConnection,
+    limit: i64,
+    skips: &SweepSkips,
+) -> Result<Vec<Uuid>, sqlx::Error> {
     let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
     sqlx::query_scalar(concat!(
         "SELECT r.id FROM reservations r",
@@ -229,7 +240,7 @@ pub async fn overdue_ids(conn: &mut PgConnection, limit: i64, skips: &SweepSkips
 }
 
 /// The levels a reservation still holds units of.
-pub async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(String, String)>, sqlx::Error> {
+pub(crate) async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(String, String)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT sku, warehouse FROM reservation_allocations
           WHERE reservation_id = $1 AND quantity > fulfilled + released
@@ -240,7 +251,7 @@ pub async fn held_levels(conn: &mut PgConnection, id: Uuid) -> Result<Vec<(Strin
     .await
 }
 
-pub async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Allocation>, sqlx::Error> {
+pub(crate) async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Allocation>, sqlx::Error> {
     sqlx::query_as(
         "SELECT reservation_id, sku, warehouse, line_no, seq, quantity, fulfilled, released
            FROM reservation_allocations WHERE reservation_id = ANY($1)
@@ -251,7 +262,7 @@ pub async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Al
     .await
 }
 
-pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), sqlx::Error> {
+pub(crate) async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::int8[])",
@@ -268,7 +279,7 @@ pub async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) ->
 }
 
 /// Writes back the fulfilled/released counters of the given allocations.
-pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), sqlx::Error> {
+pub(crate) async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE reservation_allocations a SET fulfilled = d.fulfilled, released = d.released
            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])
@@ -285,7 +296,11 @@ pub async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -
     Ok(())
 }
 
-pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[Status]) -> Result<(), sqlx::Error> {
+pub(crate) async fn set_statuses(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    statuses: &[Status],
+) -> Result<(), sqlx::Error> {
     let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
     sqlx::query(
         "UPDATE reservations r SET status = d.status, updated_at = now()
@@ -300,7 +315,7 @@ pub async fn set_statuses(conn: &mut PgConnection, ids: &[Uuid], statuses: &[Sta
 }
 
 /// Moves the deadline to `now + ttl` by the database's clock; returns the new deadline.
-pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+pub(crate) async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<DateTime<Utc>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE reservations SET expires_at = now() + make_interval(secs => $2), updated_at = now()
           WHERE id = $1 RETURNING expires_at",
@@ -312,7 +327,7 @@ pub async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Resu
 }
 
 /// Reads one reservation with its allocations.
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, sqlx::Error> {
+pub(crate) async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, sqlx::Error> {
     let header: Option<Header> = sqlx::query_as(
         "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1",
@@ -327,7 +342,7 @@ pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation
 
 /// How far behind the expiry sweep is: seconds since the oldest deadline still unhandled (0
 /// when none).
-pub async fn expiry_lag(db: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
+pub(crate) async fn expiry_lag(db: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT coalesce(extract(epoch FROM now() - min(expires_at))::float8, 0)
            FROM reservations WHERE status = 'active' AND expires_at <= now()",

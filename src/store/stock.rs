@@ -8,7 +8,7 @@ use crate::domain::{Sku, WarehouseCode};
 
 /// A stock level as clients see it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Level {
+pub(crate) struct Level {
     pub sku: String,
     pub warehouse: String,
     pub on_hand: i64,
@@ -16,8 +16,6 @@ pub struct Level {
     pub available: i64,
     pub reorder_point: i64,
     pub reorder_quantity: i64,
-    #[serde(skip)]
-    pub backorder_limit: i64,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -25,14 +23,18 @@ pub struct Level {
 macro_rules! level_columns {
     () => {
         "sku, warehouse, on_hand, reserved, on_hand - reserved AS available, \
-         reorder_point, reorder_quantity, backorder_limit, updated_at"
+         reorder_point, reorder_quantity, updated_at"
     };
 }
 
 /// Creates the (empty) stock level unless it exists, copying the SKU's backorder limit. The SKU
 /// row is share-locked meanwhile, so a concurrent change of the limit either sees the new level
 /// or is seen by it (locks: SKU row, then level).
-pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &WarehouseCode) -> Result<(), sqlx::Error> {
+pub(crate) async fn ensure_level(
+    conn: &mut PgConnection,
+    sku: &Sku,
+    warehouse: &WarehouseCode,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO stock_levels (sku, warehouse, backorder_limit)
          SELECT sku, $2, backorder_limit FROM skus WHERE sku = $1 FOR SHARE
@@ -46,7 +48,11 @@ pub async fn ensure_level(conn: &mut PgConnection, sku: &Sku, warehouse: &Wareho
 }
 
 /// One level as it is now.
-pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> Result<Option<Level>, sqlx::Error> {
+pub(crate) async fn read_level(
+    conn: &mut PgConnection,
+    sku: &str,
+    warehouse: &str,
+) -> Result<Option<Level>, sqlx::Error> {
     sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 AND warehouse = $2"))
         .bind(sku)
         .bind(warehouse)
@@ -56,7 +62,7 @@ pub async fn read_level(conn: &mut PgConnection, sku: &str, warehouse: &str) -> 
 
 /// What a `PUT /v1/stock/{sku}/{warehouse}` sets; `None` keeps the current value.
 #[derive(Debug, Clone)]
-pub struct Replenishment {
+pub(crate) struct Replenishment {
     pub sku: Sku,
     pub warehouse: WarehouseCode,
     pub reorder_point: Option<i64>,
@@ -65,7 +71,10 @@ pub struct Replenishment {
 
 /// Sets the replenishment settings of a level, creating the level when needed. The flag tells
 /// whether the level was created.
-pub async fn set_replenishment(conn: &mut PgConnection, r: &Replenishment) -> Result<(Level, bool), sqlx::Error> {
+pub(crate) async fn set_replenishment(
+    conn: &mut PgConnection,
+    r: &Replenishment,
+) -> Result<(Level, bool), sqlx::Error> {
     let row: LevelWithFlag = sqlx::query_as(concat!(
         "INSERT INTO stock_levels AS s (sku, warehouse, backorder_limit, reorder_point, reorder_quantity)
          SELECT sku, $2, backorder_limit, COALESCE($3, 0), COALESCE($4, 0) FROM skus WHERE sku = $1 FOR SHARE
@@ -94,7 +103,7 @@ struct LevelWithFlag {
 }
 
 /// Every level of one SKU, by warehouse.
-pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, sqlx::Error> {
+pub(crate) async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Level>, sqlx::Error> {
     sqlx::query_as(concat!("SELECT ", level_columns!(), " FROM stock_levels WHERE sku = $1 ORDER BY warehouse"))
         .bind(sku)
         .fetch_all(conn)
@@ -103,7 +112,7 @@ pub async fn levels_of_sku(conn: &mut PgConnection, sku: &str) -> Result<Vec<Lev
 
 /// One SKU's availability per active warehouse.
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct AvailableRow {
+pub(crate) struct AvailableRow {
     pub sku: String,
     pub warehouse: String,
     pub available: i64,
@@ -111,7 +120,7 @@ pub struct AvailableRow {
 
 /// Availability of many SKUs in active warehouses: the product-page read path. One statement,
 /// an index range scan per SKU on the primary key.
-pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, sqlx::Error> {
+pub(crate) async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
            FROM stock_levels l
@@ -126,7 +135,7 @@ pub async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Ve
 
 /// A filter and position for paging through stock levels in (sku, warehouse) order.
 #[derive(Debug, Clone, Default)]
-pub struct LevelFilter {
+pub(crate) struct LevelFilter {
     pub warehouse: Option<String>,
     pub below_reorder_point: bool,
     pub after: Option<(String, String)>,
@@ -134,7 +143,10 @@ pub struct LevelFilter {
 }
 
 /// One page of levels; fetches one row more than asked to know whether another page exists.
-pub async fn page_levels(conn: &mut PgConnection, page: &LevelFilter) -> Result<(Vec<Level>, bool), sqlx::Error> {
+pub(crate) async fn page_levels(
+    conn: &mut PgConnection,
+    page: &LevelFilter,
+) -> Result<(Vec<Level>, bool), sqlx::Error> {
     let (after_sku, after_wh) = page.after.clone().unwrap_or_default();
     let mut rows: Vec<Level> = sqlx::query_as(concat!(
         "SELECT ",
