@@ -194,6 +194,15 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReservationId(pub uuid::Uuid);
 
+/// The `{id}` of a reservation's path, as the document describes it.
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(crate) struct ReservationParam {
+    /// reservation id (UUID)
+    #[expect(dead_code, reason = "described, read by ReservationId")]
+    id: String,
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
     type Rejection = ApiError;
 

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::answer::{render, respond};
 use super::error::{ApiError, ErrorCode};
-use super::extract::{Body, IdempotencyKey, OptionalBody, Query, ReservationId};
+use super::extract::{Body, IdempotencyKey, OptionalBody, Query, ReservationId, ReservationParam};
 use super::openapi::{BodyErrors, Problem, QueryErrors, ReservationList, UnknownReservation};
 use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
@@ -132,7 +132,7 @@ pub(crate) async fn plan(
 }
 
 #[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)")),
+    params(ReservationParam),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
 pub(crate) async fn get(State(state): State<AppState>, ReservationId(id): ReservationId) -> Result<Response, ApiError> {
@@ -212,35 +212,39 @@ async fn settle(
     respond(state.engine.settle(id, kind, parts, key.as_ref()).await, StatusCode::OK)
 }
 
-#[utoipa::path(post, path = "/v1/reservations/{id}/fulfil", tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey),
-    request_body = Option<SettleBody>,
-    responses((status = 200, description = "after deducting", body = Reservation),
-        (status = 409, description = "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active", body = Problem, content_type = "application/problem+json"),
-        BodyErrors, UnknownReservation))]
-pub(crate) async fn fulfil(
-    State(state): State<AppState>,
-    key: IdempotencyKey,
-    ReservationId(id): ReservationId,
-    body: OptionalBody<SettleBody>,
-) -> Result<Response, ApiError> {
-    settle(state, key, id, body, Settle::Fulfil).await
+/// Fulfil and release are mirror images: one handler each, made by one definition.
+macro_rules! settle_handler {
+    ($name:ident, $kind:expr, $path:literal, $done:literal, $conflicts:literal) => {
+        #[utoipa::path(post, path = $path, tag = "reservations", params(ReservationParam, IdempotencyKey),
+            request_body = Option<SettleBody>,
+            responses((status = 200, description = $done, body = Reservation),
+                (status = 409, description = $conflicts, body = Problem, content_type = "application/problem+json"),
+                BodyErrors, UnknownReservation))]
+        pub(crate) async fn $name(
+            State(state): State<AppState>,
+            key: IdempotencyKey,
+            ReservationId(id): ReservationId,
+            body: OptionalBody<SettleBody>,
+        ) -> Result<Response, ApiError> {
+            settle(state, key, id, body, $kind).await
+        }
+    };
 }
 
-#[utoipa::path(post, path = "/v1/reservations/{id}/release", tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey),
-    request_body = Option<SettleBody>,
-    responses((status = 200, description = "after giving units back", body = Reservation),
-        (status = 409, description = "over_release or reservation_not_active", body = Problem, content_type = "application/problem+json"),
-        BodyErrors, UnknownReservation))]
-pub(crate) async fn release(
-    State(state): State<AppState>,
-    key: IdempotencyKey,
-    ReservationId(id): ReservationId,
-    body: OptionalBody<SettleBody>,
-) -> Result<Response, ApiError> {
-    settle(state, key, id, body, Settle::Release).await
-}
+settle_handler!(
+    fulfil,
+    Settle::Fulfil,
+    "/v1/reservations/{id}/fulfil",
+    "after deducting",
+    "over_fulfilment, insufficient_stock (backordered hold) or reservation_not_active"
+);
+settle_handler!(
+    release,
+    Settle::Release,
+    "/v1/reservations/{id}/release",
+    "after giving units back",
+    "over_release or reservation_not_active"
+);
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ExtendBody {
@@ -248,7 +252,7 @@ pub(crate) struct ExtendBody {
 }
 
 #[utoipa::path(post, path = "/v1/reservations/{id}/extend", tag = "reservations",
-    params(("id" = String, Path, description = "reservation id (UUID)"), IdempotencyKey), request_body = ExtendBody,
+    params(ReservationParam, IdempotencyKey), request_body = ExtendBody,
     responses((status = 200, description = "with the new expires_at", body = Reservation),
         (status = 409, description = "reservation_not_active", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownReservation))]

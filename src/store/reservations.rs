@@ -177,18 +177,30 @@ pub(crate) struct SweepSkips {
     pub only: Option<Uuid>,
 }
 
-/// The sweep's condition on `reservations r`: active and overdue, not one of the ids in `$2`,
-/// holding nothing of the levels `($3[i], $4[i])`.
-macro_rules! overdue_and_not_skipped {
+impl SweepSkips {
+    /// The skipped levels as two columns, SKUs and warehouses, for `unnest`.
+    fn level_columns(&self) -> (Vec<&str>, Vec<&str>) {
+        self.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip()
+    }
+}
+
+/// Active reservations past their deadline (database clock), oldest deadline first, at most
+/// `$1`: not one of the ids in `$2`, holding nothing of the levels `($3[i], $4[i])`, and only
+/// `$5` when it is given. A statement may add a locking clause.
+macro_rules! overdue_sql {
     () => {
-        "
+        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
+           FROM reservations r
           WHERE r.status = 'active' AND r.expires_at <= now()
             AND r.id <> ALL($2::uuid[])
             AND NOT EXISTS (
                 SELECT 1 FROM reservation_allocations a
                   JOIN unnest($3::text[], $4::text[]) AS s(sku, warehouse)
                     ON s.sku = a.sku AND s.warehouse = a.warehouse
-                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)"
+                 WHERE a.reservation_id = r.id AND a.quantity > a.fulfilled + a.released)
+            AND ($5::uuid IS NULL OR r.id = $5)
+          ORDER BY r.expires_at, r.id
+          LIMIT $1"
     };
 }
 
@@ -200,23 +212,7 @@ pub(crate) async fn lock_overdue(
     limit: i64,
     skips: &SweepSkips,
 ) -> Result<Vec<Header>, sqlx::Error> {
-    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    sqlx::query_as(concat!(
-        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
-               FROM reservations r",
-        overdue_and_not_skipped!(),
-        " AND ($5::uuid IS NULL OR r.id = $5)
-              ORDER BY r.expires_at, r.id
-              LIMIT $1
-                FOR UPDATE OF r SKIP LOCKED"
-    ))
-    .bind(limit)
-    .bind(&skips.ids)
-    .bind(&skus)
-    .bind(&warehouses)
-    .bind(skips.only)
-    .fetch_all(conn)
-    .await
+    overdue(conn, limit, skips, concat!(overdue_sql!(), " FOR UPDATE OF r SKIP LOCKED")).await
 }
 
 /// Ids of overdue active reservations (unlocked, a hint for the one-at-a-time fallback).
@@ -225,18 +221,25 @@ pub(crate) async fn overdue_ids(
     limit: i64,
     skips: &SweepSkips,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    let (skus, warehouses): (Vec<&str>, Vec<&str>) = skips.levels.iter().map(|(s, w)| (s.as_str(), w.as_str())).unzip();
-    sqlx::query_scalar(concat!(
-        "SELECT r.id FROM reservations r",
-        overdue_and_not_skipped!(),
-        " ORDER BY r.expires_at, r.id LIMIT $1"
-    ))
-    .bind(limit)
-    .bind(&skips.ids)
-    .bind(&skus)
-    .bind(&warehouses)
-    .fetch_all(conn)
-    .await
+    Ok(overdue(conn, limit, skips, overdue_sql!()).await?.into_iter().map(|h| h.id).collect())
+}
+
+/// Runs an `overdue_sql!` statement.
+async fn overdue(
+    conn: &mut PgConnection,
+    limit: i64,
+    skips: &SweepSkips,
+    sql: &'static str,
+) -> Result<Vec<Header>, sqlx::Error> {
+    let (skus, warehouses) = skips.level_columns();
+    sqlx::query_as(sql)
+        .bind(limit)
+        .bind(&skips.ids)
+        .bind(&skus)
+        .bind(&warehouses)
+        .bind(skips.only)
+        .fetch_all(conn)
+        .await
 }
 
 /// The levels a reservation still holds units of.
