@@ -20,11 +20,12 @@ use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
 
 type Key = (String, String);
 
-/// Why a change was refused; nothing was changed.
+/// Why the book did not make a change; nothing was changed. (The operation decides whether
+/// that refuses the request or is a bug.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Refused {
+pub(crate) enum CannotApply {
     /// The level was not locked by this book (or does not exist).
-    Unknown,
+    NotLocked,
     /// The change would break invariant 1 or 2; carries the level's `on_hand` and `available`.
     Floor { on_hand: i64, available: i64 },
 }
@@ -102,12 +103,12 @@ impl Book {
         warehouse: &str,
         on_hand_delta: i64,
         reserved_delta: i64,
-    ) -> Result<(), Refused> {
-        let level = self.get(sku, warehouse).ok_or(Refused::Unknown)?;
+    ) -> Result<(), CannotApply> {
+        let level = self.get(sku, warehouse).ok_or(CannotApply::NotLocked)?;
         let on_hand = level.on_hand + on_hand_delta;
         let reserved = level.reserved + reserved_delta;
         if on_hand < 0 || reserved < 0 || on_hand - reserved < -level.backorder_limit {
-            return Err(Refused::Floor { on_hand: level.on_hand, available: level.available() });
+            return Err(CannotApply::Floor { on_hand: level.on_hand, available: level.available() });
         }
         Ok(())
     }
@@ -127,9 +128,9 @@ impl Book {
         on_hand_delta: i64,
         reserved_delta: i64,
         reference: Option<&str>,
-    ) -> Result<&mut NewEntry, Refused> {
+    ) -> Result<&mut NewEntry, CannotApply> {
         self.allows(sku, warehouse, on_hand_delta, reserved_delta)?;
-        let level = self.levels.get_mut(&(sku.to_owned(), warehouse.to_owned())).ok_or(Refused::Unknown)?;
+        let level = self.levels.get_mut(&(sku.to_owned(), warehouse.to_owned())).ok_or(CannotApply::NotLocked)?;
         level.on_hand += on_hand_delta;
         level.reserved += reserved_delta;
         self.entries.push(NewEntry {
@@ -231,12 +232,15 @@ mod tests {
     #[test]
     fn refuses_changes_below_the_floors_and_changes_nothing() {
         let mut b = book(3, 1, 2);
-        assert_eq!(b.apply("A", "W", EntryKind::Reserve, 0, 5, None), Err(Refused::Floor { on_hand: 3, available: 2 }));
+        assert_eq!(
+            b.apply("A", "W", EntryKind::Reserve, 0, 5, None),
+            Err(CannotApply::Floor { on_hand: 3, available: 2 })
+        );
         assert_eq!(
             b.apply("A", "W", EntryKind::Fulfil, -4, -1, None),
-            Err(Refused::Floor { on_hand: 3, available: 2 })
+            Err(CannotApply::Floor { on_hand: 3, available: 2 })
         );
-        assert_eq!(b.apply("A", "X", EntryKind::Reserve, 0, 1, None), Err(Refused::Unknown));
+        assert_eq!(b.apply("A", "X", EntryKind::Reserve, 0, 1, None), Err(CannotApply::NotLocked));
         assert_eq!(b.get("A", "W").unwrap().reserved, 1);
         assert!(b.entries.is_empty());
     }

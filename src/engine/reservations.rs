@@ -8,7 +8,7 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::book::{Book, Refused};
+use super::book::{Book, CannotApply};
 use super::error::{Error, Refusal, Result};
 use crate::domain::allocation::{self, Line, Placement, Strategy};
 use crate::domain::{EntryKind, EventKind, Settle, Shortage, Status};
@@ -328,10 +328,10 @@ pub(crate) async fn settle(
         match book.apply(sku, warehouse, entry, on_hand_delta, -quantity, Some(&reference)) {
             Ok(_) => {}
             // A backordered hold: the warehouse lacks the physical units to ship.
-            Err(Refused::Floor { on_hand, .. }) => {
+            Err(CannotApply::Floor { on_hand, .. }) => {
                 shortages.push(Shortage { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })
             }
-            Err(Refused::Unknown) => return Err(Error::Bug(format!("level {sku}/{warehouse} not locked"))),
+            Err(CannotApply::NotLocked) => return Err(Error::Bug(format!("level {sku}/{warehouse} not locked"))),
         }
     }
     if !shortages.is_empty() {

@@ -1,4 +1,5 @@
-//! Connecting to PostgreSQL: the pool, migrations, and retrying transactions.
+//! Connecting to PostgreSQL: the pool, migrations, the self-started cluster, the BEGIN of a
+//! writer, and what a database error means for whoever must decide what to do next.
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! Stock levels: locking, changing (always together with the ledger entry), and reading.
+//! Stock levels as clients see them: creating them, their replenishment settings, reading and
+//! paging. (Locking and changing them: `levels.rs`.)
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
