@@ -120,7 +120,7 @@ impl Book {
 
     /// Changes a level and records its ledger entry (returned, for a reason to be added), or
     /// refuses and changes nothing.
-    pub fn apply(
+    pub(crate) fn apply(
         &mut self,
         sku: &str,
         warehouse: &str,

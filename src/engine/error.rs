@@ -1,9 +1,10 @@
 //! What the engine answers when an operation does not succeed.
 //!
-//! A [`Refusal`] is a definite answer about the request: nothing changed, and a retry with the
-//! same Idempotency-Key gets the same answer again (it is stored). Every other [`Error`] says
-//! the request could not be decided: it is never stored, so a retry runs again. What is stored,
-//! retried or run again on its own is decided on these variants alone.
+//! A [`Refusal`] is a definite answer about the request: nothing changed, and when it comes from
+//! an operation run under an Idempotency-Key, a retry with that key gets the same answer again
+//! (it is stored). Every other [`Error`] says the request could not be decided: it is never
+//! stored, so a retry runs again. What is stored, retried or run again on its own is decided on
+//! these variants alone.
 
 use uuid::Uuid;
 
@@ -79,7 +80,8 @@ pub enum Error {
     /// The database refused or failed a statement; what that means is [`Error::trouble`].
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// Nothing changed, and trying again at once would not help (conflicts kept recurring).
+    /// Nothing changed, and trying again at once would not help: conflicts kept recurring, the
+    /// database is down for a whole batch, or it is not ready (migrations pending).
     #[error("service unavailable: {0}")]
     Unavailable(String),
     /// The connection broke while the transaction was committing: the change may or may not

@@ -24,7 +24,7 @@ pub(crate) enum ApiError {
     /// Well-formed input with invalid values.
     #[error("validation failed")]
     Validation(Vec<FieldError>),
-    /// No such route, or a path that names nothing (not a reservation id at all).
+    /// No such route.
     #[error("{0}")]
     NotFound(String),
     #[error("the request body is larger than {limit} bytes")]
@@ -43,7 +43,8 @@ pub(crate) enum ApiError {
     /// The engine's definite answer.
     #[error(transparent)]
     Refused(Refusal),
-    /// The engine could not decide: the database, an unknown commit outcome, a bug.
+    /// The engine could not decide: the database, an unknown commit outcome, a bug. (A
+    /// refusal inside is answered as a refusal.)
     #[error(transparent)]
     Failed(Error),
 }
@@ -80,7 +81,18 @@ impl ApiError {
         Self::Validation(vec![FieldError::new(field, message)])
     }
 
+    /// The engine's refusal, however it was wrapped.
+    fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            Self::Refused(refusal) | Self::Failed(Error::Refused(refusal)) => Some(refusal),
+            _ => None,
+        }
+    }
+
     pub(crate) fn status(&self) -> StatusCode {
+        if let Some(refusal) = self.refusal() {
+            return refusal_status(refusal);
+        }
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -100,7 +112,10 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
+        if let Some(refusal) = self.refusal() {
+            return refusal.code();
+        }
         match self {
             Self::Malformed(_) => "malformed_request",
             Self::Validation(_) => "validation_failed",
@@ -122,10 +137,14 @@ impl ApiError {
     /// The client-facing explanation. Database and internal errors say nothing about their cause.
     fn public_detail(&self) -> String {
         const NOTHING_CHANGED: &str = "an unexpected error occurred; the request changed nothing";
-        match self {
-            Self::Validation(errors) | Self::Refused(Refusal::BadRows(errors)) => {
-                format!("{} field(s) are invalid", errors.len())
+        match (self, self.refusal()) {
+            (_, Some(Refusal::BadRows(errors))) | (Self::Validation(errors), _) => {
+                return format!("{} field(s) are invalid", errors.len());
             }
+            (_, Some(refusal)) => return refusal.to_string(),
+            _ => {}
+        }
+        match self {
             Self::Timeout(limit) => format!(
                 "the request took longer than {limit:?}; it may or may not have taken effect: \
                  retry with the same Idempotency-Key, or look the result up"
@@ -151,34 +170,34 @@ impl ApiError {
         let mut put = |key: &str, value: Value| {
             map.insert(key.to_owned(), value);
         };
-        match self {
-            Self::Validation(errors) | Self::Refused(Refusal::BadRows(errors)) => put("errors", json!(errors)),
-            Self::Refused(refusal) => match refusal {
-                Refusal::InsufficientStock { lines, .. } => put("lines", json!(lines)),
-                Refusal::DuplicateOrder { order_id, reservation_id } => {
-                    put("reservation_id", json!(reservation_id.to_string()));
-                    put("order_id", json!(order_id));
-                }
-                Refusal::NotActive { reservation_id, status } => {
-                    put("reservation_status", json!(status.as_str()));
-                    put("reservation_id", json!(reservation_id.to_string()));
-                }
-                Refusal::OverSettle { sku, warehouse, requested, held, .. } => {
-                    put("sku", json!(sku));
-                    put("warehouse", json!(warehouse));
-                    put("requested", json!(requested));
-                    put("held", json!(held));
-                }
-                Refusal::StaleQuantity { current_on_hand } => {
-                    put("current_on_hand", json!(current_on_hand));
-                    put("on_hand", json!(current_on_hand));
-                }
-                Refusal::BackorderLimitInUse { warehouse, available, .. } => {
-                    put("warehouse", json!(warehouse));
-                    put("available", json!(available));
-                }
-                _ => {}
-            },
+        if let Self::Validation(errors) = self {
+            put("errors", json!(errors));
+        }
+        match self.refusal() {
+            Some(Refusal::BadRows(errors)) => put("errors", json!(errors)),
+            Some(Refusal::InsufficientStock { lines, .. }) => put("lines", json!(lines)),
+            Some(Refusal::DuplicateOrder { order_id, reservation_id }) => {
+                put("reservation_id", json!(reservation_id.to_string()));
+                put("order_id", json!(order_id));
+            }
+            Some(Refusal::NotActive { reservation_id, status }) => {
+                put("reservation_status", json!(status.as_str()));
+                put("reservation_id", json!(reservation_id.to_string()));
+            }
+            Some(Refusal::OverSettle { sku, warehouse, requested, held, .. }) => {
+                put("sku", json!(sku));
+                put("warehouse", json!(warehouse));
+                put("requested", json!(requested));
+                put("held", json!(held));
+            }
+            Some(Refusal::StaleQuantity { current_on_hand }) => {
+                put("current_on_hand", json!(current_on_hand));
+                put("on_hand", json!(current_on_hand));
+            }
+            Some(Refusal::BackorderLimitInUse { warehouse, available, .. }) => {
+                put("warehouse", json!(warehouse));
+                put("available", json!(available));
+            }
             _ => {}
         }
         map

@@ -190,9 +190,17 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
     }
 }
 
-/// A reservation id from the path. Anything but a UUID names no reservation: 404.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ReservationId(pub uuid::Uuid);
+/// A reservation id from the path, as sent. [`ReservationId::get`] parses it: anything but a
+/// UUID names no reservation (404). The handler asks only after its body was read, so a bad body
+/// is answered as such, and no answer leaves a body unread.
+#[derive(Debug, Clone)]
+pub(crate) struct ReservationId(String);
+
+impl ReservationId {
+    pub(crate) fn get(&self) -> Result<uuid::Uuid, ApiError> {
+        uuid::Uuid::parse_str(&self.0).map_err(|_| Refusal::UnknownReservation(self.0.clone()).into())
+    }
+}
 
 /// The `{id}` of a reservation's path, as the document describes it.
 #[derive(Debug, utoipa::IntoParams)]
@@ -208,6 +216,6 @@ impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
-        uuid::Uuid::parse_str(&raw).map(ReservationId).map_err(|_| Refusal::UnknownReservation(raw).into())
+        Ok(ReservationId(raw))
     }
 }

@@ -135,7 +135,8 @@ pub(crate) async fn plan(
     params(ReservationParam),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
-pub(crate) async fn get(State(state): State<AppState>, ReservationId(id): ReservationId) -> Result<Response, ApiError> {
+pub(crate) async fn get(State(state): State<AppState>, id: ReservationId) -> Result<Response, ApiError> {
+    let id = id.get()?;
     let mut conn = state.db.acquire().await?;
     let reservation = store::get(&mut conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     Ok(axum::Json(reservation).into_response())
@@ -223,10 +224,10 @@ macro_rules! settle_handler {
         pub(crate) async fn $name(
             State(state): State<AppState>,
             key: IdempotencyKey,
-            ReservationId(id): ReservationId,
+            id: ReservationId,
             body: OptionalBody<SettleBody>,
         ) -> Result<Response, ApiError> {
-            settle(state, key, id, body, $kind).await
+            settle(state, key, id.get()?, body, $kind).await
         }
     };
 }
@@ -259,9 +260,10 @@ pub(crate) struct ExtendBody {
 pub(crate) async fn extend(
     State(state): State<AppState>,
     key: IdempotencyKey,
-    ReservationId(id): ReservationId,
+    id: ReservationId,
     body: Body<ExtendBody>,
 ) -> Result<Response, ApiError> {
+    let id = id.get()?;
     let mut v = Validator::new();
     let ttl_seconds = v.required("ttl_seconds", body.value.ttl_seconds, ttl);
     let ttl_seconds = v.finish(|| ttl_seconds)?;

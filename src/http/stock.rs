@@ -318,7 +318,7 @@ pub(crate) struct ImportQuery {
         (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
-pub async fn import(
+pub(crate) async fn import(
     State(state): State<AppState>,
     key: IdempotencyKey,
     Query(q): Query<ImportQuery>,

@@ -33,19 +33,12 @@ pub(crate) async fn claim(conn: &mut PgConnection, keys: &[&str]) -> Result<Vec<
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
-    let mut stored: Vec<Stored> =
+    let stored: Vec<Stored> =
         sqlx::query_as("SELECT key, method, path, request, status, response FROM idempotency_keys WHERE key = ANY($1)")
             .bind(keys)
             .fetch_all(&mut *conn)
             .await?;
-    Ok(keys
-        .iter()
-        .zip(locked)
-        .map(|(key, locked)| {
-            let found = stored.iter().position(|s| s.key == *key).map(|i| stored.swap_remove(i));
-            (locked, found)
-        })
-        .collect())
+    Ok(keys.iter().zip(locked).map(|(key, locked)| (locked, stored.iter().find(|s| s.key == *key).cloned())).collect())
 }
 
 /// Stores answers.

@@ -1,4 +1,4 @@
-//! Every SQL statement of the service, and every lock. Functions take a connection (usually a
+//! Every SQL statement of the service (the benchmark binary has its own), and every lock. Functions take a connection (usually a
 //! transaction the caller owns) and return `sqlx::Error`; what an error means is `db::trouble`.
 //!
 //! Lock order — every transaction takes its locks in this order, so two transactions that

@@ -157,3 +157,24 @@ async fn the_request_id_is_echoed_and_put_in_problems() {
     let problem = assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
     assert_eq!(problem["request_id"], "trace-me-42");
 }
+
+/// The body is read and judged before the path's reservation id: a broken body is answered as
+/// such (never a 404 sent while the body is still unread), and only a good body on a path that
+/// names no reservation is 404.
+#[tokio::test]
+async fn a_bad_body_is_answered_as_such_before_the_reservation_id_is_looked_at() {
+    let app = app().await;
+    for action in ["fulfil", "release", "extend"] {
+        let path = format!("/v1/reservations/not-a-uuid/{action}");
+        let res = post(&app, &path).header("content-type", "application/json").body("{\"lines\": ").send().await;
+        assert_problem(res.unwrap(), StatusCode::BAD_REQUEST, "malformed_request").await;
+        let res = post(&app, &path).header("content-type", "text/plain").body("{}").send().await;
+        assert_problem(res.unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+        let big = json!({"lines": [{"sku": "x".repeat(10_000), "warehouse": "W", "quantity": 1}], "ttl_seconds": 1});
+        let res = post(&app, &path).json(&big).send().await;
+        assert_problem(res.unwrap(), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+        let good = if action == "extend" { json!({"ttl_seconds": 60}) } else { json!({}) };
+        let res = post(&app, &path).json(&good).send().await;
+        assert_problem(res.unwrap(), StatusCode::NOT_FOUND, "not_found").await;
+    }
+}
