@@ -46,6 +46,8 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Print where the self-started PostgreSQL keeps its data (to back it up or remove it).
+    DataDir,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -171,6 +173,17 @@ pub struct ServerArgs {
     /// A file of API key entries, one `name:role:sha256hex` per line.
     #[arg(long, env = "INVENTORY_API_KEYS_FILE", global = true)]
     pub api_keys_file: Option<std::path::PathBuf>,
+
+    /// Do not apply migrations at start-up (they run as a separate `inventory migrate` job);
+    /// `/health/ready` answers 503 until they are applied.
+    #[arg(long, env = "INVENTORY_NO_MIGRATE", global = true)]
+    pub no_migrate: bool,
+
+    /// Let a service on a non-loopback address start its own development PostgreSQL when no
+    /// DATABASE_URL is given (without this it refuses: a production instance that lost its
+    /// DATABASE_URL must fail, not come up with an empty database).
+    #[arg(long, env = "INVENTORY_SELF_MANAGED_POSTGRES", global = true)]
+    pub self_managed_postgres: bool,
 
     /// Serve without API keys on a non-loopback address (never do this in production).
     #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", global = true)]

@@ -20,9 +20,9 @@ const SERVICE_USER: &str = "postgres";
 #[derive(Debug, thiserror::Error)]
 pub enum LocalPgError {
     #[error(
-        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH, via pg_config or under \
-         /usr/lib/postgresql/*/bin.\n  Install them (Debian/Ubuntu: `apt-get install postgresql`; \
-         macOS: `brew install postgresql`),\n  or point the service at a running server with \
+        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH, via pg_config, under \
+         /usr/lib/postgresql/*/bin or Homebrew's opt/postgresql@*/bin.\n  Install them (PostgreSQL 13 or \
+         newer; Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql@16`),\n  or point the service at a running server with \
          DATABASE_URL=postgres://user:pass@host/db,\n  or start one with `docker compose up -d` and use \
          DATABASE_URL=postgres://inventory:inventory@127.0.0.1:5432/inventory"
     )]
@@ -326,6 +326,24 @@ impl RunAs {
 }
 
 /// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
+/// Where the self-started cluster of `data_dir` keeps its data, for people: the data directory
+/// and, when the cluster lives elsewhere (root's data directory unreachable for `postgres`), the
+/// place its `pg` link points to. Nothing is started or created.
+pub fn describe_data_dir(data_dir: &Path) -> String {
+    let dir = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let link = dir.join("pg");
+    let mut out = format!("data directory: {}", dir.display());
+    match std::fs::read_link(&link) {
+        Ok(target) => out.push_str(&format!("\ncluster:        {} (linked from {})", target.display(), link.display())),
+        Err(_) if link.exists() => out.push_str(&format!("\ncluster:        {}", link.display())),
+        Err(_) => {
+            out.push_str("\ncluster:        none yet (created by the first `inventory serve` without DATABASE_URL)")
+        }
+    }
+    out.push_str("\nto remove it: stop the service, then delete the paths above");
+    out
+}
+
 pub fn find_bin_dir() -> Option<PathBuf> {
     let complete = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
     if let Some(initdb) = which("initdb") {
@@ -341,12 +359,15 @@ pub fn find_bin_dir() -> Option<PathBuf> {
             return Some(dir);
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+    // Debian/Ubuntu: /usr/lib/postgresql/15/bin; Homebrew's keg-only formulae (not on PATH):
+    // /opt/homebrew/opt/postgresql@15/bin (Apple silicon), /usr/local/opt/postgresql@15/bin (Intel).
+    let installs =
+        [("/usr/lib/postgresql", ""), ("/opt/homebrew/opt", "postgresql@"), ("/usr/local/opt", "postgresql@")];
+    let mut versions: Vec<(u32, PathBuf)> = installs
+        .iter()
+        .flat_map(|(root, prefix)| std::fs::read_dir(root).into_iter().flatten().flatten().map(move |e| (e, *prefix)))
+        .filter_map(|(entry, prefix)| {
+            let version = entry.file_name().to_str()?.strip_prefix(prefix)?.parse::<u32>().ok()?;
             let bin = entry.path().join("bin");
             complete(&bin).then_some((version, bin))
         })
@@ -404,7 +425,9 @@ mod tests {
 
     #[test]
     fn passwd_lookup_finds_root() {
-        assert_eq!(passwd_home("root").as_deref(), Some("/root"));
+        // Linux keeps root's home in /root, macOS in /var/root.
+        let home = passwd_home("root");
+        assert!(matches!(home.as_deref(), Some("/root" | "/var/root")), "{home:?}");
         assert_eq!(passwd_home("no-such-user-here"), None);
     }
 }

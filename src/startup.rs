@@ -37,8 +37,21 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         println!("config entry (add to INVENTORY_API_KEYS or --api-keys-file): {line}");
         return Ok(());
     }
+    if let Some(Command::DataDir) = &cli.command {
+        println!("{}", crate::local_pg::describe_data_dir(&cli.database.data_dir));
+        return Ok(());
+    }
     let command = cli.command.clone().unwrap_or(Command::Serve);
     let owner = matches!(command, Command::Serve);
+    let public = !cli.server.listen.ip().is_loopback();
+    if owner && public && cli.database.database_url.is_none() && !cli.server.self_managed_postgres {
+        return Err(RunError::Config(format!(
+            "refusing to start a self-managed development PostgreSQL for a service on {}: set DATABASE_URL, \
+             or pass --self-managed-postgres to run the development cluster under {} anyway",
+            cli.server.listen,
+            cli.database.data_dir.display()
+        )));
+    }
     // One service per self-started cluster: it alone stops the cluster when it exits. The lock
     // is the kernel's, so a service killed with -9 leaves no stale claim and the next one adopts
     // the cluster it left running.
@@ -52,7 +65,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         Command::Serve => serve_command(&cli, &database).await,
         Command::Migrate => migrate_command(&cli.database, &database).await,
         Command::Check => check_command(&cli.database, &database).await,
-        Command::Keys(_) => Ok(()),
+        Command::Keys(_) | Command::DataDir => Ok(()),
         Command::Import { file, create_missing } => {
             import_command(&cli.database, &database, &file, create_missing).await
         }
@@ -119,7 +132,11 @@ async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
         }
     }
     let pool = db::connect(&database.url, &cli.database).await?;
-    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    if cli.server.no_migrate {
+        tracing::info!("migrations left to `inventory migrate` (--no-migrate); /health/ready waits for them");
+    } else {
+        MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    }
     let listener = TcpListener::bind(cli.server.listen)
         .await
         .map_err(|source| RunError::Bind { addr: cli.server.listen, source })?;
@@ -254,7 +271,8 @@ pub async fn serve(
     result
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT, SIGTERM or SIGHUP (the terminal that started the service closed): all
+/// three drain the service and stop the cluster it started.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(err) = tokio::signal::ctrl_c().await {
@@ -262,20 +280,22 @@ pub(crate) async fn shutdown_signal() {
             std::future::pending::<()>().await;
         }
     };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let signal = |kind: tokio::signal::unix::SignalKind, name: &'static str| async move {
+        match tokio::signal::unix::signal(kind) {
             Ok(mut sig) => {
                 sig.recv().await;
             }
             Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                tracing::error!(error = %err, "cannot listen for {name}");
                 std::future::pending::<()>().await;
             }
         }
     };
+    use tokio::signal::unix::SignalKind;
     tokio::select! {
         () = ctrl_c => {},
-        () = terminate => {},
+        () = signal(SignalKind::terminate(), "SIGTERM") => {},
+        () = signal(SignalKind::hangup(), "SIGHUP") => {},
     }
     tracing::info!("shutdown signal received, draining");
 }

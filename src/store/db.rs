@@ -26,6 +26,11 @@ pub enum SetupError {
     LocalPg(#[from] crate::local_pg::LocalPgError),
     #[error("cannot connect to the database: {0}")]
     Connect(#[source] sqlx::Error),
+    #[error(
+        "PostgreSQL {found} is too old: the service needs PostgreSQL {MIN_SERVER_VERSION} or newer \
+         (its migrations use features of 13)"
+    )]
+    TooOld { found: String },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("background task failed: {0}")]
@@ -76,7 +81,10 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupErr
     Ok(())
 }
 
-/// Builds the pool. Every session gets `lock_timeout` and `statement_timeout`, so a stuck row
+/// The oldest PostgreSQL major version the migrations run on.
+pub const MIN_SERVER_VERSION: u32 = 13;
+
+/// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets `lock_timeout` and `statement_timeout`, so a stuck row
 /// lock turns into a fast 503 for that row instead of a hung pool.
 pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupError> {
     let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
@@ -85,14 +93,23 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         .map_err(SetupError::Connect)?
         .application_name("inventory")
         .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]);
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(args.db_pool_size.max(1))
         .min_connections(0)
         .acquire_timeout(args.acquire_timeout())
         .idle_timeout(Some(Duration::from_secs(300)))
         .connect_with(options)
         .await
-        .map_err(SetupError::Connect)
+        .map_err(SetupError::Connect)?;
+    let (number, found): (String, String) =
+        sqlx::query_as("SELECT current_setting('server_version_num'), current_setting('server_version')")
+            .fetch_one(&pool)
+            .await
+            .map_err(SetupError::Connect)?;
+    if number.parse::<u32>().unwrap_or(0) < MIN_SERVER_VERSION * 10_000 {
+        return Err(SetupError::TooOld { found });
+    }
+    Ok(pool)
 }
 
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a

@@ -8,10 +8,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helpers::fresh_database;
+use crate::helpers::{fresh_database, local_postgres_or_skip};
 
 #[tokio::test]
 async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invariants() {
+    // Its baselines run pgbench, which ships with the PostgreSQL server binaries.
+    if !local_postgres_or_skip("bench::the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invariants") {
+        return;
+    }
     let server = fresh_database().await;
     let work = std::env::temp_dir().join(format!("inventory-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);

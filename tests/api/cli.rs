@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, empty_database, local_postgres_or_skip};
 
 const BIN: &str = env!("CARGO_BIN_EXE_inventory");
 
@@ -44,6 +44,9 @@ async fn wait_ready(url: &str, deadline: Duration) -> bool {
 
 #[tokio::test]
 async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
+    if !local_postgres_or_skip("cli::serve_without_database_url_runs_its_own_postgres_and_keeps_the_data") {
+        return;
+    }
     // A private parent (mode 0700), like a checkout under /root: as root, PostgreSQL (run as the
     // `postgres` user) cannot reach it, so the cluster must live elsewhere, linked from the data dir.
     let parent = std::env::temp_dir().join(format!("inventory-serve-test-{}", std::process::id()));
@@ -101,6 +104,9 @@ async fn serve_without_database_url_runs_its_own_postgres_and_keeps_the_data() {
 
 #[tokio::test]
 async fn a_second_serve_on_the_same_data_dir_is_refused_and_leaves_the_first_running() {
+    if !local_postgres_or_skip("cli::a_second_serve_on_the_same_data_dir_is_refused_and_leaves_the_first_running") {
+        return;
+    }
     let dir = std::env::temp_dir().join(format!("inventory-two-serves-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let serve = |listen: &str| {
@@ -139,8 +145,9 @@ async fn a_second_serve_on_the_same_data_dir_is_refused_and_leaves_the_first_run
     let client = reqwest::Client::new();
     let res = client.put(format!("{base}/v1/warehouses/STILL")).json(&serde_json::json!({"name": "s"})).send().await;
     assert_eq!(res.unwrap().status(), 201, "the first service still has its database");
-    stop(&mut first);
-    assert!(!dir.join("pg/postmaster.pid").exists(), "the first service stops its cluster");
+    // The terminal that started it closes: SIGHUP drains the service and stops its cluster too.
+    signal_and_wait(&mut first, "-HUP");
+    assert!(!dir.join("pg/postmaster.pid").exists(), "the first service stops its cluster on SIGHUP");
     if let Ok(cluster) = std::fs::read_link(dir.join("pg")) {
         let _ = std::fs::remove_dir_all(cluster.parent().unwrap());
     }
@@ -149,7 +156,12 @@ async fn a_second_serve_on_the_same_data_dir_is_refused_and_leaves_the_first_run
 
 /// SIGTERM, then wait for a graceful exit.
 fn stop(child: &mut std::process::Child) {
-    let status = Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    signal_and_wait(child, "-TERM");
+}
+
+/// Sends `signal` (`-TERM`, `-HUP`), then waits for a graceful exit.
+fn signal_and_wait(child: &mut std::process::Child, signal: &str) {
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let started = Instant::now();
     loop {
@@ -160,4 +172,56 @@ fn stop(child: &mut std::process::Child) {
         assert!(started.elapsed() < Duration::from_secs(60), "service did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[tokio::test]
+async fn a_public_service_without_database_url_refuses_to_start_its_own_postgres() {
+    let dir = std::env::temp_dir().join(format!("inventory-public-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir", dir.to_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .env_remove("INVENTORY_SELF_MANAGED_POSTGRES")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("set DATABASE_URL") && stderr.contains("--self-managed-postgres"), "{stderr}");
+    assert!(!dir.exists(), "nothing was created under the data directory");
+}
+
+#[tokio::test]
+async fn data_dir_says_where_the_data_lives_and_starts_nothing() {
+    let dir = std::env::temp_dir().join(format!("inventory-where-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BIN).args(["data-dir", "--data-dir", dir.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&format!("data directory: {}", dir.canonicalize().unwrap().display())), "{stdout}");
+    assert!(stdout.contains("none yet"), "{stdout}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing created");
+    std::fs::remove_dir(&dir).unwrap();
+}
+
+/// Migrations as a separate job: a service started with `--no-migrate` on an empty database
+/// comes up, is not ready, and becomes ready once `inventory migrate` has run.
+#[tokio::test]
+async fn with_no_migrate_the_service_waits_for_inventory_migrate() {
+    let url = empty_database().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--no-migrate", "--listen", &listen, "--database-url", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    assert!(wait_ready(&format!("{base}/health/live"), Duration::from_secs(30)).await, "service did not start");
+    let res = reqwest::get(format!("{base}/health/ready")).await.unwrap();
+    assert_eq!(res.status(), 503, "not ready before the migrations");
+    let migrate = Command::new(BIN).args(["migrate", "--database-url", &url]).output().unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(10)).await, "ready after migrate");
+    stop(&mut child);
 }

@@ -110,11 +110,9 @@ async fn a_service_killed_mid_load_applies_every_acknowledged_request_exactly_on
 
 #[tokio::test]
 async fn a_database_stopped_under_load_gives_quick_503s_and_the_service_recovers_by_itself() {
-    if inventory::local_pg::find_bin_dir().is_none() && std::env::var_os("DATABASE_URL").is_some() {
-        crate::helpers::skip(
-            "drills::a_database_stopped_under_load_gives_quick_503s_and_the_service_recovers_by_itself",
-            "the database restart drill needs local PostgreSQL server binaries (apt-get install postgresql)",
-        );
+    if !crate::helpers::local_postgres_or_skip(
+        "drills::a_database_stopped_under_load_gives_quick_503s_and_the_service_recovers_by_itself",
+    ) {
         return;
     }
     let dir = std::env::temp_dir().join(format!("inventory-drill-pg-{}", std::process::id()));

@@ -111,6 +111,26 @@ pub async fn fresh_database() -> String {
     with_database(&server.admin_url, &name)
 }
 
+/// A fresh database with nothing in it, not even the migrations; returns its URL.
+pub async fn empty_database() -> String {
+    let server = server();
+    let name = format!("inventory_empty_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let admin = PgPool::connect(&server.admin_url).await.expect("connect to the test server");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    with_database(&server.admin_url, &name)
+}
+
+/// Whether the local PostgreSQL server binaries are installed; when not, the test says it is
+/// SKIPPED (and fails under CI, where they must be).
+pub fn local_postgres_or_skip(test: &str) -> bool {
+    if inventory::local_pg::find_bin_dir().is_some() {
+        return true;
+    }
+    skip(test, "no local PostgreSQL server binaries (initdb, pg_ctl, postgres): install them to run it");
+    false
+}
+
 /// The service running on port 0 against its own fresh database.
 #[derive(Debug)]
 pub struct TestApp {
