@@ -23,3 +23,4 @@ mod paging;
 mod proxy;
 mod reservations;
 mod stock;
+mod tls;
