@@ -7,6 +7,7 @@ mod catalogue;
 mod cli;
 mod commit;
 mod concurrency;
+mod docs;
 mod drills;
 mod errors;
 mod events;

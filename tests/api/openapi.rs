@@ -135,3 +135,22 @@ async fn the_docs_page_renders_the_reservations_operation_offline_in_a_browser()
     // Rendered by Swagger UI's JavaScript (served by the binary), not present in the static HTML.
     assert!(dom.contains("opblock-summary-path") && dom.contains("/v1/reservations"), "not rendered: {dom:.2000}");
 }
+
+/// `docs/openapi.json` is the document the service serves, committed so that client generators
+/// and reviewers can use it without running anything. A change of the API shows up here first:
+/// `UPDATE_OPENAPI=1 cargo test --test api committed_openapi` rewrites the file (never under CI).
+#[tokio::test]
+async fn the_committed_openapi_json_is_the_document_the_service_serves() {
+    let app = TestApp::spawn().await;
+    let served = document(&app).await;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() && !crate::helpers::in_ci() {
+        std::fs::write(&path, serde_json::to_string_pretty(&served).unwrap() + "\n").unwrap();
+    }
+    let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        committed == served,
+        "docs/openapi.json differs from what the service serves: \
+         run `UPDATE_OPENAPI=1 cargo test --test api committed_openapi` and commit the file"
+    );
+}
