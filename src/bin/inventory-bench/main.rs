@@ -21,7 +21,7 @@ use inventory::local_pg::{Durability, LocalPostgres, find_bin_dir};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
-use report::{BaselineRow, ImportRow, Latency, Report, ScenarioRow};
+use report::{BaselineRow, ImportRow, Latency, Report, ScenarioRow, SetLimit};
 use scenarios::{HOT_WAREHOUSE, HotSkus, Scenario, Shared};
 
 #[derive(Debug, Parser)]
@@ -189,7 +189,7 @@ async fn benchmark(
     }
     let outcome = run_scenarios(args, work, dbs, pgbench.as_deref(), service.id(), addr, &hot).await;
     stop(&mut service);
-    let (rows, sold_out_created) = outcome?;
+    let (rows, sold_out_created, set_limit) = outcome?;
 
     step("verifying the invariants (inventory check)");
     let violations = match inventory_command(inventory, &dbs.service_url, &["check"]) {
@@ -205,6 +205,7 @@ async fn benchmark(
         config,
         import,
         scenarios: rows,
+        set_limit,
         violations,
         sold_out_problems,
     })
@@ -218,10 +219,16 @@ async fn run_scenarios(
     pid: u32,
     addr: SocketAddr,
     hot: &HotSkus,
-) -> Result<(Vec<ScenarioRow>, Option<u64>), String> {
+) -> Result<(Vec<ScenarioRow>, Option<u64>, Option<SetLimit>), String> {
     let mut rows = Vec::new();
     let mut sold_out_created = None;
     let mut baselines = std::collections::HashMap::new();
+    let set_limit = match pgbench {
+        Some(pgbench) if args.scenarios.iter().any(|s| s.reserves()) => {
+            Some(set_based_limit(args, work, dbs, pgbench, &hot.restocked).await?)
+        }
+        _ => None,
+    };
     for (i, &scenario) in args.scenarios.iter().enumerate() {
         let clients = match scenario {
             Scenario::Hot | Scenario::HotSoldOut => args.hot_clients,
@@ -305,6 +312,10 @@ async fn run_scenarios(
         }
         let throughput = tally.ops as f64 / seconds;
         let ratio = baseline.as_ref().filter(|b| b.tps > 0.0).map(|b| throughput / b.tps);
+        let set_limit_ratio = set_limit
+            .as_ref()
+            .filter(|l| scenario.reserves() && l.reservations_per_sec > 0.0)
+            .map(|l| throughput / l.reservations_per_sec);
         rows.push(ScenarioRow {
             scenario,
             unit: scenario.unit(),
@@ -319,6 +330,7 @@ async fn run_scenarios(
             service_peak_rss_mb: peak_rss_mb(pid),
             pgbench: baseline,
             ratio,
+            set_limit_ratio,
             mean_batch,
             wal_kb_per_op,
             streams: (args.event_streams > 0).then_some(held),
@@ -343,7 +355,45 @@ async fn run_scenarios(
             println!("  expiry lag (oldest overdue hold at a sweep), worst: {lag:.1} s");
         }
     }
-    Ok((rows, sold_out_created))
+    Ok((rows, sold_out_created, set_limit))
+}
+
+/// Clients of the set-based anchor: where this machine's PostgreSQL does the most of that work.
+const SET_CLIENTS: usize = 16;
+
+/// Runs the set-based anchor (see `pgbench::SET_SIZE`) once, on the pgbench copy of the data.
+async fn set_based_limit(
+    args: &Args,
+    work: &Path,
+    dbs: &Databases,
+    pgbench: &Path,
+    hot_sku: &str,
+) -> Result<SetLimit, String> {
+    step(&format!("pgbench set-based limit, {SET_CLIENTS} clients, {} s", args.duration_secs));
+    let run = pgbench::Run {
+        pgbench,
+        url: &dbs.pgbench_url,
+        work_dir: work,
+        baseline: "set",
+        clients: SET_CLIENTS,
+        duration_secs: args.duration_secs,
+        skus: args.skus,
+        warehouses: args.warehouses,
+        hot_sku,
+    };
+    checkpoint(&dbs.admin_url).await;
+    let wal = wal_bytes(&dbs.admin_url).await;
+    let mut baseline = BaselineRow::of(pgbench::run(&run)?);
+    baseline.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, baseline.transactions);
+    let per_tx = pgbench::reservations_per_transaction("set");
+    let limit = SetLimit {
+        clients: SET_CLIENTS,
+        reservations_per_transaction: per_tx,
+        reservations_per_sec: baseline.tps * per_tx,
+        baseline,
+    };
+    println!("  {:.0} reservations/s ({:.0} transactions/s)", limit.reservations_per_sec, limit.baseline.tps);
+    Ok(limit)
 }
 
 /// Waits until the service has relayed the events of the import (one per new level), then

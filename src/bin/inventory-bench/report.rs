@@ -38,6 +38,15 @@ impl BaselineRow {
     }
 }
 
+/// What PostgreSQL does for one-line reservations decided set-based, with no HTTP in between.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetLimit {
+    pub clients: usize,
+    pub reservations_per_transaction: f64,
+    pub reservations_per_sec: f64,
+    pub baseline: BaselineRow,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ScenarioRow {
     pub scenario: Scenario,
@@ -55,6 +64,9 @@ pub struct ScenarioRow {
     pub pgbench: Option<BaselineRow>,
     /// Service throughput ÷ pgbench transactions per second.
     pub ratio: Option<f64>,
+    /// Service throughput ÷ the set-based limit (reservations per second), for the scenarios
+    /// that reserve.
+    pub set_limit_ratio: Option<f64>,
     /// Reservations per batch transaction, on average.
     pub mean_batch: Option<f64>,
     /// WAL written per unit of work, in KiB (the whole cluster, background work included).
@@ -82,6 +94,8 @@ pub struct Report {
     /// `None` when the data set of an earlier run was reused.
     pub import: Option<ImportRow>,
     pub scenarios: Vec<ScenarioRow>,
+    /// The set-based anchor (pgbench, `SET_SIZE` reservations per statement), when it ran.
+    pub set_limit: Option<SetLimit>,
     /// Broken invariants found by `inventory check` after the run (must be empty).
     pub violations: Vec<String>,
     /// Problems with the sold-out run (must be empty).
@@ -113,11 +127,23 @@ impl Report {
             }
             None => md.push_str("Import: the data set of an earlier run was reused\n\n"),
         }
+        if let Some(limit) = &self.set_limit {
+            let _ = writeln!(
+                md,
+                "Set-based limit (pgbench, {:.0} one-line reservations decided by one statement per transaction, {} \
+                 clients): {:.0} reservations/s, {:.0} transactions/s, p99 {:.1} ms\n",
+                limit.reservations_per_transaction,
+                limit.clients,
+                limit.reservations_per_sec,
+                limit.baseline.tps,
+                limit.baseline.latency.p99_ms
+            );
+        }
         md.push_str(
-            "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | orders/batch | WAL KiB/op | service peak RSS | pgbench tps | pgbench p99 ms | pgbench WAL KiB/tx | service/pgbench |\n",
+            "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | orders/batch | WAL KiB/op | service peak RSS | pgbench tps | pgbench p99 ms | pgbench WAL KiB/tx | service/pgbench | service/set-based limit |\n",
         );
         md.push_str(
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
         for r in &self.scenarios {
             let statuses: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
@@ -126,7 +152,7 @@ impl Report {
             });
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} {}/s | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} {}/s | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.scenario,
                 r.clients,
                 r.throughput,
@@ -142,6 +168,7 @@ impl Report {
                 p99,
                 kb(r.pgbench.as_ref().and_then(|b| b.wal_kb_per_tx)),
                 r.ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
+                r.set_limit_ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
             );
         }
         let verdict = if self.passed() { "invariants hold (`inventory check`: 0 violations)" } else { "FAILED" };

@@ -66,6 +66,11 @@ impl Scenario {
         }
     }
 
+    /// Whether the scenario holds stock (and so is measured against the set-based limit).
+    pub fn reserves(self) -> bool {
+        !matches!(self, Self::Availability | Self::Mixed)
+    }
+
     /// Whether pgbench runs the same single-row reservation for comparison.
     pub fn baseline(self) -> Option<&'static str> {
         match self {
