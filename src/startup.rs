@@ -39,6 +39,9 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     }
     if let Some(Command::DataDir) = &cli.command {
         println!("{}", crate::local_pg::describe_data_dir(&cli.database.data_dir));
+        if cli.database.database_url.is_some() {
+            println!("(DATABASE_URL is set: the service uses that database, not this directory)");
+        }
         return Ok(());
     }
     let command = cli.command.clone().unwrap_or(Command::Serve);

@@ -84,8 +84,9 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupErr
 /// The oldest PostgreSQL major version the migrations run on.
 pub const MIN_SERVER_VERSION: u32 = 13;
 
-/// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets `lock_timeout` and `statement_timeout`, so a stuck row
-/// lock turns into a fast 503 for that row instead of a hung pool.
+/// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets
+/// `lock_timeout` and `statement_timeout`, so a stuck row lock turns into a fast 503 for that row
+/// instead of a hung pool.
 pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupError> {
     let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
     let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
