@@ -25,7 +25,7 @@ pub(crate) struct WarehouseBody {
     active: Option<bool>,
 }
 
-#[utoipa::path(put, path = "/v1/warehouses/{code}", tag = "catalogue",
+#[utoipa::path(operation_id = "putWarehouse", put, path = "/v1/warehouses/{code}", tag = "catalogue",
     params(("code" = String, Path, description = "warehouse code")), request_body = WarehouseBody,
     responses((status = 201, description = "created", body = crate::store::catalogue::Warehouse),
         (status = 200, description = "updated", body = crate::store::catalogue::Warehouse), BodyErrors))]
@@ -52,7 +52,7 @@ pub(crate) async fn put_warehouse(
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/warehouses/{code}", tag = "catalogue",
+#[utoipa::path(operation_id = "getWarehouse", get, path = "/v1/warehouses/{code}", tag = "catalogue",
     params(("code" = String, Path, description = "warehouse code")),
     responses((status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
         (status = 404, description = "unknown warehouse", body = Problem, content_type = "application/problem+json"),
@@ -66,7 +66,7 @@ pub(crate) async fn get_warehouse(
     Ok(axum::Json(warehouse).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/warehouses", tag = "catalogue",
+#[utoipa::path(operation_id = "listWarehouses", get, path = "/v1/warehouses", tag = "catalogue",
     responses((status = 200, description = "every warehouse, by priority", body = WarehouseList), QueryErrors))]
 pub(crate) async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
@@ -80,7 +80,7 @@ pub(crate) struct SkuBody {
     backorder_limit: Option<i64>,
 }
 
-#[utoipa::path(put, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(operation_id = "putSku", put, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
     request_body = SkuBody,
     responses((status = 201, description = "created", body = crate::store::catalogue::SkuRecord),
         (status = 200, description = "updated", body = crate::store::catalogue::SkuRecord),
@@ -103,7 +103,7 @@ pub(crate) async fn put_sku(
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(operation_id = "getSku", get, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
     responses((status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]

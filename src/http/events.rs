@@ -44,7 +44,7 @@ fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 
 /// `GET /v1/events?after=&limit=&type=`: `next_cursor` is the last id returned (or `after`
 /// when nothing is new), so a reader can keep polling with it.
-#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery),
+#[utoipa::path(operation_id = "listEvents", get, path = "/v1/events", tag = "events", params(EventQuery),
     responses((status = 200, description = "events after `after`, by id", body = EventPage),
         PageErrors))]
 pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
@@ -74,7 +74,7 @@ pub(crate) struct StreamQuery {
 
 /// `GET /v1/events/stream?after=`: the same events, live, as SSE with `id:` lines. A client
 /// resumes with `Last-Event-ID` (which wins over `after`). Ends when the service shuts down.
-#[utoipa::path(get, path = "/v1/events/stream", tag = "events",
+#[utoipa::path(operation_id = "streamEvents", get, path = "/v1/events/stream", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
     responses((status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
         (status = 429, description = "too many streams open (in all, or for this API key)", body = Problem, content_type = "application/problem+json"),

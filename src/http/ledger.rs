@@ -21,7 +21,7 @@ pub(crate) struct LedgerQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/v1/ledger", tag = "ledger", params(LedgerQuery),
+#[utoipa::path(operation_id = "listLedgerEntries", get, path = "/v1/ledger", tag = "ledger", params(LedgerQuery),
     responses((status = 200, description = "a page of entries, oldest first", body = LedgerPage),
         (status = 422, description = "`limit` out of range, or `after` names no entry", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]

@@ -13,14 +13,14 @@ use crate::metrics::{POOL_IDLE, POOL_MAX, POOL_SIZE};
 use crate::store::db::{self, MIGRATOR};
 
 /// The process is up.
-#[utoipa::path(get, path = "/health/live", tag = "operations",
+#[utoipa::path(operation_id = "getLiveness", get, path = "/health/live", tag = "operations",
     responses((status = 200, description = "the process is up", body = Health), QueryErrors))]
 pub(crate) async fn live() -> Json<Health> {
     Json(Health { status: "ok", migration: None })
 }
 
 /// The database is reachable and every migration this binary knows is applied.
-#[utoipa::path(get, path = "/health/ready", tag = "operations",
+#[utoipa::path(operation_id = "getReadiness", get, path = "/health/ready", tag = "operations",
     responses((status = 200, description = "database reachable, migrations applied", body = Health),
         (status = 503, description = "not ready", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -38,7 +38,7 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Health>,
 }
 
 /// `GET /metrics`: Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(operation_id = "getMetrics", get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         QueryErrors))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {

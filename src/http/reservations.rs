@@ -88,7 +88,7 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     })?)
 }
 
-#[utoipa::path(post, path = "/v1/reservations", tag = "reservations", params(IdempotencyKey), request_body = ReserveBody,
+#[utoipa::path(operation_id = "reserveStock", post, path = "/v1/reservations", tag = "reservations", params(IdempotencyKey), request_body = ReserveBody,
     responses((status = 201, description = "held", body = Reservation),
         (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
@@ -115,7 +115,7 @@ pub(crate) async fn create(
     Ok(response)
 }
 
-#[utoipa::path(post, path = "/v1/reservations/plan", tag = "reservations", params(IdempotencyKey),
+#[utoipa::path(operation_id = "planReservation", post, path = "/v1/reservations/plan", tag = "reservations", params(IdempotencyKey),
     request_body = ReserveBody,
     responses((status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
         (status = 409, description = "insufficient_stock or duplicate_order", body = Problem, content_type = "application/problem+json"),
@@ -131,7 +131,7 @@ pub(crate) async fn plan(
     respond(state.engine.plan(&req, key.as_ref()).await, StatusCode::OK)
 }
 
-#[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations",
+#[utoipa::path(operation_id = "getReservation", get, path = "/v1/reservations/{id}", tag = "reservations",
     params(ReservationParam),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
@@ -148,7 +148,7 @@ pub(crate) struct ByOrder {
     order_id: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
+#[utoipa::path(operation_id = "listReservations", get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
     responses((status = 200, description = "the reservation of the order (or none)", body = ReservationList),
         (status = 422, description = "`order_id` is missing", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -215,8 +215,8 @@ async fn settle(
 
 /// Fulfil and release are mirror images: one handler each, made by one definition.
 macro_rules! settle_handler {
-    ($name:ident, $kind:expr, $path:literal, $done:literal, $conflicts:literal) => {
-        #[utoipa::path(post, path = $path, tag = "reservations", params(ReservationParam, IdempotencyKey),
+    ($name:ident, $operation:literal, $kind:expr, $path:literal, $done:literal, $conflicts:literal) => {
+        #[utoipa::path(operation_id = $operation, post, path = $path, tag = "reservations", params(ReservationParam, IdempotencyKey),
             request_body = Option<SettleBody>,
             responses((status = 200, description = $done, body = Reservation),
                 (status = 409, description = $conflicts, body = Problem, content_type = "application/problem+json"),
@@ -234,6 +234,7 @@ macro_rules! settle_handler {
 
 settle_handler!(
     fulfil,
+    "fulfilReservation",
     Settle::Fulfil,
     "/v1/reservations/{id}/fulfil",
     "after deducting",
@@ -241,6 +242,7 @@ settle_handler!(
 );
 settle_handler!(
     release,
+    "releaseReservation",
     Settle::Release,
     "/v1/reservations/{id}/release",
     "after giving units back",
@@ -252,7 +254,7 @@ pub(crate) struct ExtendBody {
     ttl_seconds: Option<i64>,
 }
 
-#[utoipa::path(post, path = "/v1/reservations/{id}/extend", tag = "reservations",
+#[utoipa::path(operation_id = "extendReservation", post, path = "/v1/reservations/{id}/extend", tag = "reservations",
     params(ReservationParam, IdempotencyKey), request_body = ExtendBody,
     responses((status = 200, description = "with the new expires_at", body = Reservation),
         (status = 409, description = "reservation_not_active", body = Problem, content_type = "application/problem+json"),

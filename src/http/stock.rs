@@ -32,7 +32,7 @@ pub(crate) struct ReceiveBody {
     reference: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/stock/receive", tag = "stock", params(IdempotencyKey), request_body = ReceiveBody,
+#[utoipa::path(operation_id = "receiveStock", post, path = "/v1/stock/receive", tag = "stock", params(IdempotencyKey), request_body = ReceiveBody,
     responses((status = 200, description = "the level after the receipt", body = Level),
         BodyErrors, UnknownSkuOrWarehouse))]
 pub(crate) async fn receive(
@@ -61,7 +61,7 @@ pub(crate) struct AdjustBody {
     expected_on_hand: Option<i64>,
 }
 
-#[utoipa::path(post, path = "/v1/stock/adjust", tag = "stock", params(IdempotencyKey), request_body = AdjustBody,
+#[utoipa::path(operation_id = "adjustStock", post, path = "/v1/stock/adjust", tag = "stock", params(IdempotencyKey), request_body = AdjustBody,
     responses((status = 200, description = "the level after the adjustment", body = Level),
         (status = 409, description = "insufficient_stock or stale_quantity", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
@@ -107,7 +107,7 @@ pub(crate) struct TransferBody {
     reference: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/stock/transfer", tag = "stock", params(IdempotencyKey), request_body = TransferBody,
+#[utoipa::path(operation_id = "transferStock", post, path = "/v1/stock/transfer", tag = "stock", params(IdempotencyKey), request_body = TransferBody,
     responses((status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
         (status = 409, description = "insufficient_stock", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
@@ -139,7 +139,7 @@ pub(crate) struct ReplenishmentBody {
     reorder_quantity: Option<i64>,
 }
 
-#[utoipa::path(put, path = "/v1/stock/{sku}/{warehouse}", tag = "stock",
+#[utoipa::path(operation_id = "putReplenishment", put, path = "/v1/stock/{sku}/{warehouse}", tag = "stock",
     params(("sku" = String, Path, description = "the SKU"), ("warehouse" = String, Path, description = "warehouse code")),
     request_body = ReplenishmentBody,
     responses((status = 200, description = "updated", body = Level),
@@ -172,7 +172,7 @@ pub(crate) async fn put_replenishment(
     Ok((status, axum::Json(level)).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(operation_id = "getSkuStock", get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = String, Path, description = "the SKU")),
     responses((status = 200, description = "per warehouse and in total", body = StockView),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -197,7 +197,7 @@ pub(crate) async fn get_sku_stock(
 
 /// `GET /v1/availability?sku=A&sku=B` (also `sku=A,B`): one item per requested SKU, in request
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
-#[utoipa::path(get, path = "/v1/availability", tag = "stock",
+#[utoipa::path(operation_id = "getAvailability", get, path = "/v1/availability", tag = "stock",
     params(("sku" = Vec<String>, Query, description = "repeat for each SKU (or comma-separate), up to 1000")),
     responses((status = 200, description = "one item per requested SKU, in request order", body = Availability),
         (status = 422, description = "no SKU, or too many", body = Problem, content_type = "application/problem+json"),
@@ -245,7 +245,7 @@ pub(crate) struct ListQuery {
     cursor: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/stock", tag = "stock", params(ListQuery),
+#[utoipa::path(operation_id = "listStockLevels", get, path = "/v1/stock", tag = "stock", params(ListQuery),
     responses((status = 200, description = "a page of levels", body = LevelPage),
         PageErrors))]
 pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
@@ -310,7 +310,7 @@ pub(crate) struct ImportQuery {
 /// `POST /v1/stock/import`: a CSV body (`sku,warehouse,on_hand[,reorder_point,reorder_quantity]`,
 /// header optional), streamed into the database. `on_hand` is the counted quantity: the level
 /// is set to it, with a `receive` (new level) or `adjust`/`count` ledger entry.
-#[utoipa::path(post, path = "/v1/stock/import", tag = "stock", params(ImportQuery, IdempotencyKey),
+#[utoipa::path(operation_id = "importStock", post, path = "/v1/stock/import", tag = "stock", params(ImportQuery, IdempotencyKey),
     request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
     responses((status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
         (status = 422, description = "bad rows, by line number; nothing applied", body = Problem, content_type = "application/problem+json"),

@@ -154,3 +154,24 @@ async fn the_committed_openapi_json_is_the_document_the_service_serves() {
          run `UPDATE_OPENAPI=1 cargo test --test api committed_openapi` and commit the file"
     );
 }
+
+/// Client generators name their functions after the operation ids: each operation has one, no two
+/// share it, and each is a camelCase verb phrase (`reserveStock`, `getAvailability`, …).
+#[tokio::test]
+async fn every_operation_has_its_own_meaningful_operation_id() {
+    let app = TestApp::spawn().await;
+    let doc = document(&app).await;
+    let mut seen = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+            assert!(seen.insert(id.to_owned()), "{id} is used twice (again at {method} {path})");
+            let verb = ["get", "list", "put", "reserve", "plan", "fulfil", "release", "extend", "receive", "adjust"]
+                .iter()
+                .chain(&["transfer", "import", "stream"])
+                .any(|v| id.starts_with(v));
+            assert!(verb && id.chars().all(|c| c.is_ascii_alphanumeric()), "{method} {path}: `{id}`");
+        }
+    }
+    assert!(seen.len() >= CONTRACT.len(), "every operation of the contract was looked at: {}", seen.len());
+}
