@@ -23,7 +23,7 @@ pub enum LocalPgError {
         "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH, via pg_config, under \
          /usr/lib/postgresql/*/bin or Homebrew's opt/postgresql@*/bin.\n  Install them (PostgreSQL 13 or \
          newer; Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql@16`),\n  or point the service at a running server with \
-         DATABASE_URL=postgres://user:pass@host/db,\n  or start one with `docker compose up -d` and use \
+         DATABASE_URL=postgres://user:pass@host/db,\n  or start one with `docker compose up -d postgres` and use \
          DATABASE_URL=postgres://inventory:inventory@127.0.0.1:5432/inventory"
     )]
     NoBinaries,
@@ -325,7 +325,6 @@ impl RunAs {
     }
 }
 
-/// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
 /// Where the self-started cluster of `data_dir` keeps its data, for people: the data directory
 /// and, when the cluster lives elsewhere (root's data directory unreachable for `postgres`), the
 /// place its `pg` link points to. Nothing is started or created.
@@ -344,6 +343,7 @@ pub fn describe_data_dir(data_dir: &Path) -> String {
     out
 }
 
+/// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
 pub fn find_bin_dir() -> Option<PathBuf> {
     let complete = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|b| dir.join(b).is_file());
     if let Some(initdb) = which("initdb") {

@@ -64,12 +64,13 @@ async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invarian
         if ["uniform", "hot", "hot-sold-out"].contains(&row["scenario"].as_str().unwrap()) {
             assert!(row["pgbench"]["tps"].as_f64().unwrap() > 0.0, "{}: no pgbench baseline", row["scenario"]);
         }
-        let reserves = !["availability", "mixed"].contains(&row["scenario"].as_str().unwrap());
-        assert_eq!(row["set_limit_ratio"].is_number(), reserves, "{}: ratio to the set-based limit", row["scenario"]);
+        let one_line = ["uniform", "hot", "hot-sold-out"].contains(&row["scenario"].as_str().unwrap());
+        assert_eq!(row["set_limit_ratio"].is_number(), one_line, "{}: ratio to the set-based limit", row["scenario"]);
     }
     let limit = &report["set_limit"];
     assert!(limit["reservations_per_sec"].as_f64().unwrap() > 0.0, "the set-based anchor ran: {limit}");
-    assert_eq!(limit["reservations_per_transaction"], 10.0);
+    let per_tx = limit["reservations_per_transaction"].as_f64().unwrap();
+    assert!((9.0..=10.0).contains(&per_tx), "about 10 reservations per transaction: {per_tx}");
     let sold_out = rows.iter().find(|r| r["scenario"] == "hot-sold-out").unwrap();
     assert_eq!(sold_out["statuses"]["201"], 300, "exactly the stock is sold: {}", sold_out["statuses"]);
     assert!(sold_out["statuses"]["409"].as_u64().unwrap() > 0, "the run ends with refusals");

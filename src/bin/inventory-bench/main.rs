@@ -224,7 +224,7 @@ async fn run_scenarios(
     let mut sold_out_created = None;
     let mut baselines = std::collections::HashMap::new();
     let set_limit = match pgbench {
-        Some(pgbench) if args.scenarios.iter().any(|s| s.reserves()) => {
+        Some(pgbench) if args.scenarios.iter().any(|s| s.one_line_reservations()) => {
             Some(set_based_limit(args, work, dbs, pgbench, &hot.restocked).await?)
         }
         _ => None,
@@ -314,7 +314,7 @@ async fn run_scenarios(
         let ratio = baseline.as_ref().filter(|b| b.tps > 0.0).map(|b| throughput / b.tps);
         let set_limit_ratio = set_limit
             .as_ref()
-            .filter(|l| scenario.reserves() && l.reservations_per_sec > 0.0)
+            .filter(|l| scenario.one_line_reservations() && l.reservations_per_sec > 0.0)
             .map(|l| throughput / l.reservations_per_sec);
         rows.push(ScenarioRow {
             scenario,
@@ -383,9 +383,12 @@ async fn set_based_limit(
     };
     checkpoint(&dbs.admin_url).await;
     let wal = wal_bytes(&dbs.admin_url).await;
+    let entries = pgbench_entries(&dbs.pgbench_url).await?;
     let mut baseline = BaselineRow::of(pgbench::run(&run)?);
     baseline.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, baseline.transactions);
-    let per_tx = pgbench::reservations_per_transaction("set");
+    // Reservations really made: a repeated pick, or a row without stock, takes fewer than 10.
+    let made = pgbench_entries(&dbs.pgbench_url).await? - entries;
+    let per_tx = made as f64 / baseline.transactions.max(1) as f64;
     let limit = SetLimit {
         clients: SET_CLIENTS,
         reservations_per_transaction: per_tx,
@@ -443,6 +446,17 @@ async fn wal_bytes(url: &str) -> Option<f64> {
         .ok();
     let _ = conn.close().await;
     bytes
+}
+
+/// Ledger entries pgbench has written so far.
+async fn pgbench_entries(url: &str) -> Result<i64, String> {
+    let mut conn = PgConnection::connect(url).await.map_err(|e| e.to_string())?;
+    let n = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE reference = 'pgbench'")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = conn.close().await;
+    Ok(n)
 }
 
 fn per_op_kb(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {

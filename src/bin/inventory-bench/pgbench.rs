@@ -26,7 +26,8 @@ END;
     )
 }
 
-/// One-line reservations decided together by one set-based statement per transaction.
+/// One-line reservations decided together by one set-based statement per transaction (at most:
+/// a row picked twice, or one without stock, is taken once or not at all).
 pub const SET_SIZE: usize = 10;
 
 /// The set-based anchor: [`SET_SIZE`] one-line reservations of random rows decided by ONE
@@ -69,12 +70,6 @@ pub fn script_for(baseline: &str) -> String {
         "set" => set_script(),
         _ => script("'SKU-' || lpad(:n::text, 6, '0')", "'WH' || :w"),
     }
-}
-
-/// Reservations one transaction of a baseline makes (the set-based one: up to [`SET_SIZE`]; a
-/// repeated pick of the same row, about 0.5 % at 2,000 SKUs, is taken once).
-pub fn reservations_per_transaction(baseline: &str) -> f64 {
-    if baseline == "set" { SET_SIZE as f64 } else { 1.0 }
 }
 
 /// What a pgbench run measured.

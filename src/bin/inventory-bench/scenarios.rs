@@ -66,9 +66,10 @@ impl Scenario {
         }
     }
 
-    /// Whether the scenario holds stock (and so is measured against the set-based limit).
-    pub fn reserves(self) -> bool {
-        !matches!(self, Self::Availability | Self::Mixed)
+    /// Whether the scenario makes one-line reservations (and so is measured against the
+    /// set-based limit, which makes the same).
+    pub fn one_line_reservations(self) -> bool {
+        matches!(self, Self::Uniform | Self::Hot | Self::HotSoldOut)
     }
 
     /// Whether pgbench runs the same single-row reservation for comparison.
