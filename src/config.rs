@@ -27,6 +27,26 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
+impl Cli {
+    /// The command line and the environment, with an optional setting that is set but empty
+    /// (`DATABASE_URL=`, as compose files and shells leave behind) taken as unset rather than as
+    /// a value that fails to parse.
+    pub fn from_env_and_args() -> Self {
+        let mut cli = Self::parse();
+        let blank = |v: &Option<String>| v.as_deref().is_some_and(|s| s.trim().is_empty());
+        if blank(&cli.database.database_url) {
+            cli.database.database_url = None;
+        }
+        if blank(&cli.server.api_keys) {
+            cli.server.api_keys = None;
+        }
+        if cli.server.api_keys_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            cli.server.api_keys_file = None;
+        }
+        cli
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the HTTP service (the default when no subcommand is given).
@@ -55,7 +75,7 @@ pub enum KeysCommand {
     /// Mint a new API key: prints the key (once) and the line to add to the key configuration.
     New {
         /// What the key may do: read, orders (reservations + read), ops (catalogue and stock + read), admin.
-        #[arg(long)]
+        #[arg(long, value_parser = ["read", "orders", "ops", "admin"])]
         role: String,
         /// A name for the key, shown in logs (never the key itself).
         #[arg(long, default_value = "key")]

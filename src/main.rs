@@ -1,4 +1,3 @@
-use clap::Parser;
 use inventory::config::Cli;
 
 /// mimalloc instead of glibc malloc: the service makes many small, short-lived allocations on
@@ -8,7 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env_and_args();
     inventory::telemetry::init(cli.log_format);
     match inventory::startup::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

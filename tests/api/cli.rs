@@ -225,3 +225,20 @@ async fn with_no_migrate_the_service_waits_for_inventory_migrate() {
     assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(10)).await, "ready after migrate");
     stop(&mut child);
 }
+
+/// `DATABASE_URL=` (set, but empty, as shells and compose files leave it) means "no database
+/// given", not a URL that fails to parse; an unknown role is refused with the list of roles.
+#[tokio::test]
+async fn an_empty_database_url_is_unset_and_roles_are_listed() {
+    let dir = std::env::temp_dir().join(format!("inventory-empty-url-{}", std::process::id()));
+    let out = Command::new(BIN)
+        .args(["data-dir", "--data-dir", dir.to_str().unwrap()])
+        .env("DATABASE_URL", "")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !stdout.contains("DATABASE_URL is set"), "{stdout}");
+    let out = Command::new(BIN).args(["keys", "new", "--role", "boss"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("read, orders, ops, admin"), "{stderr}");
+}
