@@ -161,6 +161,11 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true)]
     pub import_max_bytes: usize,
 
+    /// Seconds between SIGTERM and the end of accepting requests: `/health/ready` answers 503 at
+    /// once, so load balancers stop sending, while requests still get answers.
+    #[arg(long, env = "INVENTORY_DRAIN_DELAY_SECS", default_value_t = 5, global = true)]
+    pub drain_delay_secs: u64,
+
     /// Seconds a request may take before it is answered 504 `outcome_unknown` (also bounds
     /// graceful shutdown).
     #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT", default_value_t = 30, global = true)]

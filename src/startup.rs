@@ -260,11 +260,26 @@ pub async fn serve(
     let limits =
         engine::feed::StreamLimits { total: server.max_event_streams, per_caller: server.max_event_streams_per_key };
     let feed = engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
-    let state = AppState { db: pool, config: Arc::new(server), shutdown: stop_rx, keys: Arc::new(keys), engine, feed };
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
+    let state = AppState {
+        db: pool,
+        config: Arc::new(server),
+        shutdown: stop_rx,
+        draining: draining.clone(),
+        keys: Arc::new(keys),
+        engine,
+        feed,
+    };
     let app = http::app(state);
-    // Draining starts with the signal: background tasks and event streams stop, requests finish.
+    // Draining starts with the signal: not ready at once (load balancers stop sending), still
+    // serving for the drain delay; then background tasks and event streams stop, no new
+    // connection is accepted, and requests in flight finish.
     let drain = async move {
         shutdown.await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(delay = ?drain_delay, "draining: /health/ready answers 503, requests are still served");
+        tokio::time::sleep(drain_delay).await;
         let _ = stop_tx.send(true);
     };
     let result = axum::serve(listener, app).with_graceful_shutdown(drain).await.map_err(RunError::Serve);

@@ -25,6 +25,9 @@ pub(crate) async fn live() -> Json<Health> {
         (status = 503, description = "not ready", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
 pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::Unavailable("draining: the service is shutting down".into()).into());
+    }
     let expected = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied = db::applied_migration(&state.db).await.map_err(|err| match err {
         // Reachable but not migrated (no table yet) is "not ready", not a server error.

@@ -15,6 +15,9 @@ pub(crate) struct AppState {
     pub config: Arc<ServerArgs>,
     /// Flips to `true` when the server starts draining; long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Set when the shutdown signal arrives: `/health/ready` answers 503 from then on, while
+    /// requests are still served for the drain delay.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// API keys; empty means no authentication (loopback only, see startup).
     pub keys: Arc<crate::auth::Keys>,
     /// Every operation that changes something.

@@ -242,3 +242,34 @@ async fn an_empty_database_url_is_unset_and_roles_are_listed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("read, orders, ops, admin"), "{stderr}");
 }
+
+/// SIGTERM in a cluster: `/health/ready` answers 503 at once, so load balancers stop sending,
+/// while the service keeps answering for the drain delay; then it stops and exits 0.
+#[tokio::test]
+async fn on_sigterm_the_service_is_unready_at_once_and_serves_through_the_drain_delay() {
+    let app = TestApp::spawn().await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--drain-delay-secs", "3", "--listen", &listen, "--database-url", &app.db_url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{listen}");
+    assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(30)).await, "service did not start");
+    let signalled = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let client = reqwest::Client::new();
+    let mut unready = false;
+    while signalled.elapsed() < Duration::from_secs(1) && !unready {
+        unready = client.get(format!("{base}/health/ready")).send().await.unwrap().status() == 503;
+    }
+    assert!(unready, "/health/ready still 200 a second after SIGTERM");
+    let res = client.put(format!("{base}/v1/warehouses/LATE")).json(&serde_json::json!({"name": "late"})).send().await;
+    assert_eq!(res.unwrap().status(), 201, "a request during the drain delay is served");
+    assert!(signalled.elapsed() < Duration::from_secs(3), "the checks ran inside the delay");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "exits 0 after draining: {status}");
+    assert!(signalled.elapsed() >= Duration::from_secs(3), "accepting ended only after the delay");
+}
