@@ -29,6 +29,20 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `inventory serve <args>` on a free loopback port, quiet; returns the process and its base URL.
+fn serve_on_a_free_port(args: &[&str]) -> (std::process::Child, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", &listen])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, format!("http://{listen}"))
+}
+
 async fn wait_ready(url: &str, deadline: Duration) -> bool {
     let started = Instant::now();
     while started.elapsed() < deadline {
@@ -208,15 +222,7 @@ async fn data_dir_says_where_the_data_lives_and_starts_nothing() {
 #[tokio::test]
 async fn with_no_migrate_the_service_waits_for_inventory_migrate() {
     let url = empty_database().await;
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["serve", "--no-migrate", "--listen", &listen, "--database-url", &url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://{listen}");
+    let (mut child, base) = serve_on_a_free_port(&["--no-migrate", "--database-url", &url]);
     assert!(wait_ready(&format!("{base}/health/live"), Duration::from_secs(30)).await, "service did not start");
     let res = reqwest::get(format!("{base}/health/ready")).await.unwrap();
     assert_eq!(res.status(), 503, "not ready before the migrations");
@@ -248,15 +254,7 @@ async fn an_empty_database_url_is_unset_and_roles_are_listed() {
 #[tokio::test]
 async fn on_sigterm_the_service_is_unready_at_once_and_serves_through_the_drain_delay() {
     let app = TestApp::spawn().await;
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args(["serve", "--drain-delay-secs", "3", "--listen", &listen, "--database-url", &app.db_url])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://{listen}");
+    let (mut child, base) = serve_on_a_free_port(&["--drain-delay-secs", "3", "--database-url", &app.db_url]);
     assert!(wait_ready(&format!("{base}/health/ready"), Duration::from_secs(30)).await, "service did not start");
     let signalled = Instant::now();
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
