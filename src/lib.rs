@@ -17,7 +17,7 @@ pub mod domain;
 pub mod engine;
 pub(crate) mod http;
 pub mod local_pg;
-pub(crate) mod metrics;
+pub mod metrics;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

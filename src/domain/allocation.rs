@@ -22,6 +22,8 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    pub(crate) const ALL: [Self; 2] = [Self::Priority, Self::Single];
+
     pub fn parse(raw: &str) -> Result<Self, &'static str> {
         match raw {
             "priority" => Ok(Self::Priority),

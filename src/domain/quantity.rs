@@ -67,6 +67,9 @@ pub(crate) enum AdjustReason {
 pub(crate) struct ReasonError;
 
 impl AdjustReason {
+    pub(crate) const ALL: [Self; 6] =
+        [Self::Count, Self::Damage, Self::Loss, Self::Found, Self::Return, Self::Correction];
+
     pub fn parse(raw: &str) -> Result<Self, ReasonError> {
         Ok(match raw {
             "count" => Self::Count,

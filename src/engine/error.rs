@@ -43,6 +43,9 @@ pub enum Refusal {
     /// Rows of an upload that cannot be applied, by line.
     #[error("{} field(s) are invalid", .0.len())]
     BadRows(Vec<FieldError>),
+    /// Rows of an upload naming SKUs or warehouses that do not exist, by line.
+    #[error("{} row(s) name an unknown SKU or warehouse (import with create_missing=true to create them)", .0.len())]
+    UnknownInRows(Vec<FieldError>),
     /// An upload that is not the CSV it claims to be.
     #[error("{0}")]
     NotCsv(String),
@@ -54,7 +57,9 @@ impl Refusal {
     /// The stable code clients branch on.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::UnknownSku(_) | Self::UnknownWarehouse(_) | Self::UnknownReservation(_) => "not_found",
+            Self::UnknownSku(_) | Self::UnknownWarehouse(_) | Self::UnknownReservation(_) | Self::UnknownInRows(_) => {
+                "not_found"
+            }
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::DuplicateOrder { .. } => "duplicate_order",
             Self::NotActive { .. } => "reservation_not_active",

@@ -50,16 +50,23 @@ impl Columns {
     const DEFAULT: Self =
         Self { sku: 0, warehouse: 1, on_hand: 2, reorder_point: Some(3), reorder_quantity: Some(4), count: 5 };
 
+    /// The columns a header line names: the documented ones, in their order (any letter case),
+    /// the last one or two left out if the file has no such column. The OpenAPI document's
+    /// pattern for the body (`http::schemas::import_csv`) describes exactly these files.
     fn from_header(fields: &[&str]) -> Result<Self, String> {
-        let find = |name: &str| fields.iter().position(|f| f.eq_ignore_ascii_case(name));
-        let need = |name: &str| find(name).ok_or_else(|| format!("the header lacks the column `{name}`"));
+        let names = ["sku", "warehouse", "on_hand", "reorder_point", "reorder_quantity"];
+        let named = fields.len() >= 3
+            && fields.len() <= names.len()
+            && fields.iter().zip(names).all(|(field, name)| field.eq_ignore_ascii_case(name));
+        if !named {
+            return Err(format!("the header must be {HEADER}, got `{}`", fields.join(",")));
+        }
+        let count = fields.len();
         Ok(Self {
-            sku: need("sku")?,
-            warehouse: need("warehouse")?,
-            on_hand: need("on_hand")?,
-            reorder_point: find("reorder_point"),
-            reorder_quantity: find("reorder_quantity"),
-            count: fields.len(),
+            count,
+            reorder_point: (count > 3).then_some(3),
+            reorder_quantity: (count > 4).then_some(4),
+            ..Self::DEFAULT
         })
     }
 }
@@ -76,14 +83,21 @@ struct Loader {
     partial: Vec<u8>,
 }
 
-fn unquote(field: &str) -> &str {
-    let f = field.trim();
+/// The columns a file may name in a header line, in order (the last two may be left out).
+pub(crate) const HEADER: &str = "sku,warehouse,on_hand[,reorder_point[,reorder_quantity]]";
+
+/// Spaces and tabs around a field, and one pair of double quotes around its text, are not part
+/// of the value (spreadsheets write both).
+pub(crate) fn unquote(field: &str) -> &str {
+    let f = field.trim_matches([' ', '\t']);
     f.strip_prefix('"').and_then(|f| f.strip_suffix('"')).unwrap_or(f)
 }
 
+/// A count: 1 to 10 digits (no sign), from 0 to 1,000,000,000.
 fn quantity(raw: &str, what: &str) -> Result<i64, String> {
-    raw.parse::<i64>()
-        .ok()
+    Some(raw)
+        .filter(|r| (1..=10).contains(&r.len()) && r.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|r| r.parse::<i64>().ok())
         .filter(|n| (0..=MAX_QUANTITY).contains(n))
         .ok_or_else(|| format!("{what} must be a whole number from 0 to {MAX_QUANTITY}, got `{raw}`"))
 }
@@ -158,7 +172,7 @@ impl Loader {
         if self.line == 1 {
             raw = raw.strip_prefix('\u{feff}').unwrap_or(raw);
         }
-        if raw.trim().is_empty() {
+        if raw.trim_matches([' ', '\t']).is_empty() {
             return;
         }
         let fields: Vec<&str> = raw.split(',').map(unquote).collect();
@@ -209,6 +223,16 @@ impl Loader {
             }
             (Err(e), _) | (_, Err(e)) => self.fail(e),
         }
+    }
+}
+
+/// Whether `text` reads as a CSV of levels without a bad row (for the document's pattern test).
+#[cfg(test)]
+pub(crate) fn reads_cleanly(text: &str) -> bool {
+    let mut loader = Loader::new();
+    loader.push(text.as_bytes()).is_ok() && {
+        loader.finish();
+        loader.bad_rows == 0
     }
 }
 
@@ -297,10 +321,7 @@ where
     if loader.bad_rows > 0 {
         return Err(reject(loader.errors, loader.bad_rows).into());
     }
-    if loader.rows == 0 {
-        let message = "no rows: expected CSV lines sku,warehouse,on_hand[,reorder_point,reorder_quantity]";
-        return Err(Refusal::BadRows(vec![FieldError::new("body", message)]).into());
-    }
+    // An empty file (or one with only a header) is a valid import of nothing: it answers rows 0.
     Ok(Staged { spool, rows: loader.rows, sha256: hex::encode(digest.finalize()) })
 }
 
@@ -323,15 +344,19 @@ pub async fn apply(conn: &mut PgConnection, staged: &Staged, create_missing: boo
     let mut file = tokio::fs::File::open(path).await.map_err(|e| spool_error(path, &e))?;
     store::copy_rows(conn, &mut file, COPY_CHUNK).await?.map_err(|e| spool_error(path, &e))?;
 
-    let mut errors = lines(store::repeated_rows(conn).await?);
+    let repeated = lines(store::repeated_rows(conn).await?);
+    if !repeated.is_empty() {
+        let total = repeated.len();
+        return Err(reject(repeated, total).into());
+    }
     if create_missing {
         store::create_missing(conn).await?;
     } else {
-        errors.extend(lines(store::rows_of_unknowns(conn).await?));
-    }
-    if !errors.is_empty() {
-        let total = errors.len();
-        return Err(reject(errors, total).into());
+        // Unknown codes are a 404, as for every other operation naming them.
+        let unknown = lines(store::rows_of_unknowns(conn).await?);
+        if !unknown.is_empty() {
+            return Err(Refusal::UnknownInRows(unknown).into());
+        }
     }
     store::lock_and_create_levels(conn).await?;
     let floors = lines(store::rows_below_floor(conn).await?);
@@ -413,12 +438,13 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&staged.spool.path).unwrap(), "1,A,W1,5,,\n2,B,W1,6,,\n");
         drop(staged);
         assert_eq!(files(), 0);
-        for failing in [
-            vec![Ok("A,W1,5\n"), Err("connection reset")],
-            vec![Ok("A,W1,x\n")],
-            vec![Ok("")],
-            vec![Ok("A,W1,5\nB,"), Ok("W1,60\n")],
-        ] {
+        let empty = stage_in(&dir, chunks(vec![Ok("")]), 14).await.unwrap();
+        assert_eq!(empty.rows, 0, "an empty file is an import of nothing");
+        drop(empty);
+        assert_eq!(files(), 0);
+        for failing in
+            [vec![Ok("A,W1,5\n"), Err("connection reset")], vec![Ok("A,W1,x\n")], vec![Ok("A,W1,5\nB,"), Ok("W1,60\n")]]
+        {
             assert!(stage_in(&dir, chunks(failing), 14).await.is_err());
             assert_eq!(files(), 0);
         }
@@ -426,11 +452,18 @@ mod tests {
     }
 
     #[test]
-    fn a_header_may_reorder_columns_and_none_means_the_default_order() {
-        let l = load("warehouse,on_hand,sku\nW1,4,A\n");
+    fn a_header_names_the_columns_in_order_and_none_means_all_five() {
+        let l = load("SKU,Warehouse,on_hand\nA,W1,4\n");
         assert_eq!(l.out, "2,A,W1,4,,\n");
         let l = load("A,W1,4,1,10\n");
         assert_eq!(l.out, "1,A,W1,4,1,10\n");
-        assert!(load("sku,on_hand\n").errors[0].message.contains("warehouse"));
+        let l = load(" \"A\" ,\tW1, 4 ,,\"\"\n");
+        assert_eq!(l.out, "1,A,W1,4,,\n", "spaces, tabs and quotes around fields");
+        for bad in ["sku,on_hand\n", "warehouse,on_hand,sku\n", "sku,warehouse,on_hand,note\n"] {
+            assert!(load(bad).errors[0].message.contains("the header must be"), "{bad:?}");
+        }
+        for bad in ["A,W1,+4\n", "A,W1,00000000004\n", "A,W1,4 2\n"] {
+            assert_eq!(load(bad).errors.len(), 1, "{bad:?}");
+        }
     }
 }

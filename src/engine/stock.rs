@@ -140,10 +140,19 @@ pub(crate) async fn transfer(conn: &mut PgConnection, cmd: &Transfer) -> Result<
     require_sku_and_warehouses(conn, &cmd.sku, &[&cmd.from, &cmd.to]).await?;
     stock::ensure_level(conn, &cmd.sku, &cmd.to).await?;
     let (sku, from, to) = (cmd.sku.as_str(), cmd.from.as_str(), cmd.to.as_str());
-    let mut book = Book::lock_levels(conn, &[(sku, from), (sku, to)]).await?;
+    let pairs = [(sku, from), (sku, to)];
+    let mut book = Book::lock_levels(conn, if from == to { &pairs[..1] } else { &pairs }).await?;
     let quantity = cmd.quantity.get();
     let from_available = book.get(sku, from).map_or(0, |l| l.available());
     let short = || short_transfer(cmd, from_available);
+    // A move within one warehouse is checked like any move, and changes nothing.
+    if from == to {
+        if from_available < quantity {
+            return Err(short().into());
+        }
+        let level = level_now(conn, sku, from).await?;
+        return Ok(Transferred { sku: sku.to_owned(), quantity, from: level.clone(), to: level });
+    }
     // A transfer moves available units only: never reserved ones, never backorder capacity.
     if from_available < quantity || !book.has_level(sku, to) {
         return Err(short().into());

@@ -6,8 +6,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::extract::{OptionalJson, Path};
+use super::extract::{OptionalJson, Path, whole_number};
 use super::openapi::{BodyErrors, Problem, QueryErrors, WarehouseList};
+use super::schemas::{Count, Name, Text};
 use super::state::AppState;
 use crate::domain::{Code, MAX_QUANTITY, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
@@ -17,16 +18,28 @@ fn created_or_ok(created: bool) -> StatusCode {
     if created { StatusCode::CREATED } else { StatusCode::OK }
 }
 
+/// A warehouse as ops describe it; `region`, `priority` and `active` keep their values (or
+/// defaults) when left out.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "Berlin", "region": "EU", "priority": 10, "active": true}))]
 pub(crate) struct WarehouseBody {
+    #[schema(value_type = Name)]
     name: Option<String>,
+    #[schema(value_type = Option<Text>)]
     region: Option<String>,
+    /// Lower is preferred; default 100.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 1_000_000)]
     priority: Option<i64>,
+    /// An inactive warehouse takes no new reservations; default true.
     active: Option<bool>,
 }
 
-#[utoipa::path(operation_id = "putWarehouse", put, path = "/v1/warehouses/{code}", tag = "catalogue",
-    params(("code" = String, Path, description = "warehouse code")), request_body = WarehouseBody,
+#[utoipa::path(operation_id = "putWarehouse",
+    summary = "Create or update a warehouse",
+    description = "201 when the code is new, 200 when it existed. `priority` decides where unpinned lines are taken from (lower first). An inactive warehouse takes no new reservations and counts in no availability; existing reservations keep their stock there.",
+    put, path = "/v1/warehouses/{code}", tag = "catalogue",
+    params(("code" = WarehouseCode, Path, description = "warehouse code")), request_body = WarehouseBody,
     responses((status = 201, description = "created", body = crate::store::catalogue::Warehouse),
         (status = 200, description = "updated", body = crate::store::catalogue::Warehouse), BodyErrors))]
 pub(crate) async fn put_warehouse(
@@ -52,8 +65,11 @@ pub(crate) async fn put_warehouse(
     Ok((created_or_ok(created), axum::Json(warehouse)).into_response())
 }
 
-#[utoipa::path(operation_id = "getWarehouse", get, path = "/v1/warehouses/{code}", tag = "catalogue",
-    params(("code" = String, Path, description = "warehouse code")),
+#[utoipa::path(operation_id = "getWarehouse",
+    summary = "Get a warehouse",
+    description = "One warehouse by its code.",
+    get, path = "/v1/warehouses/{code}", tag = "catalogue",
+    params(("code" = WarehouseCode, Path, description = "warehouse code")),
     responses((status = 200, description = "the warehouse", body = crate::store::catalogue::Warehouse),
         (status = 404, description = "unknown warehouse", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -66,7 +82,10 @@ pub(crate) async fn get_warehouse(
     Ok(axum::Json(warehouse).into_response())
 }
 
-#[utoipa::path(operation_id = "listWarehouses", get, path = "/v1/warehouses", tag = "catalogue",
+#[utoipa::path(operation_id = "listWarehouses",
+    summary = "List warehouses",
+    description = "Every warehouse, by priority (lower first), inactive ones included.",
+    get, path = "/v1/warehouses", tag = "catalogue",
     responses((status = 200, description = "every warehouse, by priority", body = WarehouseList), QueryErrors))]
 pub(crate) async fn list_warehouses(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut conn = state.db.acquire().await?;
@@ -74,14 +93,23 @@ pub(crate) async fn list_warehouses(State(state): State<AppState>) -> Result<Res
     Ok(axum::Json(WarehouseList { items }).into_response())
 }
 
+/// A SKU's description; what is left out keeps its value (or default).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"name": "T-shirt, size M", "backorder_limit": 0}))]
 pub(crate) struct SkuBody {
+    #[schema(value_type = Option<Text>)]
     name: Option<String>,
+    /// How far below zero `available` may go (backorders); default 0.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<Count>)]
     backorder_limit: Option<i64>,
 }
 
-#[utoipa::path(operation_id = "putSku", put, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
-    request_body = SkuBody,
+#[utoipa::path(operation_id = "putSku",
+    summary = "Create or update a SKU",
+    description = "201 when the SKU is new, 200 when it existed. The body is optional. `backorder_limit` lets reservations take up to that many units more than is on hand (per warehouse); lowering it below what is already backordered is 409 `backorder_limit_in_use`.",
+    put, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = Sku, Path, description = "the SKU")),
+    request_body = Option<SkuBody>,
     responses((status = 201, description = "created", body = crate::store::catalogue::SkuRecord),
         (status = 200, description = "updated", body = crate::store::catalogue::SkuRecord),
         (status = 409, description = "backorder_limit_in_use: lowering the limit below what is backordered", body = Problem, content_type = "application/problem+json"),
@@ -103,7 +131,10 @@ pub(crate) async fn put_sku(
     Ok((created_or_ok(created), axum::Json(sku)).into_response())
 }
 
-#[utoipa::path(operation_id = "getSku", get, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(operation_id = "getSku",
+    summary = "Get a SKU",
+    description = "One SKU by its code.",
+    get, path = "/v1/skus/{sku}", tag = "catalogue", params(("sku" = Sku, Path, description = "the SKU")),
     responses((status = 200, description = "the SKU", body = crate::store::catalogue::SkuRecord),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]

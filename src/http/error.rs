@@ -174,7 +174,7 @@ impl ApiError {
             put("errors", json!(errors));
         }
         match self.refusal() {
-            Some(Refusal::BadRows(errors)) => put("errors", json!(errors)),
+            Some(Refusal::BadRows(errors) | Refusal::UnknownInRows(errors)) => put("errors", json!(errors)),
             Some(Refusal::InsufficientStock { lines, .. }) => put("lines", json!(lines)),
             Some(Refusal::DuplicateOrder { order_id, reservation_id }) => {
                 put("reservation_id", json!(reservation_id.to_string()));
@@ -226,7 +226,10 @@ impl ApiError {
 
 fn refusal_status(refusal: &Refusal) -> StatusCode {
     match refusal {
-        Refusal::UnknownSku(_) | Refusal::UnknownWarehouse(_) | Refusal::UnknownReservation(_) => StatusCode::NOT_FOUND,
+        Refusal::UnknownSku(_)
+        | Refusal::UnknownWarehouse(_)
+        | Refusal::UnknownReservation(_)
+        | Refusal::UnknownInRows(_) => StatusCode::NOT_FOUND,
         Refusal::InsufficientStock { .. }
         | Refusal::DuplicateOrder { .. }
         | Refusal::NotActive { .. }

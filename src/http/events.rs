@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::error::ApiError;
 use super::extract::Query;
 use super::openapi::{EventPage, PageErrors, Problem, QueryErrors};
+use super::schemas;
 use super::state::{AppState, page_limit};
 use crate::domain::EventKind;
 use crate::engine::feed::{self, StreamSlot};
@@ -22,34 +23,61 @@ use crate::store::events;
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventQuery {
+    /// The events after this id (a `next_cursor`); default 0, the beginning.
+    #[param(schema_with = schemas::event_id)]
     after: Option<i64>,
+    /// Page size, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
 }
 
-fn types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
-    let Some(raw) = raw else { return Ok(Vec::new()) };
-    raw.split(',')
-        .filter(|t| !t.is_empty())
-        .map(|t| match EventKind::parse(t) {
-            Some(kind) => Ok(kind.as_str().to_owned()),
-            None => {
+/// The `type` filter of the feed: `type=a&type=b` or `type=a,b` (or both); none means every
+/// type. It is read from the query apart from the other parameters, which occur once.
+#[derive(Debug)]
+pub(crate) struct TypeFilter(Vec<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for TypeFilter {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
+            .map_err(|err| ApiError::Malformed(format!("bad query parameter: {err}")))?;
+        let mut types = Vec::new();
+        for t in pairs.iter().filter(|(k, _)| k == "type").flat_map(|(_, v)| v.split(',')).filter(|t| !t.is_empty()) {
+            let Some(kind) = EventKind::parse(t) else {
                 let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
-                Err(ApiError::Malformed(format!("unknown event type `{t}`; one of {}", known.join(", "))))
-            }
-        })
-        .collect()
+                return Err(ApiError::Malformed(format!("unknown event type `{t}`; one of {}", known.join(", "))));
+            };
+            types.push(kind.as_str().to_owned());
+        }
+        Ok(TypeFilter(types))
+    }
 }
+
+schemas::one_parameter!(
+    TypeFilter,
+    "type",
+    Query,
+    "Only events of these types: repeat the parameter, or comma-separate the types.",
+    schemas::event_types(),
+    style(Some(utoipa::openapi::path::ParameterStyle::Form)),
+    explode(Some(true)),
+);
 
 /// `GET /v1/events?after=&limit=&type=`: `next_cursor` is the last id returned (or `after`
 /// when nothing is new), so a reader can keep polling with it.
-#[utoipa::path(operation_id = "listEvents", get, path = "/v1/events", tag = "events", params(EventQuery),
+#[utoipa::path(operation_id = "listEvents",
+    summary = "Read the event feed",
+    description = "Stock crossings (out of stock, back in stock, low) and reservation lifecycle events, by id, gap-free for a reader that pages with `after`. `next_cursor` is the last id looked at: poll on with it.",
+    get, path = "/v1/events", tag = "events", params(EventQuery, TypeFilter),
     responses((status = 200, description = "events after `after`, by id", body = EventPage),
         PageErrors))]
-pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<EventQuery>) -> Result<Response, ApiError> {
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<EventQuery>,
+    TypeFilter(types): TypeFilter,
+) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
-    let types = types(q.kind.as_deref())?;
     let after = q.after.unwrap_or(0).max(0);
     // A reader sees its own writes: wait for a relay run that began after this request (one
     // run serves every reader waiting for it), instead of each reader relaying on its own.
@@ -67,16 +95,31 @@ const MAX_SCAN: i64 = 10_000;
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct StreamQuery {
+    /// Start after this id; default 0, the beginning.
+    #[param(schema_with = schemas::event_id)]
     after: Option<i64>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
 }
+
+/// The `Last-Event-ID` header a reconnecting SSE client sends.
+#[derive(Debug)]
+pub(crate) struct LastEventId;
+
+schemas::one_parameter!(
+    LastEventId,
+    "Last-Event-ID",
+    Header,
+    "Resume after this id (wins over `after`).",
+    schemas::event_id()
+);
 
 /// `GET /v1/events/stream?after=`: the same events, live, as SSE with `id:` lines. A client
 /// resumes with `Last-Event-ID` (which wins over `after`). Ends when the service shuts down.
-#[utoipa::path(operation_id = "streamEvents", get, path = "/v1/events/stream", tag = "events",
-    params(StreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "resume after this id (wins over `after`)")),
-    responses((status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = String, content_type = "text/event-stream"),
+#[utoipa::path(operation_id = "streamEvents",
+    summary = "Stream the event feed (SSE)",
+    description = "The same events as `GET /v1/events`, live, as Server-Sent Events with `id:` lines and a heartbeat comment every 15 s. Resume after a disconnect with `Last-Event-ID` (or `after`). The stream ends when the service shuts down. At most `--max-event-streams` open streams (429 beyond).",
+    get, path = "/v1/events/stream", tag = "events",
+    params(StreamQuery, TypeFilter, LastEventId),
+    responses((status = 200, description = "Server-Sent Events with `id:` lines and heartbeats", body = schemas::SseEvent, content_type = "text/event-stream"),
         (status = 429, description = "too many streams open (in all, or for this API key)", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
 pub(crate) async fn stream(
@@ -84,8 +127,8 @@ pub(crate) async fn stream(
     caller: Option<axum::Extension<super::auth::Caller>>,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
+    TypeFilter(types): TypeFilter,
 ) -> Result<Response, ApiError> {
-    let types = types(q.kind.as_deref())?;
     let resume = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()

@@ -19,7 +19,7 @@ pub(crate) struct Body<T> {
     pub raw: serde_json::Value,
 }
 
-/// Like [`Body`], but an empty body is allowed (`value` is `None`, `raw` is `null`).
+/// Like [`Body`], but an empty body (or a JSON `null`) is allowed: `value` is `None`, `raw` is `null`.
 #[derive(Debug, Clone)]
 pub(crate) struct OptionalBody<T> {
     pub value: Option<T>,
@@ -42,13 +42,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalBody<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let OptionalJson(raw) = OptionalJson::<serde_json::Value>::from_request(req, state).await?;
         match raw {
-            None => Ok(OptionalBody { value: None, raw: serde_json::Value::Null }),
+            None | Some(serde_json::Value::Null) => Ok(OptionalBody { value: None, raw: serde_json::Value::Null }),
             Some(raw) => Ok(OptionalBody { value: Some(typed(&raw)?), raw }),
         }
     }
 }
 
+/// The typed value of a JSON body, which must be an object (serde would otherwise read a
+/// struct from an array of its fields in order).
 fn typed<T: DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ApiError> {
+    if !raw.is_object() {
+        return Err(ApiError::Malformed("the body must be a JSON object".into()));
+    }
     T::deserialize(raw).map_err(|err| ApiError::Malformed(format!("the body has a field of the wrong type: {err}")))
 }
 
@@ -98,7 +103,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 #[derive(Debug, Clone)]
 pub(crate) struct Json<T>(pub T);
 
-/// An optional JSON body: an empty body is `None` (for fulfil/release "everything").
+/// An optional JSON body: an empty body or `null` is `None`.
 #[derive(Debug, Clone)]
 pub(crate) struct OptionalJson<T>(pub Option<T>);
 
@@ -127,7 +132,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OptionalJson<T> {
         if !json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        parse(&bytes).map(|v| OptionalJson(Some(v)))
+        // JSON `null` is no body too.
+        match parse::<serde_json::Value>(&bytes)? {
+            serde_json::Value::Null => Ok(OptionalJson(None)),
+            raw => typed(&raw).map(|v| OptionalJson(Some(v))),
+        }
     }
 }
 
@@ -218,4 +227,52 @@ impl<S: Send + Sync> FromRequestParts<S> for ReservationId {
         let Path(raw) = Path::<String>::from_request_parts(parts, state).await?;
         Ok(ReservationId(raw))
     }
+}
+
+/// Reads an optional JSON integer field. JSON has one number type, and JSON Schema (so the
+/// OpenAPI document) counts `2.0` as the integer 2: a whole number written with a fraction or
+/// an exponent is accepted; `2.5` or a number beyond 64 bits is the wrong type (400). `null`
+/// reads as absent. Use as `#[serde(default, deserialize_with = "whole_number")]`.
+pub(crate) fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    struct Whole;
+
+    impl<'de> serde::de::Visitor<'de> for Whole {
+        type Value = Option<i64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Ok(Some(n))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            i64::try_from(n).map(Some).map_err(|_| E::custom(format!("{n} is beyond the 64-bit range")))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            // 2^63 as f64 is exactly i64::MAX + 1, the first value out of range.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if n.fract() == 0.0 && (-LIMIT..LIMIT).contains(&n) {
+                Ok(Some(n as i64))
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(n), &self))
+            }
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    deserializer.deserialize_option(Whole)
 }

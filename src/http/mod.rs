@@ -13,6 +13,7 @@ pub(crate) mod openapi;
 pub(crate) mod operations;
 pub(crate) mod request_id;
 pub mod reservations;
+pub(crate) mod schemas;
 pub(crate) mod state;
 pub(crate) mod stock;
 
@@ -33,7 +34,7 @@ use crate::engine::Error;
 pub(crate) fn app(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     let timeout = state.config.request_timeout();
-    let (router, openapi) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let (router, mut openapi) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(operations::live))
         .routes(routes!(operations::ready))
         .routes(routes!(operations::metrics))
@@ -58,6 +59,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .routes(routes!(reservations::release))
         .routes(routes!(reservations::extend))
         .split_for_parts();
+    openapi::finish(&mut openapi, &state.config);
     router
         // `/docs` (Swagger UI, served from the binary: no CDN) and `/openapi.json`.
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))

@@ -5,9 +5,8 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, ResponsesBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder, ResponsesBuilder, Schema};
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 
 use crate::store::catalogue::Warehouse;
@@ -70,22 +69,51 @@ pub(crate) struct Problem {
     pub current_on_hand: Option<i64>,
 }
 
-/// A problem+json answer, declared once: `Problem` by reference.
+/// The problem answers many operations share, each declared once under `components/responses`
+/// (by name) and referred to from the operations that can give it.
+const SHARED_PROBLEMS: &[(&str, &str)] = &[
+    ("BadRequest", "malformed request: bad JSON or query values, wrong types, a NUL byte in the path or query"),
+    ("Unauthorized", "no valid API key: send `Authorization: Bearer <key>`"),
+    ("Forbidden", "the API key's role does not allow this call"),
+    ("UnknownSkuOrWarehouse", "unknown SKU or warehouse"),
+    ("UnknownReservation", "unknown reservation"),
+    ("PayloadTooLarge", "the body is larger than the limit (--body-limit)"),
+    ("UnsupportedMediaType", "the body is not declared as JSON (`Content-Type: application/json`)"),
+    ("ValidationFailed", "invalid values: every bad field under `errors`; nothing was changed"),
+    ("InternalError", "a bug; the answer carries the request id to report"),
+    (
+        "Unavailable",
+        "the database is unreachable or overloaded, or the service is shutting down; nothing was changed; retry later",
+    ),
+    (
+        "OutcomeUnknown",
+        "the request ran out of time (--request-timeout-secs) or lost the database while committing: it may or may \
+         not have been applied; retry with the same Idempotency-Key",
+    ),
+];
+
+/// A reference to one of [`SHARED_PROBLEMS`].
+fn shared(name: &str) -> RefOr<Response> {
+    debug_assert!(SHARED_PROBLEMS.iter().any(|(n, _)| *n == name), "{name} is not declared");
+    Ref::from_response_name(name).into()
+}
+
+/// A problem+json answer with its own description.
 fn problem(description: &str) -> RefOr<Response> {
     let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
     ResponseBuilder::new().description(description).content("application/problem+json", content).build().into()
 }
 
-/// Declares a set of problem+json responses once, for every operation that can give them.
+/// Declares a set of shared problem answers once, for every operation that can give them.
 macro_rules! problems {
-    ($(#[$doc:meta])* $name:ident { $($status:literal => $description:literal),+ $(,)? }) => {
+    ($(#[$doc:meta])* $name:ident { $($status:literal => $response:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug)]
         pub(crate) struct $name;
 
         impl IntoResponses for $name {
             fn responses() -> BTreeMap<String, RefOr<Response>> {
-                ResponsesBuilder::new()$(.response($status, problem($description)))+.build().into()
+                ResponsesBuilder::new()$(.response($status, shared($response)))+.build().into()
             }
         }
     };
@@ -94,53 +122,114 @@ macro_rules! problems {
 problems!(
     /// The answer every operation can give to a bad query or path (a value of the wrong type,
     /// a NUL byte).
-    QueryErrors { "400" => "malformed request (bad query values, a NUL byte in the path or query)" }
+    QueryErrors { "400" => "BadRequest" }
 );
 
 problems!(
     /// The answers of every operation that takes a JSON body, before it reaches the engine.
     BodyErrors {
-        "400" => "malformed JSON or wrong types",
-        "413" => "the body is too large",
-        "415" => "the body is not declared JSON",
-        "422" => "invalid values (every bad field under `errors`)",
+        "400" => "BadRequest",
+        "413" => "PayloadTooLarge",
+        "415" => "UnsupportedMediaType",
+        "422" => "ValidationFailed",
     }
 );
 
 problems!(
-    /// The answers of a listing to a bad query: a value of the wrong type, a bad `limit`.
-    PageErrors {
-        "400" => "malformed request (bad query values, a NUL byte in the path or query)",
-        "422" => "`limit` out of range",
-    }
+    /// The answers of a listing to a bad query: a value of the wrong type, a bad `limit`, a
+    /// filter that is not a valid code.
+    PageErrors { "400" => "BadRequest", "422" => "ValidationFailed" }
 );
 
 problems!(
     /// A stock operation naming a SKU or warehouse that does not exist.
-    UnknownSkuOrWarehouse { "404" => "unknown SKU or warehouse" }
+    UnknownSkuOrWarehouse { "404" => "UnknownSkuOrWarehouse" }
 );
 
 problems!(
     /// An operation on a reservation that does not exist.
-    UnknownReservation { "404" => "unknown reservation" }
+    UnknownReservation { "404" => "UnknownReservation" }
 );
 
-impl IntoParams for super::extract::IdempotencyKey {
-    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        let schema =
-            utoipa::openapi::ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255));
-        vec![
-            ParameterBuilder::new()
-                .name("Idempotency-Key")
-                .parameter_in(ParameterIn::Header)
-                .description(Some(
-                    "1–255 printable ASCII characters; a retry with the same key and request replays the first answer",
-                ))
-                .schema(Some(schema))
-                .build(),
-        ]
+/// What every POST says about retries.
+const IDEMPOTENCY: &str = "Send an `Idempotency-Key` header (1–255 printable ASCII characters, see \
+    `components/parameters/IdempotencyKey`) to make a retry safe: the same key with the same request replays the \
+    first answer (`Idempotent-Replayed: true`); with a different request it is 422 `idempotency_key_reused`; \
+    while the first is still running, 409 `idempotency_in_progress`. Keys are kept at least 24 hours.";
+
+/// Completes the generated document as this service answers: the shared problems declared
+/// under `components/responses`; on every operation the failures any request can meet (401
+/// and 403 where a key is needed, 500, and 503/504 where the database is involved); no
+/// security on what is public (`auth::required_role` decides, as it does for requests); and
+/// the configured limits (`--max-page-size`, `--max-reservation-lines`).
+pub(crate) fn finish(openapi: &mut utoipa::openapi::OpenApi, config: &crate::config::ServerArgs) {
+    use axum::http::Method;
+    let components = openapi.components.get_or_insert_with(Default::default);
+    for (name, description) in SHARED_PROBLEMS {
+        components.responses.insert((*name).to_owned(), problem(description));
+    }
+    // The `Idempotency-Key` header is described once here and in every POST's description, but
+    // is no parameter of the operations: a generator of test requests (schemathesis) that sends
+    // one key with two different bodies gets the contract's 422 `idempotency_key_reused` and
+    // takes it for a valid request rejected.
+    for parameter in super::extract::IdempotencyKey::into_params(|| None) {
+        components.parameters.insert("IdempotencyKey".to_owned(), parameter.into());
+    }
+    if let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut("ReserveBody")
+        && let Some(RefOr::T(Schema::Array(lines))) = body.properties.get_mut("lines")
+    {
+        lines.max_items = Some(config.max_reservation_lines);
+    }
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        let operations = [
+            (Method::GET, item.get.as_mut()),
+            (Method::PUT, item.put.as_mut()),
+            (Method::POST, item.post.as_mut()),
+            (Method::DELETE, item.delete.as_mut()),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            if method == Method::POST {
+                let description = operation.description.get_or_insert_with(String::new);
+                if !description.is_empty() {
+                    description.push_str("\n\n");
+                }
+                description.push_str(IDEMPOTENCY);
+            }
+            let mut add = |status: &str, name: &str| {
+                operation.responses.responses.entry(status.to_owned()).or_insert_with(|| shared(name));
+            };
+            match crate::auth::required_role(&method, path, config.metrics_public) {
+                Some(_) => {
+                    add("401", "Unauthorized");
+                    add("403", "Forbidden");
+                }
+                None => operation.security = Some(Vec::new()),
+            }
+            add("500", "InternalError");
+            if path != "/health/live" && path != "/metrics" {
+                add("503", "Unavailable");
+                add("504", "OutcomeUnknown");
+            }
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let RefOr::T(parameter) = parameter
+                    && parameter.name == "limit"
+                    && let Some(RefOr::T(Schema::Object(limit))) = parameter.schema.as_mut()
+                {
+                    limit.maximum = Some(config.max_page_size.into());
+                }
+            }
+        }
     }
 }
+
+super::schemas::one_parameter!(
+    super::extract::IdempotencyKey,
+    "Idempotency-Key",
+    Header,
+    "1–255 printable ASCII characters; a retry with the same key and request replays the first answer",
+    super::schemas::idempotency_key()
+);
 
 // The shapes of answers (serialised as they are declared).
 
@@ -242,7 +331,8 @@ impl Modify for BearerAuth {
     ),
     modifiers(&BearerAuth),
     security(("api_key" = [])),
-    components(schemas(Problem, ProblemCode)),
+    // Schemas only parameters refer to (bodies bring theirs along).
+    components(schemas(Problem, ProblemCode, crate::domain::EventKind, super::schemas::LevelCursor)),
     tags(
         (name = "reservations", description = "What order services call: hold, fulfil, release, extend."),
         (name = "stock", description = "Ops: receive, adjust, transfer, look up."),
@@ -285,6 +375,7 @@ mod tests {
             Refusal::IdempotencyKeyReused,
             Refusal::TooManyStreams(String::new()),
             Refusal::BadRows(Vec::new()),
+            Refusal::UnknownInRows(Vec::new()),
             Refusal::NotCsv(String::new()),
             Refusal::TooLarge { limit: 1 },
         ];

@@ -9,18 +9,24 @@ use super::error::ApiError;
 use super::openapi::{Health, Problem, QueryErrors};
 use super::state::AppState;
 use crate::engine::Error;
-use crate::metrics::{POOL_IDLE, POOL_MAX, POOL_SIZE};
+use crate::metrics::{POOL_CONNECTIONS, POOL_MAX};
 use crate::store::db::{self, MIGRATOR};
 
 /// The process is up.
-#[utoipa::path(operation_id = "getLiveness", get, path = "/health/live", tag = "operations",
+#[utoipa::path(operation_id = "getLiveness",
+    summary = "Is the process up?",
+    description = "Answers 200 while the process runs; touches no database. For a liveness probe.",
+    get, path = "/health/live", tag = "operations",
     responses((status = 200, description = "the process is up", body = Health), QueryErrors))]
 pub(crate) async fn live() -> Json<Health> {
     Json(Health { status: "ok", migration: None })
 }
 
 /// The database is reachable and every migration this binary knows is applied.
-#[utoipa::path(operation_id = "getReadiness", get, path = "/health/ready", tag = "operations",
+#[utoipa::path(operation_id = "getReadiness",
+    summary = "Can the service take traffic?",
+    description = "200 when the database is reachable and every migration this binary knows is applied; 503 while it is not, and from the moment a SIGTERM starts the drain. For a readiness probe or a load balancer's health check.",
+    get, path = "/health/ready", tag = "operations",
     responses((status = 200, description = "database reachable, migrations applied", body = Health),
         (status = 503, description = "not ready", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -41,13 +47,18 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Health>,
 }
 
 /// `GET /metrics`: Prometheus text format.
-#[utoipa::path(operation_id = "getMetrics", get, path = "/metrics", tag = "operations",
+#[utoipa::path(operation_id = "getMetrics",
+    summary = "Prometheus metrics",
+    description = "Counters, gauges and histograms in the Prometheus text format (every metric with `# HELP` and `# TYPE`, names prefixed `inventory_`). Public unless the service runs with `--metrics-public false`, then it needs the read role.",
+    get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         QueryErrors))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    metrics::gauge!(POOL_SIZE).set(state.db.size() as f64);
-    metrics::gauge!(POOL_IDLE).set(state.db.num_idle() as f64);
+    let idle = state.db.num_idle();
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use").set(state.db.size().saturating_sub(idle as u32) as f64);
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
     metrics::gauge!(POOL_MAX).set(state.db.options().get_max_connections() as f64);
+    crate::metrics::sample();
     let handle = crate::metrics::handle();
     handle.run_upkeep();
     let mut response = handle.render().into_response();

@@ -8,8 +8,9 @@ use uuid::Uuid;
 
 use super::answer::{render, respond};
 use super::error::{ApiError, ErrorCode};
-use super::extract::{Body, IdempotencyKey, OptionalBody, Query, ReservationId, ReservationParam};
+use super::extract::{Body, IdempotencyKey, OptionalBody, Query, ReservationId, ReservationParam, whole_number};
 use super::openapi::{BodyErrors, Problem, QueryErrors, ReservationList, UnknownReservation};
+use super::schemas::{OrderId, TtlSeconds};
 use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
 use crate::domain::{Quantity, Settle, Sku, Validator, WarehouseCode, text};
@@ -21,19 +22,40 @@ use crate::store::reservations::{self as store, Reservation};
 pub(crate) const DEFAULT_TTL: i64 = 900;
 pub(crate) const MAX_TTL: i64 = 604_800;
 
+/// An order to hold stock for.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"order_id": "1001", "lines": [{"sku": "TSHIRT-M", "quantity": 3}], "ttl_seconds": 900}))]
 pub(crate) struct ReserveBody {
+    #[schema(value_type = OrderId)]
     order_id: Option<String>,
+    /// One line per SKU (or per SKU and pinned warehouse); at most `--max-reservation-lines` (100).
+    #[schema(value_type = Vec<LineBody>, min_items = 1, max_items = 100)]
     lines: Option<Vec<LineBody>>,
+    /// Default 900.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<TtlSeconds>)]
     ttl_seconds: Option<i64>,
+    /// Default `priority`.
+    #[schema(value_type = Option<Strategy>)]
     strategy: Option<String>,
 }
 
+/// One line of an order.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub(crate) struct LineBody {
+    #[schema(value_type = Sku)]
     sku: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Quantity, required = true)]
     quantity: Option<i64>,
+    /// Take the line from this warehouse only.
+    #[schema(value_type = Option<WarehouseCode>)]
     warehouse: Option<String>,
+}
+
+fn order_id(raw: String) -> Result<String, String> {
+    let id = text(raw)?;
+    if id.is_empty() { Err("must not be empty".to_owned()) } else { Ok(id) }
 }
 
 fn ttl(raw: i64) -> Result<i64, String> {
@@ -42,10 +64,7 @@ fn ttl(raw: i64) -> Result<i64, String> {
 
 fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservation, ApiError> {
     let mut v = Validator::new();
-    let order_id = v.required("order_id", body.order_id, |id| {
-        let id = text(id)?;
-        if id.is_empty() { Err("must not be empty".to_owned()) } else { Ok(id) }
-    });
+    let order_id = v.required("order_id", body.order_id, order_id);
     let ttl_seconds = v.optional("ttl_seconds", body.ttl_seconds, ttl);
     let strategy = v.optional("strategy", body.strategy, |s| Strategy::parse(&s));
     let mut lines = Vec::new();
@@ -70,14 +89,8 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
             }
         }
     }
-    if let Some(Some(Strategy::Single)) = strategy {
-        let mut pins: Vec<&str> = lines.iter().filter_map(|l| l.warehouse.as_deref()).collect();
-        pins.sort_unstable();
-        pins.dedup();
-        if pins.len() > 1 {
-            v.fail("lines", "strategy single cannot honour lines pinned to different warehouses");
-        }
-    }
+    // `single` with lines pinned to different warehouses cannot be met by any one warehouse: the
+    // engine answers 409 insufficient_stock, as for any order no single warehouse can fill.
     Ok(v.finish(|| {
         Some(NewReservation {
             order_id: order_id?,
@@ -88,7 +101,10 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     })?)
 }
 
-#[utoipa::path(operation_id = "reserveStock", post, path = "/v1/reservations", tag = "reservations", params(IdempotencyKey), request_body = ReserveBody,
+#[utoipa::path(operation_id = "reserveStock",
+    summary = "Hold stock for an order",
+    description = "Allocates every line in one transaction, all or nothing: each line from the preferred warehouses first (`strategy: priority`) or the whole order from one warehouse (`single`); a line with `warehouse` is taken from that warehouse only. The hold expires after `ttl_seconds` (then released within 5 s) unless fulfilled, released or extended. One reservation per `order_id`: a second is 409 `duplicate_order`. Not enough stock: 409 `insufficient_stock` with every short line.",
+    post, path = "/v1/reservations", tag = "reservations", request_body = ReserveBody,
     responses((status = 201, description = "held", body = Reservation),
         (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
@@ -115,7 +131,10 @@ pub(crate) async fn create(
     Ok(response)
 }
 
-#[utoipa::path(operation_id = "planReservation", post, path = "/v1/reservations/plan", tag = "reservations", params(IdempotencyKey),
+#[utoipa::path(operation_id = "planReservation",
+    summary = "Preview an allocation",
+    description = "What `POST /v1/reservations` would allocate now, with the same checks and answers; nothing is held.",
+    post, path = "/v1/reservations/plan", tag = "reservations", 
     request_body = ReserveBody,
     responses((status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
         (status = 409, description = "insufficient_stock or duplicate_order", body = Problem, content_type = "application/problem+json"),
@@ -131,7 +150,10 @@ pub(crate) async fn plan(
     respond(state.engine.plan(&req, key.as_ref()).await, StatusCode::OK)
 }
 
-#[utoipa::path(operation_id = "getReservation", get, path = "/v1/reservations/{id}", tag = "reservations",
+#[utoipa::path(operation_id = "getReservation",
+    summary = "Get a reservation",
+    description = "A reservation with its lines and allocations (held, fulfilled, released per warehouse) and its status.",
+    get, path = "/v1/reservations/{id}", tag = "reservations",
     params(ReservationParam),
     responses((status = 200, description = "the reservation", body = Reservation),
         QueryErrors, UnknownReservation))]
@@ -145,15 +167,22 @@ pub(crate) async fn get(State(state): State<AppState>, id: ReservationId) -> Res
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ByOrder {
+    /// The order service's id of the order.
+    #[param(value_type = OrderId, required = true)]
     order_id: Option<String>,
 }
 
-#[utoipa::path(operation_id = "listReservations", get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
+#[utoipa::path(operation_id = "listReservations",
+    summary = "Find the reservation of an order",
+    description = "The reservation made for `order_id`, as a list of at most one.",
+    get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
     responses((status = 200, description = "the reservation of the order (or none)", body = ReservationList),
         (status = 422, description = "`order_id` is missing", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
 pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
-    let order_id = q.order_id.ok_or_else(|| ApiError::field("order_id", "is required"))?;
+    let mut v = Validator::new();
+    let order_id = v.required("order_id", q.order_id, order_id);
+    let order_id = v.finish(|| order_id)?;
     let mut conn = state.db.acquire().await?;
     let mut items = Vec::new();
     if let Some(id) = store::id_of_order(&mut conn, &order_id).await?
@@ -164,18 +193,26 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>
     Ok(axum::Json(ReservationList { items }).into_response())
 }
 
+/// What to settle: some lines, or (without `lines`, or without a body) everything still held.
 /// Unknown fields are refused: a misspelt `lines` must not turn a partial fulfil into a full one.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"lines": [{"sku": "TSHIRT-M", "warehouse": "BER", "quantity": 1}]}))]
 pub(crate) struct SettleBody {
+    #[schema(value_type = Option<Vec<PartBody>>, min_items = 1)]
     lines: Option<Vec<PartBody>>,
 }
 
+/// Part of one allocation.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PartBody {
+    #[schema(value_type = Sku)]
     sku: Option<String>,
+    #[schema(value_type = WarehouseCode)]
     warehouse: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Quantity, required = true)]
     quantity: Option<i64>,
 }
 
@@ -215,8 +252,8 @@ async fn settle(
 
 /// Fulfil and release are mirror images: one handler each, made by one definition.
 macro_rules! settle_handler {
-    ($name:ident, $operation:literal, $kind:expr, $path:literal, $done:literal, $conflicts:literal) => {
-        #[utoipa::path(operation_id = $operation, post, path = $path, tag = "reservations", params(ReservationParam, IdempotencyKey),
+    ($name:ident, $operation:literal, $summary:literal, $description:literal, $kind:expr, $path:literal, $done:literal, $conflicts:literal) => {
+        #[utoipa::path(operation_id = $operation, summary = $summary, description = $description, post, path = $path, tag = "reservations", params(ReservationParam),
             request_body = Option<SettleBody>,
             responses((status = 200, description = $done, body = Reservation),
                 (status = 409, description = $conflicts, body = Problem, content_type = "application/problem+json"),
@@ -235,6 +272,8 @@ macro_rules! settle_handler {
 settle_handler!(
     fulfil,
     "fulfilReservation",
+    "Ship reserved units",
+    "Deducts shipped units: `on_hand` and `reserved` both go down. Without a body (or without `lines`), everything still held is fulfilled; with `lines`, those quantities from those allocations. More than is held is 409 `over_fulfilment`; a reservation that is no longer active is 409 `reservation_not_active`. When nothing is held any more, the reservation is `fulfilled` (or `released`, if nothing was ever shipped).",
     Settle::Fulfil,
     "/v1/reservations/{id}/fulfil",
     "after deducting",
@@ -243,19 +282,28 @@ settle_handler!(
 settle_handler!(
     release,
     "releaseReservation",
+    "Give reserved units back",
+    "Returns held units to available stock (an order cancelled, a line removed). Without a body (or without `lines`), everything still held is released; with `lines`, those quantities from those allocations. More than is held is 409 `over_release`; a reservation that is no longer active is 409 `reservation_not_active`.",
     Settle::Release,
     "/v1/reservations/{id}/release",
     "after giving units back",
     "over_release or reservation_not_active"
 );
 
+/// A new deadline, counted from now.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"ttl_seconds": 1800}))]
 pub(crate) struct ExtendBody {
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = TtlSeconds, required = true)]
     ttl_seconds: Option<i64>,
 }
 
-#[utoipa::path(operation_id = "extendReservation", post, path = "/v1/reservations/{id}/extend", tag = "reservations",
-    params(ReservationParam, IdempotencyKey), request_body = ExtendBody,
+#[utoipa::path(operation_id = "extendReservation",
+    summary = "Extend a hold",
+    description = "Sets the reservation's deadline to now + `ttl_seconds`. Only an active reservation can be extended (409 `reservation_not_active`).",
+    post, path = "/v1/reservations/{id}/extend", tag = "reservations",
+    params(ReservationParam), request_body = ExtendBody,
     responses((status = 200, description = "with the new expires_at", body = Reservation),
         (status = 409, description = "reservation_not_active", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownReservation))]

@@ -8,11 +8,12 @@ use serde_json::json;
 
 use super::answer::respond;
 use super::error::ApiError;
-use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query};
+use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query, whole_number};
 use super::openapi::{
     Availability, AvailabilityItem, BodyErrors, LevelPage, PageErrors, Problem, QueryErrors, StockView, Totals,
     UnknownSkuOrWarehouse,
 };
+use super::schemas::{self, Count, LevelCursor, Text};
 use super::state::{AppState, page_limit};
 use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
@@ -24,15 +25,26 @@ use crate::store::stock::{self, Level, LevelFilter, Replenishment};
 /// Most SKUs one availability request may ask for.
 pub(crate) const MAX_AVAILABILITY_SKUS: usize = 1000;
 
+/// Goods that arrived.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"sku": "TSHIRT-M", "warehouse": "BER", "quantity": 50, "reference": "PO-7"}))]
 pub(crate) struct ReceiveBody {
+    #[schema(value_type = Sku)]
     sku: Option<String>,
+    #[schema(value_type = WarehouseCode)]
     warehouse: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Quantity, required = true)]
     quantity: Option<i64>,
+    /// A delivery note, purchase order, … (shown in the ledger).
+    #[schema(value_type = Option<Text>)]
     reference: Option<String>,
 }
 
-#[utoipa::path(operation_id = "receiveStock", post, path = "/v1/stock/receive", tag = "stock", params(IdempotencyKey), request_body = ReceiveBody,
+#[utoipa::path(operation_id = "receiveStock",
+    summary = "Receive goods",
+    description = "Adds `quantity` to `on_hand` of the level (created on first receipt), with a `receive` ledger entry. The SKU and the warehouse must exist.",
+    post, path = "/v1/stock/receive", tag = "stock", request_body = ReceiveBody,
     responses((status = 200, description = "the level after the receipt", body = Level),
         BodyErrors, UnknownSkuOrWarehouse))]
 pub(crate) async fn receive(
@@ -51,17 +63,31 @@ pub(crate) async fn receive(
     respond(state.engine.receive(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
+/// A change of `on_hand` by hand.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"sku": "TSHIRT-M", "warehouse": "BER", "delta": -2, "reason": "count", "expected_on_hand": 50}))]
 pub(crate) struct AdjustBody {
+    #[schema(value_type = Sku)]
     sku: Option<String>,
+    #[schema(value_type = WarehouseCode)]
     warehouse: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Delta, required = true)]
     delta: Option<i64>,
+    #[schema(value_type = AdjustReason)]
     reason: Option<String>,
+    #[schema(value_type = Option<Text>)]
     reference: Option<String>,
+    /// Compare-and-set: the `on_hand` the counter saw; 409 `stale_quantity` if it moved since.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<i64>, minimum = 0)]
     expected_on_hand: Option<i64>,
 }
 
-#[utoipa::path(operation_id = "adjustStock", post, path = "/v1/stock/adjust", tag = "stock", params(IdempotencyKey), request_body = AdjustBody,
+#[utoipa::path(operation_id = "adjustStock",
+    summary = "Adjust stock by hand",
+    description = "Changes `on_hand` by `delta` for a count, damage, loss, find, return or correction, with an `adjust` ledger entry. `on_hand` never drops below what is reserved (409 `insufficient_stock`). With `expected_on_hand`, the change applies only if `on_hand` is still that value (409 `stale_quantity` otherwise): a count that raced with a shipment is not lost.",
+    post, path = "/v1/stock/adjust", tag = "stock", request_body = AdjustBody,
     responses((status = 200, description = "the level after the adjustment", body = Level),
         (status = 409, description = "insufficient_stock or stale_quantity", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
@@ -98,16 +124,27 @@ pub(crate) async fn adjust(
     respond(state.engine.adjust(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
+/// Units moved between warehouses (from a warehouse to itself: checked, and nothing moves).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"sku": "TSHIRT-M", "from": "BER", "to": "HAM", "quantity": 10}))]
 pub(crate) struct TransferBody {
+    #[schema(value_type = Sku)]
     sku: Option<String>,
+    #[schema(value_type = WarehouseCode)]
     from: Option<String>,
+    #[schema(value_type = WarehouseCode)]
     to: Option<String>,
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Quantity, required = true)]
     quantity: Option<i64>,
+    #[schema(value_type = Option<Text>)]
     reference: Option<String>,
 }
 
-#[utoipa::path(operation_id = "transferStock", post, path = "/v1/stock/transfer", tag = "stock", params(IdempotencyKey), request_body = TransferBody,
+#[utoipa::path(operation_id = "transferStock",
+    summary = "Move stock between warehouses",
+    description = "Moves available units from `from` to `to` in one transaction (`transfer_out` and `transfer_in` ledger entries); needs `available(from) >= quantity`, else 409 `insufficient_stock`. Reserved units never move. A move from a warehouse to itself is checked the same way and changes nothing.",
+    post, path = "/v1/stock/transfer", tag = "stock", request_body = TransferBody,
     responses((status = 200, description = "both levels after the move", body = crate::engine::stock::Transferred),
         (status = 409, description = "insufficient_stock", body = Problem, content_type = "application/problem+json"),
         BodyErrors, UnknownSkuOrWarehouse))]
@@ -122,26 +159,32 @@ pub(crate) async fn transfer(
     let to = v.required("to", body.to, WarehouseCode::parse);
     let quantity = v.required("quantity", body.quantity, Quantity::parse);
     let reference = v.optional("reference", body.reference, text);
-    if let (Some(from), Some(to)) = (&from, &to)
-        && from == to
-    {
-        v.fail("to", "must differ from `from`");
-    }
     let cmd =
         v.finish(|| Some(Transfer { sku: sku?, from: from?, to: to?, quantity: quantity?, reference: reference? }))?;
     let key = key.keyed(&raw, StatusCode::OK);
     respond(state.engine.transfer(&cmd, key.as_ref()).await, StatusCode::OK)
 }
 
+/// Replenishment settings of one level; what is left out stays as it is.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"reorder_point": 20, "reorder_quantity": 100}))]
 pub(crate) struct ReplenishmentBody {
+    /// `available` at or below this is low stock.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<Count>)]
     reorder_point: Option<i64>,
+    /// How much to order when low.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<Count>)]
     reorder_quantity: Option<i64>,
 }
 
-#[utoipa::path(operation_id = "putReplenishment", put, path = "/v1/stock/{sku}/{warehouse}", tag = "stock",
-    params(("sku" = String, Path, description = "the SKU"), ("warehouse" = String, Path, description = "warehouse code")),
-    request_body = ReplenishmentBody,
+#[utoipa::path(operation_id = "putReplenishment",
+    summary = "Set reorder point and quantity",
+    description = "Sets the replenishment settings of one level (creating the level with nothing on hand if it does not exist: 201). A level whose `available` is at or below its reorder point is in the low-stock report (`GET /v1/stock?below_reorder_point=true`) and raises `stock.low`.",
+    put, path = "/v1/stock/{sku}/{warehouse}", tag = "stock",
+    params(("sku" = Sku, Path, description = "the SKU"), ("warehouse" = WarehouseCode, Path, description = "warehouse code")),
+    request_body = Option<ReplenishmentBody>,
     responses((status = 200, description = "updated", body = Level),
         (status = 201, description = "the level was created", body = Level), BodyErrors,
         UnknownSkuOrWarehouse))]
@@ -172,7 +215,10 @@ pub(crate) async fn put_replenishment(
     Ok((status, axum::Json(level)).into_response())
 }
 
-#[utoipa::path(operation_id = "getSkuStock", get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = String, Path, description = "the SKU")),
+#[utoipa::path(operation_id = "getSkuStock",
+    summary = "Stock of one SKU",
+    description = "The SKU's level in every warehouse, and the totals.",
+    get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = Sku, Path, description = "the SKU")),
     responses((status = 200, description = "per warehouse and in total", body = StockView),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -197,8 +243,11 @@ pub(crate) async fn get_sku_stock(
 
 /// `GET /v1/availability?sku=A&sku=B` (also `sku=A,B`): one item per requested SKU, in request
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
-#[utoipa::path(operation_id = "getAvailability", get, path = "/v1/availability", tag = "stock",
-    params(("sku" = Vec<String>, Query, description = "repeat for each SKU (or comma-separate), up to 1000")),
+#[utoipa::path(operation_id = "getAvailability",
+    summary = "Availability of SKUs",
+    description = "What can be sold now, per SKU: the sum of `available` over active warehouses, and per warehouse. One item per requested SKU in request order; an unknown or unstocked SKU reads 0, so a product page never breaks. As fresh as a direct read: it sees every committed change.",
+    get, path = "/v1/availability", tag = "stock",
+    params(AvailabilityQuery),
     responses((status = 200, description = "one item per requested SKU, in request order", body = Availability),
         (status = 422, description = "no SKU, or too many", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
@@ -210,7 +259,13 @@ pub(crate) async fn availability(
     // Other parameters (cache busters and the like) are ignored: a product page never breaks.
     for (key, value) in pairs {
         if key == "sku" {
-            requested.extend(value.split(',').filter(|s| !s.is_empty()).map(str::to_owned));
+            for sku in value.split(',') {
+                // A malformed code names no SKU that could exist: say so instead of reading 0.
+                if let Err(err) = Sku::parse(sku) {
+                    return Err(ApiError::field("sku", format!("`{sku}` {err}")));
+                }
+                requested.push(sku.to_owned());
+            }
         }
     }
     if requested.is_empty() {
@@ -236,23 +291,62 @@ pub(crate) async fn availability(
     Ok(axum::Json(Availability { items }).into_response())
 }
 
+/// The CSV body of an import, as the document describes it.
+#[derive(Debug)]
+pub(crate) struct ImportCsv;
+
+impl utoipa::PartialSchema for ImportCsv {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        schemas::import_csv().into()
+    }
+}
+
+impl utoipa::ToSchema for ImportCsv {}
+
+/// The `sku` parameters of an availability request, as the document describes them.
+#[derive(Debug)]
+pub(crate) struct AvailabilityQuery;
+
+schemas::one_parameter!(
+    AvailabilityQuery,
+    "sku",
+    Query,
+    "Repeat for each SKU (or comma-separate them), up to 1000 SKUs.",
+    schemas::availability_skus(),
+    required(utoipa::openapi::Required::True),
+    style(Some(utoipa::openapi::path::ParameterStyle::Form)),
+    explode(Some(true)),
+);
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only this warehouse's levels.
+    #[param(value_type = Option<WarehouseCode>)]
     warehouse: Option<String>,
+    /// Only levels with `available <= reorder_point` (the low-stock report).
     below_reorder_point: Option<bool>,
+    /// Page size, default 100.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    #[param(value_type = Option<LevelCursor>)]
     cursor: Option<String>,
 }
 
-#[utoipa::path(operation_id = "listStockLevels", get, path = "/v1/stock", tag = "stock", params(ListQuery),
+#[utoipa::path(operation_id = "listStockLevels",
+    summary = "List stock levels",
+    description = "Every level, by SKU and warehouse, in pages (`next_cursor`). With `below_reorder_point=true`, only levels at or below their reorder point: the low-stock report.",
+    get, path = "/v1/stock", tag = "stock", params(ListQuery),
     responses((status = 200, description = "a page of levels", body = LevelPage),
         PageErrors))]
 pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let limit = page_limit(q.limit, &state)?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let mut v = Validator::new();
+    let warehouse = v.optional("warehouse", q.warehouse, WarehouseCode::parse);
+    let warehouse = v.finish(|| warehouse)?;
     let page = LevelFilter {
-        warehouse: q.warehouse,
+        warehouse: warehouse.map(WarehouseCode::into_string),
         below_reorder_point: q.below_reorder_point.unwrap_or(false),
         after,
         limit,
@@ -263,14 +357,16 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuer
     Ok(axum::Json(LevelPage { items, next_cursor }).into_response())
 }
 
-/// Cursors are opaque to clients: hex of `sku/warehouse` (`/` cannot occur in either code).
-fn encode_cursor(sku: &str, warehouse: &str) -> String {
+/// Cursors are opaque to clients: lowercase hex of `sku/warehouse` (`/` cannot occur in either
+/// code). Exactly these match the document's `LevelCursor` pattern.
+pub(crate) fn encode_cursor(sku: &str, warehouse: &str) -> String {
     format!("{sku}/{warehouse}").bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
     let bad = || ApiError::Malformed("bad cursor: pass back the next_cursor of the previous page".into());
-    if !cursor.len().is_multiple_of(2) || !cursor.is_ascii() {
+    let lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+    if !cursor.len().is_multiple_of(2) || !cursor.bytes().all(|b| lower_hex(&b)) {
         return Err(bad());
     }
     let bytes = (0..cursor.len())
@@ -279,11 +375,11 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), ApiError> {
         .collect::<Result<Vec<u8>, _>>()
         .map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    if text.chars().any(char::is_control) {
-        return Err(bad());
-    }
     let (sku, warehouse) = text.split_once('/').ok_or_else(bad)?;
-    Ok((sku.to_owned(), warehouse.to_owned()))
+    match (Code::parse(sku), Code::parse(warehouse)) {
+        (Ok(sku), Ok(warehouse)) => Ok((sku.into_string(), warehouse.into_string())),
+        _ => Err(bad()),
+    }
 }
 
 #[cfg(test)]
@@ -294,7 +390,7 @@ mod tests {
     fn cursors_round_trip_and_reject_garbage() {
         let c = encode_cursor("SKU-1", "WH.2");
         assert_eq!(decode_cursor(&c).unwrap(), ("SKU-1".to_owned(), "WH.2".to_owned()));
-        for bad in ["zz", "abc", "ä0", "6162"] {
+        for bad in ["zz", "abc", "ä0", "6162", "412F42", "2d2f41", "2f41"] {
             assert!(decode_cursor(bad).is_err(), "{bad}");
         }
     }
@@ -310,10 +406,14 @@ pub(crate) struct ImportQuery {
 /// `POST /v1/stock/import`: a CSV body (`sku,warehouse,on_hand[,reorder_point,reorder_quantity]`,
 /// header optional), streamed into the database. `on_hand` is the counted quantity: the level
 /// is set to it, with a `receive` (new level) or `adjust`/`count` ledger entry.
-#[utoipa::path(operation_id = "importStock", post, path = "/v1/stock/import", tag = "stock", params(ImportQuery, IdempotencyKey),
-    request_body(content = String, content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
+#[utoipa::path(operation_id = "importStock",
+    summary = "Import counted stock from CSV",
+    description = "Sets `on_hand` of many levels at once from a CSV body, in one transaction: all rows or none. A new level gets a `receive` ledger entry, a changed one an `adjust`/`count` entry. Bad rows are listed by line number (422; rows naming unknown SKUs or warehouses: 404, or create them with `create_missing=true`). The body is streamed to disk first, up to `--import-max-bytes`.",
+    post, path = "/v1/stock/import", tag = "stock", params(ImportQuery),
+    request_body(content = inline(ImportCsv), content_type = "text/csv", description = "sku,warehouse,on_hand[,reorder_point,reorder_quantity]"),
     responses((status = 200, description = "everything applied", body = crate::engine::import::ImportReport),
         (status = 422, description = "bad rows, by line number; nothing applied", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "rows naming unknown SKUs or warehouses, by line number (without create_missing); nothing applied", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "the body is not CSV", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "the body is larger than the import limit (--import-max-bytes); nothing applied", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "idempotency_in_progress: a request with this Idempotency-Key is still running", body = Problem, content_type = "application/problem+json"),

@@ -132,10 +132,11 @@ async fn a_batch_that_fails_as_a_whole_still_answers_each_order_on_its_own_merit
     app.assert_invariants().await;
 }
 
-/// `reservation_batch_fallbacks_total` as `/metrics` shows it now.
+/// `inventory_reservation_batch_fallbacks_total` as `/metrics` shows it now.
 async fn fallbacks(app: &TestApp) -> f64 {
     let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix("reservation_batch_fallbacks_total ")?.trim().parse().ok()).unwrap_or(0.0)
+    let name = inventory::metrics::BATCH_FALLBACKS;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 /// What an answer to a reservation says, without what differs by nature (ids, times).

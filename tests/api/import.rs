@@ -110,7 +110,18 @@ async fn any_bad_row_rejects_the_whole_import_by_line_number() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let fields: Vec<&str> =
         problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
-    assert_eq!(fields, ["line 1", "line 2", "line 3"], "duplicates and the unknown SKU: {problem}");
+    assert_eq!(fields, ["line 1", "line 3"], "a level named twice: {problem}");
+    // Unknown codes are a 404 (as for every operation naming them), listed by line.
+    let (status, problem) = import(&app, "", "A,W1,5\nZZ,W1,1\nA,W9,6\n").await;
+    assert_eq!((status, problem["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{problem}");
+    let fields: Vec<&str> =
+        problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["line 2", "line 3"], "the unknown SKU and warehouse: {problem}");
+    // An empty file, or one with only a header, imports nothing and says so.
+    for empty in ["", "sku,warehouse,on_hand\n"] {
+        let (status, report) = import(&app, "", empty).await;
+        assert_eq!((status, report["rows"].as_i64()), (StatusCode::OK, Some(0)), "{empty:?}: {report}");
+    }
     assert_eq!(app.ledger_count().await, before, "nothing applied");
     assert_eq!(app.level("A", "W1").await, (0, 0));
     let res = app.client.post(app.url("/v1/stock/import")).json(&json!({"rows": []})).send().await.unwrap();

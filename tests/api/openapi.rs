@@ -84,8 +84,10 @@ async fn the_document_names_the_problem_codes_the_key_header_and_the_auth_scheme
     {
         assert!(codes.iter().any(|c| c == code), "{code}");
     }
-    let params = doc["paths"]["/v1/reservations"]["post"]["parameters"].as_array().unwrap();
-    assert!(params.iter().any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"));
+    let key = &doc["components"]["parameters"]["IdempotencyKey"];
+    assert_eq!((key["name"].as_str(), key["in"].as_str()), (Some("Idempotency-Key"), Some("header")), "{key}");
+    let description = doc["paths"]["/v1/reservations"]["post"]["description"].as_str().unwrap();
+    assert!(description.contains("Idempotency-Key"), "{description}");
     assert_eq!(doc["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
     let conflict = &doc["paths"]["/v1/reservations"]["post"]["responses"]["409"]["content"];
     assert!(conflict["application/problem+json"].is_object(), "{conflict}");
@@ -174,4 +176,35 @@ async fn every_operation_has_its_own_meaningful_operation_id() {
         }
     }
     assert!(seen.len() >= CONTRACT.len(), "every operation of the contract was looked at: {}", seen.len());
+}
+
+/// Every operation says in a line what it is for and explains itself in a description; the
+/// failures any request can meet are declared once (`components/responses`) and referred to.
+#[tokio::test]
+async fn every_operation_has_a_summary_a_description_and_its_failures() {
+    let app = TestApp::spawn().await;
+    let doc = document(&app).await;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let summary = op["summary"].as_str().unwrap_or_default();
+            let description = op["description"].as_str().unwrap_or_default();
+            assert!(
+                !summary.is_empty() && summary.len() <= 60 && !summary.contains('\n'),
+                "{method} {path}: {summary:?}"
+            );
+            assert!(description.len() > summary.len(), "{method} {path}: no description");
+            let responses = op["responses"].as_object().unwrap();
+            assert!(responses.contains_key("500"), "{method} {path}: no 500");
+            if op["security"] != serde_json::json!([]) {
+                for status in ["401", "403"] {
+                    let reference = responses.get(status).and_then(|r| r["$ref"].as_str()).unwrap_or_default();
+                    assert!(reference.starts_with("#/components/responses/"), "{method} {path}: {status}");
+                }
+            }
+        }
+    }
+    let bodies = doc["components"]["schemas"].as_object().unwrap();
+    for body in ["ReserveBody", "SettleBody", "ExtendBody", "ReceiveBody", "AdjustBody", "TransferBody"] {
+        assert!(bodies[body]["example"].is_object(), "{body} has no example");
+    }
 }

@@ -406,11 +406,14 @@ async fn a_misspelt_partial_fulfilment_is_refused_rather_than_fulfilling_everyth
 }
 
 #[tokio::test]
-async fn single_with_lines_pinned_to_different_warehouses_is_422() {
+async fn single_with_lines_pinned_to_different_warehouses_is_insufficient_stock() {
+    // No one warehouse can fill an order pinned to two: answered like any order no single
+    // warehouse can fill, and nothing is held.
     let app = shop().await;
     let body = json!({"order_id": "o", "strategy": "single", "lines": [
         {"sku": "A", "quantity": 1, "warehouse": "W1"}, {"sku": "B", "quantity": 1, "warehouse": "W2"}]});
     let (status, r) = reserve(&app, body).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
-    assert_eq!(r["errors"][0]["field"], "lines");
+    assert_eq!((status, r["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_stock")), "{r}");
+    assert_eq!(r["lines"].as_array().map(Vec::len), Some(2), "{r}");
+    app.assert_invariants().await;
 }

@@ -117,10 +117,17 @@ async fn transfers_move_units_atomically_or_not_at_all() {
     assert_eq!(body["code"], "insufficient_stock");
     assert_eq!((app.level("A", "WH1").await, app.level("A", "WH2").await), ((6, 0), (4, 0)));
 
+    // A move from a warehouse to itself is checked like any move and changes nothing.
+    let entries = app.ledger_count().await;
     let (status, body) =
-        app.post("/v1/stock/transfer", json!({"sku": "A", "from": "WH1", "to": "WH1", "quantity": 1})).await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(body["errors"][0]["field"], "to");
+        app.post("/v1/stock/transfer", json!({"sku": "A", "from": "WH1", "to": "WH1", "quantity": 6})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["from"]["on_hand"].as_i64(), body["to"]["on_hand"].as_i64()), (Some(6), Some(6)), "{body}");
+    let (status, body) =
+        app.post("/v1/stock/transfer", json!({"sku": "A", "from": "WH1", "to": "WH1", "quantity": 7})).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("insufficient_stock")), "{body}");
+    assert_eq!(app.level("A", "WH1").await, (6, 0));
+    assert_eq!(app.ledger_count().await, entries, "no ledger entry for a move that moves nothing");
     app.assert_invariants().await;
 }
 

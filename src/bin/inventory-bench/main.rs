@@ -469,7 +469,7 @@ async fn feed_head(url: &str) -> i64 {
     sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(&mut conn).await.unwrap_or(0)
 }
 
-/// The largest `expiry_lag_seconds` (the oldest overdue hold at a sweep) seen once a second
+/// The largest `inventory_expiry_lag_seconds` (the oldest overdue hold at a sweep) seen once a second
 /// until `deadline`.
 async fn watch_expiry_lag(addr: SocketAddr, deadline: Instant) -> f64 {
     let mut client = load::Client::new(addr);
@@ -477,7 +477,9 @@ async fn watch_expiry_lag(addr: SocketAddr, deadline: Instant) -> f64 {
     while Instant::now() < deadline {
         if let Some(answer) = client.send(hyper::Method::GET, "/metrics", None).await {
             let text = String::from_utf8_lossy(&answer.body);
-            let lag = text.lines().find_map(|l| l.strip_prefix("expiry_lag_seconds ")?.trim().parse::<f64>().ok());
+            let lag = text.lines().find_map(|l| {
+                l.strip_prefix(inventory::metrics::EXPIRY_LAG)?.strip_prefix(' ')?.trim().parse::<f64>().ok()
+            });
             worst = worst.max(lag.unwrap_or(0.0));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -493,7 +495,8 @@ async fn batch_totals(addr: SocketAddr) -> (f64, f64) {
     let value = |name: &str| {
         text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok())).unwrap_or(0.0)
     };
-    (value("reservation_batch_size_sum "), value("reservation_batch_size_count "))
+    let name = inventory::metrics::BATCH_SIZE;
+    (value(&format!("{name}_sum ")), value(&format!("{name}_count ")))
 }
 
 /// The sold-out run must have sold exactly the stock: as many 201s as units, all held.
