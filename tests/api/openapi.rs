@@ -1,4 +1,5 @@
-//! The OpenAPI document covers every route, and `/docs` renders it in a real browser.
+//! The OpenAPI document covers every route, `/docs` renders it in a real browser, and a
+//! TypeScript client generated from the committed document type-checks.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -206,5 +207,81 @@ async fn every_operation_has_a_summary_a_description_and_its_failures() {
     let bodies = doc["components"]["schemas"].as_object().unwrap();
     for body in ["ReserveBody", "SettleBody", "ExtendBody", "ReceiveBody", "AdjustBody", "TransferBody"] {
         assert!(bodies[body]["example"].is_object(), "{body} has no example");
+    }
+}
+
+/// A client can be generated from the committed document: openapi-typescript turns
+/// `docs/openapi.json` into TypeScript types, and `tsc --strict` checks the small client in
+/// `clients/typescript/src` (it stocks up, makes a reservation, reads the 201 answer and the 409
+/// problem) against them. A change of the document that breaks a client (a path, a parameter, a
+/// field or a problem code renamed or removed) fails here as a compile error. The packages are
+/// pinned by `clients/typescript/package-lock.json`; `npm ci` runs when `node_modules` is missing
+/// or older than the lockfile (about 3 s more); generating and checking take about 5 s.
+#[test]
+fn a_typescript_client_type_checks_against_the_committed_document() {
+    const TEST: &str = "openapi::a_typescript_client_type_checks_against_the_committed_document";
+    if !Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        crate::helpers::skip(TEST, "no npm: install Node.js 18+ with npm (apt-get install nodejs npm)");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/typescript");
+    let modified = |p: &str| std::fs::metadata(dir.join(p)).and_then(|m| m.modified()).ok();
+    // npm ci writes node_modules/.package-lock.json last: older than the lockfile or package.json
+    // (a checkout changed them) or missing means the installed packages may not be the pinned ones.
+    let installed = modified("node_modules/.package-lock.json");
+    if installed.is_none() || installed < modified("package-lock.json") || installed < modified("package.json") {
+        npm(&dir, "npm", &["ci", "--no-audit", "--no-fund"], 300);
+    }
+    // `--no`: never fetch a package that is not installed (`npx tsc` would fetch an unrelated one).
+    npm(&dir, "npx", &["--no", "--", "openapi-typescript", "../../docs/openapi.json", "-o", "generated/api.d.ts"], 120);
+    npm(&dir, "npx", &["--no", "--", "tsc", "-p", "."], 120);
+}
+
+/// Runs an npm command in `dir`, killed (with the processes it started) after `timeout_secs`;
+/// fails the test unless it succeeds, with what it printed.
+fn npm(dir: &std::path::Path, program: &str, args: &[&str], timeout_secs: u64) {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let command = format!("{program} {}", args.join(" "));
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that a timeout ends node and whatever npm started as well.
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(timeout_secs) {
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let took = started.elapsed();
+    match status {
+        Some(status) if status.success() => eprintln!("`{command}` in clients/typescript: {took:.1?}"),
+        Some(status) => panic!("`{command}` in clients/typescript failed ({status}):\n{stdout}\n{stderr}"),
+        None => panic!("`{command}` in clients/typescript took over {timeout_secs} s:\n{stdout}\n{stderr}"),
     }
 }
