@@ -23,16 +23,56 @@ pub struct Cli {
     pub server: ServerArgs,
 
     /// Log format: human-readable text or one JSON object per line.
-    #[arg(long, env = "INVENTORY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = "INVENTORY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true,
+        help_heading = "Logging")]
     pub log_format: LogFormat,
+
+    /// Settings read from environment variables under an old name (to log once logging runs).
+    #[arg(skip)]
+    pub deprecated: Vec<String>,
 }
+
+/// Environment variables renamed to match their flags: `(old, new, argument id)`. The old name
+/// still works, with a warning, when the new one is not set.
+const RENAMED_ENV: &[(&str, &str, &str)] = &[
+    ("INVENTORY_DB_ACQUIRE_TIMEOUT", "INVENTORY_DB_ACQUIRE_TIMEOUT_SECS", "db_acquire_timeout_secs"),
+    ("INVENTORY_REQUEST_TIMEOUT", "INVENTORY_REQUEST_TIMEOUT_SECS", "request_timeout_secs"),
+];
 
 impl Cli {
     /// The command line and the environment, with an optional setting that is set but empty
     /// (`DATABASE_URL=`, as compose files and shells leave behind) taken as unset rather than as
     /// a value that fails to parse.
     pub fn from_env_and_args() -> Self {
-        let mut cli = Self::parse();
+        Self::from_args_and(std::env::args_os(), |name| std::env::var(name).ok())
+    }
+
+    /// [`Cli::from_env_and_args`] with the arguments and the environment given (for tests);
+    /// exits with clap's message on bad arguments, as `parse` does.
+    pub fn from_args_and(
+        args: impl IntoIterator<Item = std::ffi::OsString>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Self::command().get_matches_from(args);
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        // An old variable fills in a setting that neither its flag nor its new variable gave.
+        for (old, new, id) in RENAMED_ENV {
+            let Some(value) = env(old).filter(|v| !v.trim().is_empty()) else { continue };
+            if matches.value_source(id) != Some(clap::parser::ValueSource::DefaultValue) {
+                cli.deprecated.push(format!("{old} is ignored: {new} (or its flag) is set"));
+                continue;
+            }
+            match value.trim().parse::<u64>() {
+                Ok(n) if *id == "db_acquire_timeout_secs" => cli.database.db_acquire_timeout_secs = n,
+                Ok(n) => cli.server.request_timeout_secs = n,
+                Err(_) => {
+                    clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{old}: not a number: {value}\n"))
+                        .exit()
+                }
+            }
+            cli.deprecated.push(format!("{old} is deprecated: use {new}"));
+        }
         let blank = |v: &Option<String>| v.as_deref().is_some_and(|s| s.trim().is_empty());
         if blank(&cli.database.database_url) {
             cli.database.database_url = None;
@@ -91,6 +131,7 @@ pub enum LogFormat {
 
 /// Where the data lives.
 #[derive(Clone, Args)]
+#[command(next_help_heading = "Database")]
 pub struct DatabaseArgs {
     /// PostgreSQL URL. When set it always wins over --data-dir.
     #[arg(long, env = "DATABASE_URL", global = true)]
@@ -105,7 +146,7 @@ pub struct DatabaseArgs {
     pub db_pool_size: u32,
 
     /// Seconds to wait for a pooled connection before answering 503.
-    #[arg(long, env = "INVENTORY_DB_ACQUIRE_TIMEOUT", default_value_t = 5, global = true)]
+    #[arg(long, env = "INVENTORY_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = 5, global = true)]
     pub db_acquire_timeout_secs: u64,
 
     /// Milliseconds a statement waits for a row lock before giving up (PostgreSQL lock_timeout).
@@ -149,97 +190,127 @@ pub(crate) const DEFAULT_MAX_EVENT_STREAMS_PER_KEY: usize = 512;
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080", global = true)]
+    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080", global = true, help_heading = "Server")]
     pub listen: SocketAddr,
 
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "INVENTORY_BODY_LIMIT", default_value_t = 1024 * 1024, global = true)]
+    #[arg(long, env = "INVENTORY_BODY_LIMIT", default_value_t = 1024 * 1024, global = true, help_heading = "Limits")]
     pub body_limit: usize,
 
     /// Largest accepted CSV body of `POST /v1/stock/import`, in bytes (it is spooled to disk,
     /// not held in memory).
-    #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true)]
+    #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true, help_heading = "Limits")]
     pub import_max_bytes: usize,
 
     /// Seconds between SIGTERM and the end of accepting requests: `/health/ready` answers 503 at
     /// once, so load balancers stop sending, while requests still get answers.
-    #[arg(long, env = "INVENTORY_DRAIN_DELAY_SECS", default_value_t = 5, global = true)]
+    #[arg(long, env = "INVENTORY_DRAIN_DELAY_SECS", default_value_t = 5, global = true, help_heading = "Server")]
     pub drain_delay_secs: u64,
 
     /// Seconds a request may take before it is answered 504 `outcome_unknown` (also bounds
     /// graceful shutdown).
-    #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT", default_value_t = 30, global = true)]
+    #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT_SECS", default_value_t = 30, global = true, help_heading = "Limits")]
     pub request_timeout_secs: u64,
 
     /// Largest page a listing endpoint returns.
-    #[arg(long, env = "INVENTORY_MAX_PAGE_SIZE", default_value_t = 1000, global = true)]
+    #[arg(long, env = "INVENTORY_MAX_PAGE_SIZE", default_value_t = 1000, global = true, help_heading = "Limits")]
     pub max_page_size: i64,
 
     /// Most lines one reservation may have.
-    #[arg(long, env = "INVENTORY_MAX_RESERVATION_LINES", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_MAX_RESERVATION_LINES",
+        default_value_t = 100,
+        global = true,
+        help_heading = "Limits"
+    )]
     pub max_reservation_lines: usize,
 
     /// Milliseconds between sweeps of the expiry task.
-    #[arg(long, env = "INVENTORY_EXPIRY_INTERVAL_MS", default_value_t = 1000, global = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_EXPIRY_INTERVAL_MS",
+        default_value_t = 1000,
+        global = true,
+        help_heading = "Background work"
+    )]
     pub expiry_interval_ms: u64,
 
     /// Reservations expired per transaction by the expiry task.
-    #[arg(long, env = "INVENTORY_EXPIRY_BATCH_SIZE", default_value_t = 100, global = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_EXPIRY_BATCH_SIZE",
+        default_value_t = 100,
+        global = true,
+        help_heading = "Background work"
+    )]
     pub expiry_batch_size: i64,
 
     /// Seconds an Idempotency-Key is kept (at least 24 hours by contract).
-    #[arg(long, env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS", default_value_t = 86_400, global = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS",
+        default_value_t = 86_400,
+        global = true,
+        help_heading = "Background work"
+    )]
     pub idempotency_retention_secs: i64,
 
     /// API keys as `name:role:sha256hex` entries, comma-separated (see `inventory keys new`).
-    #[arg(long, env = "INVENTORY_API_KEYS", global = true, hide_env_values = true)]
+    #[arg(long, env = "INVENTORY_API_KEYS", global = true, hide_env_values = true, help_heading = "Auth")]
     pub api_keys: Option<String>,
 
     /// A file of API key entries, one `name:role:sha256hex` per line.
-    #[arg(long, env = "INVENTORY_API_KEYS_FILE", global = true)]
+    #[arg(long, env = "INVENTORY_API_KEYS_FILE", global = true, help_heading = "Auth")]
     pub api_keys_file: Option<std::path::PathBuf>,
 
     /// Do not apply migrations at start-up (they run as a separate `inventory migrate` job);
     /// `/health/ready` answers 503 until they are applied.
-    #[arg(long, env = "INVENTORY_NO_MIGRATE", global = true)]
+    #[arg(long, env = "INVENTORY_NO_MIGRATE", global = true, help_heading = "Server")]
     pub no_migrate: bool,
 
     /// Let a service on a non-loopback address start its own development PostgreSQL when no
     /// DATABASE_URL is given (without this it refuses: a production instance that lost its
     /// DATABASE_URL must fail, not come up with an empty database).
-    #[arg(long, env = "INVENTORY_SELF_MANAGED_POSTGRES", global = true)]
+    #[arg(long, env = "INVENTORY_SELF_MANAGED_POSTGRES", global = true, help_heading = "Server")]
     pub self_managed_postgres: bool,
 
     /// Serve without API keys on a non-loopback address (never do this in production).
-    #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", global = true)]
+    #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", global = true, help_heading = "Auth")]
     pub insecure_no_auth: bool,
 
     /// Whether /metrics is open without a key (otherwise it needs the read role).
-    #[arg(long, env = "INVENTORY_METRICS_PUBLIC", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    #[arg(long, env = "INVENTORY_METRICS_PUBLIC", default_value_t = true, action = clap::ArgAction::Set, global = true, help_heading = "Auth")]
     pub metrics_public: bool,
 
     /// Seconds events are kept in the feed.
-    #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, global = true)]
+    #[arg(
+        long,
+        env = "INVENTORY_EVENT_RETENTION_SECS",
+        default_value_t = 604_800,
+        global = true,
+        help_heading = "Background work"
+    )]
     pub event_retention_secs: i64,
 
     /// Most reservations decided in one transaction (1 turns batching off).
-    #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, global = true)]
+    #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, global = true, help_heading = "Batching")]
     pub batch_max: usize,
 
     /// Microseconds a batch waits for more reservations after its first one.
-    #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, global = true)]
+    #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, global = true, help_heading = "Batching")]
     pub batch_window_us: u64,
 
     /// Batches in flight at once (each holds one database connection).
-    #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, global = true)]
+    #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, global = true, help_heading = "Batching")]
     pub batch_concurrency: usize,
 
     /// Most live event streams open at once (more are answered 429).
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, global = true)]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, global = true, help_heading = "Limits")]
     pub max_event_streams: usize,
 
     /// Most live event streams one API key (or, without keys, everyone together) may hold open.
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, global = true)]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, global = true, help_heading = "Limits")]
     pub max_event_streams_per_key: usize,
 }
 
@@ -283,6 +354,33 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve)));
         assert_eq!(cli.server.listen.port(), 9999);
         assert_eq!(cli.database.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn renamed_environment_variables_still_work_with_a_warning() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let old = |name: &str| match name {
+            "INVENTORY_REQUEST_TIMEOUT" => Some("7".to_owned()),
+            "INVENTORY_DB_ACQUIRE_TIMEOUT" => Some("3".to_owned()),
+            _ => None,
+        };
+        let cli = Cli::from_args_and(args(&["inventory"]), old);
+        assert_eq!((cli.server.request_timeout_secs, cli.database.db_acquire_timeout_secs), (7, 3));
+        assert!(
+            cli.deprecated.iter().any(|w| w.contains("use INVENTORY_REQUEST_TIMEOUT_SECS")),
+            "{:?}",
+            cli.deprecated
+        );
+        // A flag (or the new name) wins, and the old name is said to be ignored.
+        let cli = Cli::from_args_and(args(&["inventory", "serve", "--request-timeout-secs", "9"]), old);
+        assert_eq!(cli.server.request_timeout_secs, 9);
+        assert!(
+            cli.deprecated.iter().any(|w| w.starts_with("INVENTORY_REQUEST_TIMEOUT is ignored")),
+            "{:?}",
+            cli.deprecated
+        );
+        let cli = Cli::from_args_and(args(&["inventory"]), |_| None);
+        assert!(cli.deprecated.is_empty());
     }
 
     #[test]

@@ -9,6 +9,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> std::process::ExitCode {
     let cli = Cli::from_env_and_args();
     inventory::telemetry::init(cli.log_format);
+    for warning in &cli.deprecated {
+        tracing::warn!("{warning}");
+    }
     match inventory::startup::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
