@@ -19,6 +19,8 @@ pub struct Cli {
     #[command(flatten)]
     pub database: DatabaseArgs,
 
+    /// The service's flags when no subcommand is given (`inventory --listen …`); after
+    /// parsing, `serve`'s own (`inventory serve --listen …`) are here too.
     #[command(flatten)]
     pub server: ServerArgs,
 
@@ -56,6 +58,26 @@ impl Cli {
         use clap::{CommandFactory, FromArgMatches};
         let matches = Self::command().get_matches_from(args);
         let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        // The service's flags belong to `serve` (or to no subcommand): given before a subcommand,
+        // they would be silently ignored, so they are refused.
+        if let Some((name, _)) = matches.subcommand() {
+            let server = ServerArgs::augment_args(clap::Command::new("serve"));
+            let misplaced = server.get_arguments().find(|arg| {
+                matches.value_source(arg.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            });
+            if let Some(arg) = misplaced {
+                let flag = arg.get_long().unwrap_or_default();
+                let message = if name == "serve" {
+                    format!("--{flag} goes after the subcommand: inventory serve --{flag} …\n")
+                } else {
+                    format!("--{flag} is a flag of `inventory serve`, not of `inventory {name}`\n")
+                };
+                clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, message).exit();
+            }
+        }
+        if let Some(Command::Serve(server)) = &cli.command {
+            cli.server = server.clone();
+        }
         // An old variable fills in a setting that neither its flag nor its new variable gave.
         for (old, new, id) in RENAMED_ENV {
             let Some(value) = env(old).filter(|v| !v.trim().is_empty()) else { continue };
@@ -90,7 +112,7 @@ impl Cli {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run the HTTP service (the default when no subcommand is given).
-    Serve,
+    Serve(ServerArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// Verify the contract's invariants over the whole database; exit 1 on any violation.
@@ -190,60 +212,42 @@ pub(crate) const DEFAULT_MAX_EVENT_STREAMS_PER_KEY: usize = 512;
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// Address to listen on.
-    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080", global = true, help_heading = "Server")]
+    #[arg(long, env = "INVENTORY_LISTEN", default_value = "127.0.0.1:8080", help_heading = "Server")]
     pub listen: SocketAddr,
 
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "INVENTORY_BODY_LIMIT", default_value_t = 1024 * 1024, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_BODY_LIMIT", default_value_t = 1024 * 1024, help_heading = "Limits")]
     pub body_limit: usize,
 
     /// Largest accepted CSV body of `POST /v1/stock/import`, in bytes (it is spooled to disk,
     /// not held in memory).
-    #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_IMPORT_MAX_BYTES", default_value_t = DEFAULT_IMPORT_MAX_BYTES, help_heading = "Limits")]
     pub import_max_bytes: usize,
 
     /// Seconds between SIGTERM and the end of accepting requests: `/health/ready` answers 503 at
     /// once, so load balancers stop sending, while requests still get answers.
-    #[arg(long, env = "INVENTORY_DRAIN_DELAY_SECS", default_value_t = 5, global = true, help_heading = "Server")]
+    #[arg(long, env = "INVENTORY_DRAIN_DELAY_SECS", default_value_t = 5, help_heading = "Server")]
     pub drain_delay_secs: u64,
 
     /// Seconds a request may take before it is answered 504 `outcome_unknown` (also bounds
     /// graceful shutdown).
-    #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT_SECS", default_value_t = 30, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_REQUEST_TIMEOUT_SECS", default_value_t = 30, help_heading = "Limits")]
     pub request_timeout_secs: u64,
 
     /// Largest page a listing endpoint returns.
-    #[arg(long, env = "INVENTORY_MAX_PAGE_SIZE", default_value_t = 1000, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_MAX_PAGE_SIZE", default_value_t = 1000, help_heading = "Limits")]
     pub max_page_size: i64,
 
     /// Most lines one reservation may have.
-    #[arg(
-        long,
-        env = "INVENTORY_MAX_RESERVATION_LINES",
-        default_value_t = 100,
-        global = true,
-        help_heading = "Limits"
-    )]
+    #[arg(long, env = "INVENTORY_MAX_RESERVATION_LINES", default_value_t = 100, help_heading = "Limits")]
     pub max_reservation_lines: usize,
 
     /// Milliseconds between sweeps of the expiry task.
-    #[arg(
-        long,
-        env = "INVENTORY_EXPIRY_INTERVAL_MS",
-        default_value_t = 1000,
-        global = true,
-        help_heading = "Background work"
-    )]
+    #[arg(long, env = "INVENTORY_EXPIRY_INTERVAL_MS", default_value_t = 1000, help_heading = "Background work")]
     pub expiry_interval_ms: u64,
 
     /// Reservations expired per transaction by the expiry task.
-    #[arg(
-        long,
-        env = "INVENTORY_EXPIRY_BATCH_SIZE",
-        default_value_t = 100,
-        global = true,
-        help_heading = "Background work"
-    )]
+    #[arg(long, env = "INVENTORY_EXPIRY_BATCH_SIZE", default_value_t = 100, help_heading = "Background work")]
     pub expiry_batch_size: i64,
 
     /// Seconds an Idempotency-Key is kept (at least 24 hours by contract).
@@ -251,66 +255,59 @@ pub struct ServerArgs {
         long,
         env = "INVENTORY_IDEMPOTENCY_RETENTION_SECS",
         default_value_t = 86_400,
-        global = true,
         help_heading = "Background work"
     )]
     pub idempotency_retention_secs: i64,
 
     /// API keys as `name:role:sha256hex` entries, comma-separated (see `inventory keys new`).
-    #[arg(long, env = "INVENTORY_API_KEYS", global = true, hide_env_values = true, help_heading = "Auth")]
+    #[arg(long, env = "INVENTORY_API_KEYS", hide_env_values = true, help_heading = "Auth")]
     pub api_keys: Option<String>,
 
     /// A file of API key entries, one `name:role:sha256hex` per line.
-    #[arg(long, env = "INVENTORY_API_KEYS_FILE", global = true, help_heading = "Auth")]
+    #[arg(long, env = "INVENTORY_API_KEYS_FILE", help_heading = "Auth")]
     pub api_keys_file: Option<std::path::PathBuf>,
 
     /// Do not apply migrations at start-up (they run as a separate `inventory migrate` job);
     /// `/health/ready` answers 503 until they are applied.
-    #[arg(long, env = "INVENTORY_NO_MIGRATE", global = true, help_heading = "Server")]
+    #[arg(long, env = "INVENTORY_NO_MIGRATE", help_heading = "Server")]
     pub no_migrate: bool,
 
     /// Let a service on a non-loopback address start its own development PostgreSQL when no
     /// DATABASE_URL is given (without this it refuses: a production instance that lost its
     /// DATABASE_URL must fail, not come up with an empty database).
-    #[arg(long, env = "INVENTORY_SELF_MANAGED_POSTGRES", global = true, help_heading = "Server")]
+    #[arg(long, env = "INVENTORY_SELF_MANAGED_POSTGRES", help_heading = "Server")]
     pub self_managed_postgres: bool,
 
     /// Serve without API keys on a non-loopback address (never do this in production).
-    #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", global = true, help_heading = "Auth")]
+    #[arg(long, env = "INVENTORY_INSECURE_NO_AUTH", help_heading = "Auth")]
     pub insecure_no_auth: bool,
 
     /// Whether /metrics is open without a key (otherwise it needs the read role).
-    #[arg(long, env = "INVENTORY_METRICS_PUBLIC", default_value_t = true, action = clap::ArgAction::Set, global = true, help_heading = "Auth")]
+    #[arg(long, env = "INVENTORY_METRICS_PUBLIC", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Auth")]
     pub metrics_public: bool,
 
     /// Seconds events are kept in the feed.
-    #[arg(
-        long,
-        env = "INVENTORY_EVENT_RETENTION_SECS",
-        default_value_t = 604_800,
-        global = true,
-        help_heading = "Background work"
-    )]
+    #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, help_heading = "Background work")]
     pub event_retention_secs: i64,
 
     /// Most reservations decided in one transaction (1 turns batching off).
-    #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, global = true, help_heading = "Batching")]
+    #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, help_heading = "Batching")]
     pub batch_max: usize,
 
     /// Microseconds a batch waits for more reservations after its first one.
-    #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, global = true, help_heading = "Batching")]
+    #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, help_heading = "Batching")]
     pub batch_window_us: u64,
 
     /// Batches in flight at once (each holds one database connection).
-    #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, global = true, help_heading = "Batching")]
+    #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, help_heading = "Batching")]
     pub batch_concurrency: usize,
 
     /// Most live event streams open at once (more are answered 429).
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, help_heading = "Limits")]
     pub max_event_streams: usize,
 
     /// Most live event streams one API key (or, without keys, everyone together) may hold open.
-    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, global = true, help_heading = "Limits")]
+    #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, help_heading = "Limits")]
     pub max_event_streams_per_key: usize,
 }
 
@@ -351,7 +348,7 @@ mod tests {
         assert!(cli.command.is_none());
         let cli =
             Cli::try_parse_from(["inventory", "serve", "--listen", "127.0.0.1:9999", "--data-dir", "/tmp/x"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::Serve)));
+        assert!(matches!(cli.command, Some(Command::Serve(_))));
         assert_eq!(cli.server.listen.port(), 9999);
         assert_eq!(cli.database.data_dir, PathBuf::from("/tmp/x"));
     }

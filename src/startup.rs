@@ -44,8 +44,8 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
         }
         return Ok(());
     }
-    let command = cli.command.clone().unwrap_or(Command::Serve);
-    let owner = matches!(command, Command::Serve);
+    let command = cli.command.clone().unwrap_or_else(|| Command::Serve(cli.server.clone()));
+    let owner = matches!(command, Command::Serve(_));
     let public = !cli.server.listen.ip().is_loopback();
     if owner && public && cli.database.database_url.is_none() && !cli.server.self_managed_postgres {
         return Err(RunError::Config(format!(
@@ -65,7 +65,7 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
     };
     let database = Database::locate(&cli.database).await?;
     let result = match command {
-        Command::Serve => serve_command(&cli, &database).await,
+        Command::Serve(_) => serve_command(&cli, &database).await,
         Command::Migrate => migrate_command(&cli.database, &database).await,
         Command::Check => check_command(&cli.database, &database).await,
         Command::Keys(_) | Command::DataDir => Ok(()),

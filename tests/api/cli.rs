@@ -271,3 +271,36 @@ async fn on_sigterm_the_service_is_unready_at_once_and_serves_through_the_drain_
     assert!(status.success(), "exits 0 after draining: {status}");
     assert!(signalled.elapsed() >= Duration::from_secs(3), "accepting ended only after the delay");
 }
+
+/// Each subcommand's help shows its own flags (the service's only under `serve` and the bare
+/// command), under headings; a service flag given to another subcommand, or before `serve`, is
+/// refused with a message instead of being silently ignored.
+#[test]
+fn each_subcommand_shows_and_takes_only_its_own_flags() {
+    let help = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let keys = help(&["keys", "new"]);
+    for absent in ["--batch-window-us", "--listen", "--api-keys"] {
+        assert!(!keys.contains(absent), "keys new --help lists {absent}:\n{keys}");
+    }
+    assert!(keys.contains("--role") && keys.contains("--name"), "{keys}");
+    for args in [&["serve"][..], &[]] {
+        let serve = help(args);
+        for heading in ["Database:", "Server:", "Limits:", "Background work:", "Auth:", "Batching:", "Logging:"] {
+            assert!(serve.contains(heading), "{args:?} --help has no {heading}\n{serve}");
+        }
+        assert!(serve.contains("--batch-window-us") && serve.contains("INVENTORY_REQUEST_TIMEOUT_SECS"), "{serve}");
+    }
+    for (args, says) in [
+        (&["--listen", "127.0.0.1:1", "check"][..], "is a flag of `inventory serve`"),
+        (&["--batch-max", "4", "serve"][..], "goes after the subcommand"),
+        (&["check", "--listen", "127.0.0.1:1"][..], "unexpected argument"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
