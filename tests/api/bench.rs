@@ -71,6 +71,22 @@ async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invarian
     assert!(limit["reservations_per_sec"].as_f64().unwrap() > 0.0, "the set-based anchor ran: {limit}");
     let per_tx = limit["reservations_per_transaction"].as_f64().unwrap();
     assert!((9.0..=10.0).contains(&per_tx), "about 10 reservations per transaction: {per_tx}");
+    let open: Vec<(u64, f64)> = report["open_loop"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["percent"].as_u64().unwrap(), r["offered_per_sec"].as_f64().unwrap()))
+        .collect();
+    let closed = rows[0]["throughput"].as_f64().unwrap();
+    assert_eq!(open.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [50, 80], "open-loop runs: {}", report["open_loop"]);
+    for (percent, offered) in &open {
+        assert!((offered - closed * *percent as f64 / 100.0).abs() < 1e-6, "offered {offered} at {percent} %");
+    }
+    for row in report["open_loop"].as_array().unwrap() {
+        let answered: u64 = row["statuses"].as_object().unwrap().iter().map(|(_, n)| n.as_u64().unwrap()).sum();
+        assert_eq!(row["statuses"].get("0"), None, "open loop: requests got no answer: {row}");
+        assert!(answered > 0 && row["latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
     let sold_out = rows.iter().find(|r| r["scenario"] == "hot-sold-out").unwrap();
     assert_eq!(sold_out["statuses"]["201"], 300, "exactly the stock is sold: {}", sold_out["statuses"]);
     assert!(sold_out["statuses"]["409"].as_u64().unwrap() > 0, "the run ends with refusals");

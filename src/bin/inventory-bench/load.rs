@@ -190,3 +190,55 @@ pub async fn hold_stream(addr: SocketAddr, n: usize, after: i64, deadline: Insta
     }
     tally
 }
+
+/// The open-loop generator: requests are due at a fixed arrival rate, whatever the answers do,
+/// and each latency runs from the moment its request was due. A slow answer that holds up the
+/// requests behind it (all `connections` busy) counts against every one of them, instead of
+/// quietly lowering the rate as a closed loop does (coordinated omission).
+pub async fn open_loop(
+    addr: SocketAddr,
+    rate_per_sec: f64,
+    duration: Duration,
+    connections: usize,
+    mut next: impl FnMut(u64) -> (Method, String, Option<String>),
+) -> Tally {
+    use std::sync::Arc;
+    use tokio::sync::{Mutex, mpsc};
+    let (idle_tx, idle_rx) = mpsc::channel(connections.max(1));
+    for _ in 0..connections.max(1) {
+        idle_tx.send(Client::new(addr)).await.expect("the channel holds every connection");
+    }
+    let idle_rx = Arc::new(Mutex::new(idle_rx));
+    let started = Instant::now();
+    let total = (rate_per_sec * duration.as_secs_f64()).floor() as u64;
+    let mut jobs = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate_per_sec);
+        tokio::time::sleep_until(due.into()).await;
+        let (method, path, body) = next(n);
+        let (idle_tx, idle_rx) = (idle_tx.clone(), Arc::clone(&idle_rx));
+        jobs.spawn(async move {
+            // Waiting for a free connection is part of the latency: the request was due.
+            let mut client = idle_rx.lock().await.recv().await.expect("connections are always given back");
+            let answer = client.exchange(method, &path, body).await;
+            let latency = due.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            if answer.is_err() {
+                client.sender = None;
+            }
+            let _ = idle_tx.send(client).await;
+            (answer.map_or(0, |a| a.status), latency)
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(done) = jobs.join_next().await {
+        let (status, latency) = done.unwrap_or((0, u32::MAX));
+        *tally.by_status.entry(status).or_default() += 1;
+        if status != 0 {
+            tally.latencies_us.push(latency);
+        }
+        if status == 201 || status == 200 {
+            tally.ops += 1;
+        }
+    }
+    tally
+}

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use inventory::local_pg::{Durability, LocalPostgres, find_bin_dir};
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
@@ -78,6 +79,10 @@ struct Args {
     /// during every scenario, to measure what consumers of the feed cost the order path.
     #[arg(long, default_value_t = 0)]
     event_streams: usize,
+    /// Skip the open-loop runs of the uniform scenario (at 50 % and 80 % of its closed-loop
+    /// throughput, latency from each request's due time).
+    #[arg(long)]
+    no_open_loop: bool,
     /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
     #[arg(long)]
     smoke: bool,
@@ -188,6 +193,10 @@ async fn benchmark(
         return Err(err);
     }
     let outcome = run_scenarios(args, work, dbs, pgbench.as_deref(), service.id(), addr, &hot).await;
+    let open_loop = match &outcome {
+        Ok((rows, ..)) if !args.no_open_loop => open_loop_runs(args, addr, rows).await,
+        _ => Vec::new(),
+    };
     stop(&mut service);
     let (rows, sold_out_created, set_limit) = outcome?;
 
@@ -206,9 +215,50 @@ async fn benchmark(
         import,
         scenarios: rows,
         set_limit,
+        open_loop,
         violations,
         sold_out_problems,
     })
+}
+
+/// The uniform scenario again, open-loop, at 50 % and 80 % of the throughput its closed-loop
+/// run reached, on as many connections as it had clients.
+async fn open_loop_runs(args: &Args, addr: SocketAddr, rows: &[ScenarioRow]) -> Vec<report::OpenLoopRow> {
+    let Some(closed) = rows.iter().find(|r| r.scenario == Scenario::Uniform && r.throughput > 0.0) else {
+        return Vec::new();
+    };
+    let mut runs = Vec::new();
+    for percent in [50, 80] {
+        let rate = closed.throughput * f64::from(percent) / 100.0;
+        step(&format!("service `uniform`, open loop at {rate:.0}/s ({percent} % of the closed-loop maximum)"));
+        let tag = format!("open-{}-{percent}", std::process::id());
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(percent));
+        let (skus, warehouses) = (args.skus, args.warehouses);
+        let duration = Duration::from_secs(args.duration_secs);
+        let started = Instant::now();
+        let mut tally = load::open_loop(addr, rate, duration, args.clients, |n| {
+            let line = json!({"sku": scenarios::sku(rng.random_range(0..skus)), "quantity": 1,
+                              "warehouse": scenarios::warehouse(rng.random_range(0..warehouses))});
+            let body = json!({"order_id": format!("{tag}-{n}"), "lines": [line]});
+            (hyper::Method::POST, "/v1/reservations".to_owned(), Some(body.to_string()))
+        })
+        .await;
+        let seconds = started.elapsed().as_secs_f64();
+        let row = report::OpenLoopRow {
+            percent,
+            connections: args.clients,
+            offered_per_sec: rate,
+            achieved_per_sec: tally.ops as f64 / seconds,
+            latency: Latency::of(&mut tally),
+            statuses: tally.by_status.clone(),
+        };
+        println!(
+            "  achieved {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+            row.achieved_per_sec, row.latency.p50_ms, row.latency.p99_ms
+        );
+        runs.push(row);
+    }
+    runs
 }
 
 async fn run_scenarios(

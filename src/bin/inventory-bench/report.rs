@@ -77,6 +77,19 @@ pub struct ScenarioRow {
     pub max_expiry_lag_secs: Option<f64>,
 }
 
+/// Uniform one-line reservations sent open-loop at a share of the closed loop's throughput.
+#[derive(Debug, Serialize)]
+pub struct OpenLoopRow {
+    /// The share of the closed-loop maximum, in percent.
+    pub percent: u32,
+    pub connections: usize,
+    pub offered_per_sec: f64,
+    pub achieved_per_sec: f64,
+    /// From the moment each request was due.
+    pub latency: Latency,
+    pub statuses: BTreeMap<u16, u64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ImportRow {
     pub levels: usize,
@@ -96,6 +109,8 @@ pub struct Report {
     pub scenarios: Vec<ScenarioRow>,
     /// The set-based anchor (pgbench, `SET_SIZE` reservations per statement), when it ran.
     pub set_limit: Option<SetLimit>,
+    /// Open-loop runs of the uniform scenario (at 50 % and 80 % of its closed-loop throughput).
+    pub open_loop: Vec<OpenLoopRow>,
     /// Broken invariants found by `inventory check` after the run (must be empty).
     pub violations: Vec<String>,
     /// Problems with the sold-out run (must be empty).
@@ -170,6 +185,28 @@ impl Report {
                 r.ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
                 r.set_limit_ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
             );
+        }
+        if !self.open_loop.is_empty() {
+            md.push_str(
+                "\nOpen loop, uniform one-line reservations at a fixed arrival rate (latency from the moment each \
+                 request was due):\n\n| share of closed-loop max | connections | offered | achieved | p50 ms | p99 ms | \
+                 p99.9 ms | answers |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+            );
+            for r in &self.open_loop {
+                let statuses: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}×{n}")).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} % | {} | {:.0}/s | {:.0}/s | {:.1} | {:.1} | {:.1} | {} |",
+                    r.percent,
+                    r.connections,
+                    r.offered_per_sec,
+                    r.achieved_per_sec,
+                    r.latency.p50_ms,
+                    r.latency.p99_ms,
+                    r.latency.p999_ms,
+                    statuses.join(" ")
+                );
+            }
         }
         let verdict = if self.passed() { "invariants hold (`inventory check`: 0 violations)" } else { "FAILED" };
         let _ = writeln!(md, "\nAfter the run: {verdict}");
