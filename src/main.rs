@@ -8,16 +8,19 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::from_env_and_args();
-    inventory::telemetry::init(cli.log_format);
+    let telemetry = inventory::telemetry::init(cli.log_format);
     for warning in &cli.deprecated {
         tracing::warn!("{warning}");
     }
-    match inventory::startup::run(cli).await {
+    let code = match inventory::startup::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");
             eprintln!("inventory: {err}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // After the graceful stop: the spans of the last requests are still to be sent.
+    telemetry.shutdown().await;
+    code
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 use super::error::{Error, Result};
 use super::idempotency::{self, Keyed, Outcome, Render};
@@ -40,6 +41,8 @@ struct Job {
     key: Option<Keyed>,
     /// `None`: the batch failed as a whole; run this order on its own.
     reply: oneshot::Sender<Option<Result<Outcome>>>,
+    /// The span of the request's `reserve`, for the batch's span; none when no span is exported.
+    origin: tracing::Span,
 }
 
 /// The handle requests submit to; cheap to clone.
@@ -70,7 +73,8 @@ impl Batcher {
     /// Decides one order within a batch. `None` when it must run on its own instead.
     pub(crate) async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Result<Outcome>> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send(Job { req, key, reply }).await.ok()?;
+        let origin = if crate::telemetry::exporting() { tracing::Span::current() } else { tracing::Span::none() };
+        self.queue.send(Job { req, key, reply, origin }).await.ok()?;
         answer.await.ok().flatten()
     }
 }
@@ -131,10 +135,14 @@ impl Gather {
             for (part, slot) in split(batch, slots.len()).into_iter().zip(slots) {
                 metrics::histogram!(crate::metrics::BATCH_SIZE).record(part.len() as f64);
                 let (db, render) = (self.db.clone(), self.render);
-                tokio::spawn(async move {
-                    execute(&db, part, render).await;
-                    drop(slot);
-                });
+                let span = batch_span(&part);
+                tokio::spawn(
+                    async move {
+                        execute(&db, part, render).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
             }
         }
     }
@@ -209,6 +217,19 @@ fn connected_groups<T: HasSkus>(orders: &[T]) -> Vec<usize> {
         }
     }
     (0..orders.len()).map(|i| root(&mut parent, i)).collect()
+}
+
+/// The span of a batch, in the trace of its first order and linked to the others' (one
+/// transaction decides them all, so it has one parent).
+fn batch_span(batch: &[Job]) -> tracing::Span {
+    let span =
+        tracing::debug_span!(parent: batch.first().and_then(|job| job.origin.id()), "batch", orders = batch.len());
+    if !span.is_disabled() {
+        for job in batch.iter().skip(1) {
+            span.follows_from(&job.origin);
+        }
+    }
+    span
 }
 
 /// Two orders that cannot share a transaction: the same order id or the same key.

@@ -5,6 +5,9 @@
 //! reservation went through a batch, and how its key was claimed and its answer stored, stays
 //! in here. The operation bodies lock through `store`, decide in memory ([`book::Book`],
 //! `domain`), and write set-based.
+//!
+//! Each entry point opens a DEBUG span (exported as a trace span beneath the request's, hidden
+//! from the default logs), and each transaction attempt one beneath it ([`tx::transact`]).
 
 pub(crate) mod batch;
 pub(crate) mod book;
@@ -62,6 +65,7 @@ impl Engine {
 
     /// Holds stock for one order, all or nothing: in a batch with concurrent orders when
     /// batching is on, alone when it is off or the batch failed as a whole.
+    #[tracing::instrument(level = "debug", skip_all, fields(order_id = %req.order_id, lines = req.lines.len(), keyed = key.is_some()))]
     pub(crate) async fn reserve(&self, req: NewReservation, key: Option<Keyed>) -> Result<Outcome> {
         if let Some(batcher) = &self.batcher
             && let Some(outcome) = batcher.submit(req.clone(), key.clone()).await
@@ -72,11 +76,13 @@ impl Engine {
     }
 
     /// The allocation `reserve` would make now, holding nothing.
+    #[tracing::instrument(level = "debug", skip_all, fields(order_id = %req.order_id, lines = req.lines.len()))]
     pub(crate) async fn plan(&self, req: &NewReservation, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, req, |tx, req| Box::pin(reservations::plan(tx, req))).await
     }
 
     /// Fulfils or releases what a reservation holds (all of it when `parts` is `None`).
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = %id, kind = kind.verb(), keyed = key.is_some()))]
     pub(crate) async fn settle(
         &self,
         id: Uuid,
@@ -90,38 +96,46 @@ impl Engine {
     }
 
     /// Moves an active reservation's deadline to now + `ttl_seconds`.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = %id, keyed = key.is_some()))]
     pub(crate) async fn extend(&self, id: Uuid, ttl_seconds: i64, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, &(id, ttl_seconds), |tx, (id, ttl)| Box::pin(reservations::extend(tx, *id, *ttl))).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(sku = %cmd.sku, warehouse = %cmd.warehouse, keyed = key.is_some()))]
     pub(crate) async fn receive(&self, cmd: &stock::Receive, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::receive(tx, cmd))).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(sku = %cmd.sku, warehouse = %cmd.warehouse, keyed = key.is_some()))]
     pub(crate) async fn adjust(&self, cmd: &stock::Adjust, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::adjust(tx, cmd))).await
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(sku = %cmd.sku, from = %cmd.from, to = %cmd.to, keyed = key.is_some()))]
     pub(crate) async fn transfer(&self, cmd: &stock::Transfer, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, cmd, |tx, cmd| Box::pin(stock::transfer(tx, cmd))).await
     }
 
     /// Applies a staged CSV upload.
+    #[tracing::instrument(level = "debug", skip_all, fields(create_missing = create_missing, keyed = key.is_some()))]
     pub async fn import(&self, staged: &import::Staged, create_missing: bool, key: Option<&Keyed>) -> Result<Outcome> {
         self.run(key, staged, move |tx, staged| Box::pin(import::apply(tx, staged, create_missing))).await
     }
 
     /// Sets a level's replenishment settings; the flag tells whether the level was created.
+    #[tracing::instrument(level = "debug", skip_all, fields(sku = %settings.sku, warehouse = %settings.warehouse))]
     pub(crate) async fn set_replenishment(&self, settings: &Replenishment) -> Result<(Level, bool)> {
         transact(&self.db, settings, |tx, settings| Box::pin(stock::set_replenishment(tx, settings))).await
     }
 
     /// Creates or updates a warehouse; the flag tells whether it was created.
+    #[tracing::instrument(level = "debug", skip_all, fields(warehouse = %upsert.code))]
     pub(crate) async fn upsert_warehouse(&self, upsert: &WarehouseUpsert) -> Result<(Warehouse, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_warehouse(tx, upsert))).await
     }
 
     /// Creates or updates a SKU; the flag tells whether it was created.
+    #[tracing::instrument(level = "debug", skip_all, fields(sku = %upsert.sku))]
     pub(crate) async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
     }

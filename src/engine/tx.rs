@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tracing::Instrument;
 
 use super::error::{Error, Result};
 use crate::store::db::begin_writer;
@@ -23,6 +24,9 @@ pub(crate) type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T
 /// Runs `body(tx, ctx)` inside a transaction, committing on `Ok` and rolling back on `Err`.
 /// A deadlock or serialization failure (40P01, 40001) runs the whole transaction again, with
 /// jittered backoff, at most `MAX_ATTEMPTS` times in all; it never reaches the client as a 500.
+/// Each attempt is a DEBUG span, `transaction`, with its number (and the SQLSTATE that ended it
+/// when it is run again), beneath the operation that runs it: a transaction outside any span (the
+/// expiry sweep's, every second) is exported as no trace of its own.
 pub(crate) async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
 where
     C: Sync + ?Sized,
@@ -31,15 +35,21 @@ where
     let mut tries = 0;
     loop {
         tries += 1;
+        let span = if crate::telemetry::exporting() && tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!("transaction", attempt = tries, sqlstate = tracing::field::Empty)
+        };
         let attempt = async {
             let mut tx = begin_writer(pool).await?;
             let out = body(&mut tx, ctx).await?;
             tx.commit().await.map_err(Error::from_commit)?;
             Ok::<T, Error>(out)
         };
-        match attempt.await {
+        match attempt.instrument(span.clone()).await {
             Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
                 let sqlstate = err.sqlstate().unwrap_or_default();
+                span.record("sqlstate", sqlstate.as_str());
                 tracing::debug!(%sqlstate, tries, "retrying transaction");
                 metrics::counter!(crate::metrics::TX_RETRIES, "sqlstate" => sqlstate).increment(1);
                 backoff(tries).await;

@@ -25,7 +25,8 @@ fn usable(value: &HeaderValue) -> Option<String> {
     (!s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
 }
 
-/// Outermost middleware: assigns the id, opens the request span, logs the outcome.
+/// Outermost middleware: assigns the id, opens the request span (continuing the caller's trace
+/// when spans are exported), logs the outcome.
 pub(crate) async fn layer(request: Request, next: Next) -> Response {
     let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = request.method().clone();
@@ -34,13 +35,17 @@ pub(crate) async fn layer(request: Request, next: Next) -> Response {
         %method,
         route = tracing::field::Empty,
         request_id = %id,
-        api_key = tracing::field::Empty
+        api_key = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        otel.kind = tracing::field::Empty
     );
+    crate::telemetry::continue_trace(&span, request.headers());
     let started = Instant::now();
     let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
     let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str()).to_owned();
     let elapsed = started.elapsed();
+    crate::telemetry::finish_request(&span, &method, &route, status);
     // Label values come from fixed sets only (known methods, route templates, status codes), so
     // no client can grow the number of series: an unknown method is `other`, an unmatched path
     // is `unmatched`.

@@ -886,8 +886,27 @@ pub(crate) struct Service {
 
 impl Service {
     pub(crate) fn start(database_url: &str, listen: &str, log: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(database_url, listen, log, extra, &[])
+    }
+
+    /// [`Service::start`] with these environment variables, and none of the `OTEL_*` ones this
+    /// process has (a drill exports no traces unless it says so).
+    pub(crate) fn start_with_env(
+        database_url: &str,
+        listen: &str,
+        log: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let out = OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(|name| name.starts_with("OTEL_")) {
+                command.env_remove(name);
+            }
+        }
+        let child = command
+            .envs(env.iter().copied())
             .args(["serve", "--database-url", database_url, "--listen", listen])
             .args(extra)
             .stdin(Stdio::null())

@@ -25,3 +25,4 @@ mod proxy;
 mod reservations;
 mod stock;
 mod tls;
+mod traces;
