@@ -3,6 +3,8 @@
 #   docker build -t inventory .
 #   docker run --rm inventory keys new --role admin --name ops
 FROM rust:1.95-bookworm AS build
+# The commit in inventory_build_info (.git stays out of the build context): --build-arg INVENTORY_COMMIT=…
+ARG INVENTORY_COMMIT=unknown
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin inventory \

@@ -78,10 +78,18 @@ impl Cli {
         if let Some(Command::Serve(server)) = &cli.command {
             cli.server = server.clone();
         }
+        // Where a setting was given: the service's under `serve` (or at the top without a
+        // subcommand), the database's (global) in the innermost subcommand, which sees them all.
+        let mut innermost = &matches;
+        while let Some((_, sub)) = innermost.subcommand() {
+            innermost = sub;
+        }
+        let serve = matches.subcommand_matches("serve").unwrap_or(&matches);
         // An old variable fills in a setting that neither its flag nor its new variable gave.
         for (old, new, id) in RENAMED_ENV {
             let Some(value) = env(old).filter(|v| !v.trim().is_empty()) else { continue };
-            if matches.value_source(id) != Some(clap::parser::ValueSource::DefaultValue) {
+            let given_in = if *id == "request_timeout_secs" { serve } else { innermost };
+            if given_in.value_source(id) != Some(clap::parser::ValueSource::DefaultValue) {
                 cli.deprecated.push(format!("{old} is ignored: {new} (or its flag) is set"));
                 continue;
             }
@@ -342,12 +350,16 @@ impl Default for DatabaseArgs {
 mod tests {
     use super::*;
 
+    /// The command line as the binary reads it (without the old environment names).
+    fn parse(args: &[&str]) -> Cli {
+        Cli::from_args_and(args.iter().map(std::ffi::OsString::from), |_| None)
+    }
+
     #[test]
     fn serve_is_the_default_and_flags_work_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["inventory"]).unwrap();
+        let cli = parse(&["inventory"]);
         assert!(cli.command.is_none());
-        let cli =
-            Cli::try_parse_from(["inventory", "serve", "--listen", "127.0.0.1:9999", "--data-dir", "/tmp/x"]).unwrap();
+        let cli = parse(&["inventory", "serve", "--listen", "127.0.0.1:9999", "--data-dir", "/tmp/x"]);
         assert!(matches!(cli.command, Some(Command::Serve(_))));
         assert_eq!(cli.server.listen.port(), 9999);
         assert_eq!(cli.database.data_dir, PathBuf::from("/tmp/x"));
@@ -376,6 +388,12 @@ mod tests {
             "{:?}",
             cli.deprecated
         );
+        let cli = Cli::from_args_and(args(&["inventory", "check", "--db-acquire-timeout-secs", "4"]), old);
+        assert_eq!(cli.database.db_acquire_timeout_secs, 4, "a database flag after the subcommand wins");
+        let cli = Cli::from_args_and(args(&["inventory", "--db-acquire-timeout-secs", "4", "check"]), old);
+        assert_eq!(cli.database.db_acquire_timeout_secs, 4, "and before it");
+        let cli = Cli::from_args_and(args(&["inventory", "keys", "new", "--role", "read"]), old);
+        assert_eq!(cli.database.db_acquire_timeout_secs, 3);
         let cli = Cli::from_args_and(args(&["inventory"]), |_| None);
         assert!(cli.deprecated.is_empty());
     }
@@ -385,7 +403,7 @@ mod tests {
         let cli = Cli::try_parse_from(["inventory"]).unwrap();
         assert_eq!(cli.server.import_max_bytes, 512 * 1024 * 1024);
         assert_eq!(ServerArgs::default().import_max_bytes, cli.server.import_max_bytes);
-        let cli = Cli::try_parse_from(["inventory", "serve", "--import-max-bytes", "1000"]).unwrap();
+        let cli = parse(&["inventory", "serve", "--import-max-bytes", "1000"]);
         assert_eq!(cli.server.import_max_bytes, 1000);
     }
 

@@ -17,8 +17,10 @@ use crate::domain::{AdjustReason, Delta, EventKind, MAX_QUANTITY, MAX_TEXT, Quan
 pub(crate) const CODE_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$";
 /// Free text: no control characters (Unicode category Cc), as `domain::text` checks it.
 pub(crate) const TEXT_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
-/// Free text with at least one character that is neither a control character nor white space.
-const NAME_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*[^\x00-\x1F\x7F-\x9F\s][^\x00-\x1F\x7F-\x9F]*$";
+/// Free text with at least one character that is neither a control character nor white space
+/// (Unicode White_Space, as Rust's `trim` sees it, spelled out: `\s` differs between regex
+/// dialects, ECMA's includes U+FEFF).
+const NAME_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*[^\x00-\x1F\x7F-\x9F \xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\x00-\x1F\x7F-\x9F]*$";
 
 /// A stock-level cursor: the lowercase hex of `sku/warehouse` (see `stock::encode_cursor`),
 /// spelled out byte by byte so that exactly the cursors the service can read match.
@@ -275,6 +277,15 @@ mod tests {
         let pattern = regex(CODE_PATTERN);
         for s in ["A", "WH-1", "sku_42.blue", "0", &"x".repeat(64), "", "-a", "a b", "ä", &"x".repeat(65), "a/b"] {
             assert_eq!(pattern.is_match(s), Code::parse(s).is_ok(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn the_name_pattern_is_the_name_check() {
+        let pattern = regex(NAME_PATTERN);
+        for s in ["Berlin", " x ", "\u{feff}", "", " ", "\u{a0}\u{3000}", "\u{2009}", "a\tb", "Grüße"] {
+            let ok = crate::domain::text(s.to_owned()).is_ok_and(|t| !t.trim().is_empty());
+            assert_eq!(pattern.is_match(s), ok, "{s:?}");
         }
     }
 
