@@ -221,7 +221,7 @@ async fn import_command(
     .await;
     let report = match result {
         Ok(report) => report,
-        Err(engine::Error::Refused(Refusal::BadRows(errors) | Refusal::UnknownInRows(errors))) => {
+        Err(engine::Error::Refused(Refusal::Invalid(errors) | Refusal::UnknownInRows(errors))) => {
             for e in &errors {
                 println!("REJECTED {}: {}", e.field, e.message);
             }

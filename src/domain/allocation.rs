@@ -64,6 +64,31 @@ impl Candidate {
     }
 }
 
+/// A sales channel's warehouses, each with the priority it has in that channel (lower is
+/// preferred; the warehouse's own unless the channel sets one).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChannelScope {
+    pub code: String,
+    pub warehouses: Vec<(String, i32)>,
+}
+
+impl ChannelScope {
+    pub fn contains(&self, warehouse: &str) -> bool {
+        self.warehouses.iter().any(|(w, _)| w == warehouse)
+    }
+
+    /// The candidates the channel sells from, each ranked by the channel's priority.
+    pub fn narrow(&self, candidates: Vec<Candidate>) -> Vec<Candidate> {
+        candidates
+            .into_iter()
+            .filter_map(|c| {
+                let (_, priority) = self.warehouses.iter().find(|(w, _)| *w == c.warehouse)?;
+                Some(Candidate { priority: *priority, ..c })
+            })
+            .collect()
+    }
+}
+
 /// A requested line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
@@ -304,6 +329,20 @@ mod tests {
         let cands = [off, cand("A", "W2", 2, 10)];
         assert_eq!(allocate(&[line("A", 4)], &cands, Strategy::Priority).unwrap(), [alloc("A", "W2", 4)]);
         assert!(allocate(&[pinned("A", 1, "W1")], &cands, Strategy::Priority).is_err());
+    }
+
+    #[test]
+    fn a_channel_sells_only_from_its_warehouses_in_its_own_order() {
+        let cands = vec![cand("A", "W1", 1, 10), cand("A", "W2", 2, 10), cand("A", "W3", 3, 10)];
+        let scope = ChannelScope { code: "web".into(), warehouses: vec![("W3".into(), 1), ("W2".into(), 50)] };
+        let narrowed = scope.narrow(cands);
+        assert_eq!(
+            narrowed.iter().map(|c| (c.warehouse.as_str(), c.priority)).collect::<Vec<_>>(),
+            [("W2", 50), ("W3", 1)]
+        );
+        let got = allocate(&[line("A", 12)], &narrowed, Strategy::Priority).unwrap();
+        assert_eq!(got, [alloc("A", "W3", 10), alloc("A", "W2", 2)]);
+        assert!(scope.contains("W2") && !scope.contains("W1"));
     }
 
     #[test]

@@ -86,6 +86,10 @@ code_newtype!(
     /// A warehouse code.
     WarehouseCode
 );
+code_newtype!(
+    /// A sales channel's code.
+    ChannelCode
+);
 
 #[cfg(test)]
 mod tests {

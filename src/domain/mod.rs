@@ -6,7 +6,7 @@ mod lifecycle;
 mod quantity;
 
 pub use allocation::Shortage;
-pub(crate) use codes::{Code, Sku, WarehouseCode};
+pub(crate) use codes::{ChannelCode, Code, Sku, WarehouseCode};
 pub(crate) use lifecycle::EntryKind;
 pub use lifecycle::{EventKind, Settle, Status};
 pub(crate) use quantity::{AdjustReason, Delta, MAX_QUANTITY, Quantity};

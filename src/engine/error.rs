@@ -20,6 +20,8 @@ pub enum Refusal {
     UnknownWarehouse(String),
     #[error("reservation {0} does not exist")]
     UnknownReservation(String),
+    #[error("channel {0} does not exist")]
+    UnknownChannel(String),
     /// Not enough stock for every short line (`detail` says how it was measured).
     #[error("{detail}")]
     InsufficientStock { detail: String, lines: Vec<Shortage> },
@@ -27,6 +29,9 @@ pub enum Refusal {
     DuplicateOrder { order_id: String, reservation_id: Uuid },
     #[error("reservation {reservation_id} is {status}")]
     NotActive { reservation_id: Uuid, status: Status },
+    /// Only a reservation with nothing fulfilled yet can have its lines changed.
+    #[error("reservation {reservation_id} is partly fulfilled; its lines can no longer change")]
+    PartlyFulfilled { reservation_id: Uuid },
     /// More would be fulfilled or released than is held.
     #[error("cannot {} {requested} of {sku} at {warehouse}: {held} held", settle.verb())]
     OverSettle { settle: Settle, sku: String, warehouse: String, requested: i64, held: i64 },
@@ -40,9 +45,10 @@ pub enum Refusal {
     IdempotencyKeyReused,
     #[error("{0}")]
     TooManyStreams(String),
-    /// Rows of an upload that cannot be applied, by line.
+    /// Well-formed fields that cannot be applied as they are: rows of an upload, lines pinned
+    /// to a warehouse outside the order's channel.
     #[error("{} field(s) are invalid", .0.len())]
-    BadRows(Vec<FieldError>),
+    Invalid(Vec<FieldError>),
     /// Rows of an upload naming SKUs or warehouses that do not exist, by line.
     #[error("{} row(s) name an unknown SKU or warehouse (import with create_missing=true to create them)", .0.len())]
     UnknownInRows(Vec<FieldError>),
@@ -57,12 +63,15 @@ impl Refusal {
     /// The stable code clients branch on.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::UnknownSku(_) | Self::UnknownWarehouse(_) | Self::UnknownReservation(_) | Self::UnknownInRows(_) => {
-                "not_found"
-            }
+            Self::UnknownSku(_)
+            | Self::UnknownWarehouse(_)
+            | Self::UnknownReservation(_)
+            | Self::UnknownChannel(_)
+            | Self::UnknownInRows(_) => "not_found",
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::DuplicateOrder { .. } => "duplicate_order",
             Self::NotActive { .. } => "reservation_not_active",
+            Self::PartlyFulfilled { .. } => "reservation_partly_fulfilled",
             Self::OverSettle { settle: Settle::Fulfil, .. } => "over_fulfilment",
             Self::OverSettle { settle: Settle::Release, .. } => "over_release",
             Self::StaleQuantity { .. } => "stale_quantity",
@@ -70,7 +79,7 @@ impl Refusal {
             Self::IdempotencyInProgress => "idempotency_in_progress",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::TooManyStreams(_) => "too_many_streams",
-            Self::BadRows(_) => "validation_failed",
+            Self::Invalid(_) => "validation_failed",
             Self::NotCsv(_) => "malformed_request",
             Self::TooLarge { .. } => "payload_too_large",
         }

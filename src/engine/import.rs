@@ -374,7 +374,7 @@ fn reject(mut errors: Vec<FieldError>, total: usize) -> Refusal {
     if total > errors.len() {
         errors.push(FieldError::new("file", format!("{total} bad rows in all; the first {} are listed", errors.len())));
     }
-    Refusal::BadRows(errors)
+    Refusal::Invalid(errors)
 }
 
 /// Row problems found by the database side of the checks, as field errors.

@@ -34,6 +34,7 @@ use self::tx::{TxFuture, transact};
 use crate::config::ServerArgs;
 use crate::domain::Settle;
 use crate::store::catalogue::{SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
+use crate::store::channels::{Channel, ChannelUpsert};
 use crate::store::stock::{Level, Replenishment};
 
 /// The engine of one process; cheap to clone.
@@ -138,5 +139,11 @@ impl Engine {
     #[tracing::instrument(level = "debug", skip_all, fields(sku = %upsert.sku))]
     pub(crate) async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
+    }
+
+    /// Creates or replaces a sales channel; the flag tells whether it was created.
+    #[tracing::instrument(level = "debug", skip_all, fields(channel = %upsert.code))]
+    pub(crate) async fn upsert_channel(&self, upsert: &ChannelUpsert) -> Result<(Channel, bool)> {
+        transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_channel(tx, upsert))).await
     }
 }

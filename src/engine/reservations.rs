@@ -10,16 +10,18 @@ use uuid::Uuid;
 
 use super::book::{Book, CannotApply};
 use super::error::{Error, Refusal, Result};
-use crate::domain::allocation::{self, Line, Placement, Strategy};
-use crate::domain::{EntryKind, EventKind, Settle, Shortage, Status};
-use crate::store::catalogue;
+use crate::domain::allocation::{self, Candidate, ChannelScope, Line, Placement, Strategy};
+use crate::domain::{EntryKind, EventKind, FieldError, Settle, Shortage, Status};
 use crate::store::events::NewEvent;
 use crate::store::reservations::{self as store, Allocation, Header, Reservation};
+use crate::store::{catalogue, channels};
 
 /// A validated request to hold stock for one order.
 #[derive(Debug, Clone)]
 pub struct NewReservation {
     pub order_id: String,
+    /// The sales channel the order comes from: allocation only from its warehouses.
+    pub channel: Option<String>,
     pub lines: Vec<Line>,
     pub ttl_seconds: i64,
     pub strategy: Strategy,
@@ -37,6 +39,7 @@ pub(crate) struct PartLine {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Plan {
     pub order_id: String,
+    pub channel: Option<String>,
     pub strategy: &'static str,
     pub lines: Vec<PlanLine>,
 }
@@ -101,14 +104,60 @@ impl Unknown {
     }
 }
 
+/// The sales channels named by a set of orders, as they stand in this transaction.
+#[derive(Debug, Default)]
+struct Channels(Vec<ChannelScope>);
+
+impl Channels {
+    async fn load(conn: &mut PgConnection, reqs: &[&NewReservation]) -> Result<Self> {
+        let mut codes: Vec<&str> = reqs.iter().filter_map(|r| r.channel.as_deref()).collect();
+        if codes.is_empty() {
+            return Ok(Self::default());
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        Ok(Self(channels::scopes(conn, &codes).await?))
+    }
+
+    /// The scope an order is allocated in (`None`: no channel, every warehouse), refusing an
+    /// unknown channel and lines pinned to a warehouse outside it.
+    fn scope_of(&self, req: &NewReservation) -> Result<Option<&ChannelScope>, Refusal> {
+        let Some(code) = &req.channel else { return Ok(None) };
+        let scope = self.0.iter().find(|s| &s.code == code).ok_or_else(|| Refusal::UnknownChannel(code.clone()))?;
+        let outside: Vec<FieldError> = req
+            .lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let w = l.warehouse.as_deref().filter(|w| !scope.contains(w))?;
+                Some(FieldError::new(
+                    format!("lines[{i}].warehouse"),
+                    format!("{w} is not a warehouse of channel {code}"),
+                ))
+            })
+            .collect();
+        if outside.is_empty() { Ok(Some(scope)) } else { Err(Refusal::Invalid(outside)) }
+    }
+}
+
+/// The candidates an order may be allocated from: every level of its SKUs, or only those of
+/// its channel's warehouses, ranked by the channel.
+fn candidates(book: &Book, skus: &[&str], scope: Option<&ChannelScope>) -> Vec<Candidate> {
+    let all = book.candidates_of(skus);
+    match scope {
+        Some(scope) => scope.narrow(all),
+        None => all,
+    }
+}
+
 /// The outbox event of a reservation reaching `status` (`Active`: just created).
-fn lifecycle_event(id: Uuid, order_id: &str, status: Status) -> NewEvent {
+fn lifecycle_event(id: Uuid, order_id: &str, channel: Option<&str>, status: Status) -> NewEvent {
     NewEvent {
         kind: EventKind::of_reservation(status),
         sku: None,
         warehouse: None,
         reservation_id: Some(id),
-        data: serde_json::json!({ "order_id": order_id, "status": status.as_str() }),
+        data: serde_json::json!({ "order_id": order_id, "channel": channel, "status": status.as_str() }),
     }
 }
 
@@ -144,21 +193,30 @@ pub async fn reserve_many(
     reqs: &[&NewReservation],
 ) -> Result<Vec<Result<Reservation, Refusal>>> {
     let ids: Vec<Uuid> = reqs.iter().map(|_| Uuid::now_v7()).collect();
-    let order_ids: Vec<&str> = reqs.iter().map(|r| r.order_id.as_str()).collect();
-    let strategies: Vec<&str> = reqs.iter().map(|r| r.strategy.as_str()).collect();
-    let ttls: Vec<f64> = reqs.iter().map(|r| r.ttl_seconds as f64).collect();
+    let new_rows = store::NewRows {
+        ids: ids.clone(),
+        order_ids: reqs.iter().map(|r| r.order_id.as_str()).collect(),
+        channels: reqs.iter().map(|r| r.channel.as_deref()).collect(),
+        strategies: reqs.iter().map(|r| r.strategy.as_str()).collect(),
+        ttl_seconds: reqs.iter().map(|r| r.ttl_seconds as f64).collect(),
+    };
     let mut headers: BTreeMap<Uuid, Header> =
-        store::insert_many(conn, &ids, &order_ids, &strategies, &ttls).await?.into_iter().map(|h| (h.id, h)).collect();
-    let taken: Vec<&str> =
-        reqs.iter().zip(&ids).filter(|(_, id)| !headers.contains_key(id)).map(|(r, _)| r.order_id.as_str()).collect();
-    let existing: BTreeMap<String, Uuid> = if taken.is_empty() {
+        store::insert_many(conn, &new_rows).await?.into_iter().map(|h| (h.id, h)).collect();
+    let taken: Vec<(&str, Option<&str>)> = reqs
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| !headers.contains_key(id))
+        .map(|(r, _)| (r.order_id.as_str(), r.channel.as_deref()))
+        .collect();
+    let existing: BTreeMap<(String, Option<String>), Uuid> = if taken.is_empty() {
         BTreeMap::new()
     } else {
-        store::ids_of_orders(conn, &taken).await?.into_iter().collect()
+        store::ids_of_orders(conn, &taken).await?.into_iter().map(|(o, c, id)| ((o, c), id)).collect()
     };
 
     let live: Vec<&NewReservation> =
         reqs.iter().zip(&ids).filter(|(_, id)| headers.contains_key(id)).map(|(r, _)| *r).collect();
+    let channels = Channels::load(conn, &live).await?;
     let skus: Vec<&str> = live.iter().flat_map(|r| sku_order(&r.lines)).collect();
     let mut book = Book::lock_skus(conn, &skus).await?;
     let unknown = Unknown::find(conn, &live, &book).await?;
@@ -168,13 +226,14 @@ pub async fn reserve_many(
     let mut refused = Vec::new();
     for (req, id) in reqs.iter().zip(ids) {
         let Some(header) = headers.remove(&id) else {
-            let reservation_id = existing.get(&req.order_id).copied().unwrap_or_default();
+            let reservation_id =
+                existing.get(&(req.order_id.clone(), req.channel.clone())).copied().unwrap_or_default();
             answers.push(Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }));
             continue;
         };
-        match hold(&mut book, &unknown, req, id)? {
+        match hold(&mut book, &unknown, &channels, req, id)? {
             Ok(allocations) => {
-                book.event(lifecycle_event(id, &req.order_id, Status::Active));
+                book.event(lifecycle_event(id, &req.order_id, req.channel.as_deref(), Status::Active));
                 rows.extend(allocations.iter().cloned());
                 answers.push(Ok(store::assemble(header, allocations)));
             }
@@ -199,14 +258,19 @@ pub async fn reserve_many(
 fn hold(
     book: &mut Book,
     unknown: &Unknown,
+    channels: &Channels,
     req: &NewReservation,
     id: Uuid,
 ) -> Result<Result<Vec<Allocation>, Refusal>> {
+    let scope = match channels.scope_of(req) {
+        Ok(scope) => scope,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
     if let Err(refusal) = unknown.refusal_for(req) {
         return Ok(Err(refusal));
     }
     let skus = sku_order(&req.lines);
-    let planned = match allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy) {
+    let planned = match allocation::allocate(&req.lines, &candidates(book, &skus, scope), req.strategy) {
         Ok(planned) => planned,
         Err(shortages) => return Ok(Err(short(shortages))),
     };
@@ -233,13 +297,15 @@ fn hold(
 
 /// The allocation `reserve` would make right now, holding nothing.
 pub(crate) async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Result<Plan> {
-    if let Some(reservation_id) = store::id_of_order(conn, &req.order_id).await? {
+    if let Some(reservation_id) = store::id_of_order(conn, &req.order_id, req.channel.as_deref()).await? {
         return Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }.into());
     }
+    let channels = Channels::load(conn, &[req]).await?;
+    let scope = channels.scope_of(req)?;
     let skus = sku_order(&req.lines);
     let book = Book::read_skus(conn, &skus).await?;
     Unknown::find(conn, &[req], &book).await?.refusal_for(req)?;
-    let planned = allocation::allocate(&req.lines, &book.candidates_of(&skus), req.strategy).map_err(short)?;
+    let planned = allocation::allocate(&req.lines, &candidates(&book, &skus, scope), req.strategy).map_err(short)?;
     let mut lines: Vec<PlanLine> = Vec::new();
     for Placement { sku, warehouse, quantity } in planned {
         let allocation = PlanAllocation { warehouse, quantity };
@@ -251,7 +317,7 @@ pub(crate) async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Resul
             _ => lines.push(PlanLine { sku, quantity, allocations: vec![allocation] }),
         }
     }
-    Ok(Plan { order_id: req.order_id.clone(), strategy: req.strategy.as_str(), lines })
+    Ok(Plan { order_id: req.order_id.clone(), channel: req.channel.clone(), strategy: req.strategy.as_str(), lines })
 }
 
 /// Locks a reservation that must still be active (and not past its deadline).
@@ -352,7 +418,7 @@ pub(crate) async fn settle(
     }
     let status = status_of(&allocations, false);
     if Some(status) != header.status() {
-        book.event(lifecycle_event(id, &header.order_id, status));
+        book.event(lifecycle_event(id, &header.order_id, header.channel.as_deref(), status));
     }
     book.flush(conn).await?;
     let changed: Vec<&Allocation> =
@@ -401,7 +467,7 @@ pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &stor
         })
         .collect();
     for (header, status) in due.iter().zip(&statuses) {
-        book.event(lifecycle_event(header.id, &header.order_id, *status));
+        book.event(lifecycle_event(header.id, &header.order_id, header.channel.as_deref(), *status));
     }
     book.flush(conn).await?;
     let all: Vec<&Allocation> = allocations.iter().collect();

@@ -138,7 +138,7 @@ impl ApiError {
     fn public_detail(&self) -> String {
         const NOTHING_CHANGED: &str = "an unexpected error occurred; the request changed nothing";
         match (self, self.refusal()) {
-            (_, Some(Refusal::BadRows(errors))) | (Self::Validation(errors), _) => {
+            (_, Some(Refusal::Invalid(errors))) | (Self::Validation(errors), _) => {
                 return format!("{} field(s) are invalid", errors.len());
             }
             (_, Some(refusal)) => return refusal.to_string(),
@@ -174,11 +174,14 @@ impl ApiError {
             put("errors", json!(errors));
         }
         match self.refusal() {
-            Some(Refusal::BadRows(errors) | Refusal::UnknownInRows(errors)) => put("errors", json!(errors)),
+            Some(Refusal::Invalid(errors) | Refusal::UnknownInRows(errors)) => put("errors", json!(errors)),
             Some(Refusal::InsufficientStock { lines, .. }) => put("lines", json!(lines)),
             Some(Refusal::DuplicateOrder { order_id, reservation_id }) => {
                 put("reservation_id", json!(reservation_id.to_string()));
                 put("order_id", json!(order_id));
+            }
+            Some(Refusal::PartlyFulfilled { reservation_id }) => {
+                put("reservation_id", json!(reservation_id.to_string()));
             }
             Some(Refusal::NotActive { reservation_id, status }) => {
                 put("reservation_status", json!(status.as_str()));
@@ -229,15 +232,17 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
         Refusal::UnknownSku(_)
         | Refusal::UnknownWarehouse(_)
         | Refusal::UnknownReservation(_)
+        | Refusal::UnknownChannel(_)
         | Refusal::UnknownInRows(_) => StatusCode::NOT_FOUND,
         Refusal::InsufficientStock { .. }
         | Refusal::DuplicateOrder { .. }
         | Refusal::NotActive { .. }
+        | Refusal::PartlyFulfilled { .. }
         | Refusal::OverSettle { .. }
         | Refusal::StaleQuantity { .. }
         | Refusal::BackorderLimitInUse { .. }
         | Refusal::IdempotencyInProgress => StatusCode::CONFLICT,
-        Refusal::IdempotencyKeyReused | Refusal::BadRows(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Refusal::IdempotencyKeyReused | Refusal::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Refusal::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
         Refusal::NotCsv(_) => StatusCode::BAD_REQUEST,
         Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -5,6 +5,7 @@
 pub(crate) mod answer;
 pub(crate) mod auth;
 pub(crate) mod catalogue;
+pub(crate) mod channels;
 pub(crate) mod error;
 pub(crate) mod events;
 pub(crate) mod extract;
@@ -41,6 +42,8 @@ pub(crate) fn app(state: AppState) -> Router {
         .routes(routes!(catalogue::list_warehouses))
         .routes(routes!(catalogue::put_warehouse, catalogue::get_warehouse))
         .routes(routes!(catalogue::put_sku, catalogue::get_sku))
+        .routes(routes!(channels::list_channels))
+        .routes(routes!(channels::put_channel, channels::get_channel))
         .routes(routes!(stock::list))
         .routes(routes!(stock::receive))
         .routes(routes!(stock::adjust))

@@ -13,7 +13,7 @@ use super::openapi::{BodyErrors, Problem, QueryErrors, ReservationList, UnknownR
 use super::schemas::{OrderId, TtlSeconds};
 use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
-use crate::domain::{Quantity, Settle, Sku, Validator, WarehouseCode, text};
+use crate::domain::{ChannelCode, Quantity, Settle, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
 use crate::engine::reservations::{NewReservation, PartLine};
 use crate::store::reservations::{self as store, Reservation};
@@ -38,6 +38,10 @@ pub(crate) struct ReserveBody {
     /// Default `priority`.
     #[schema(value_type = Option<Strategy>)]
     strategy: Option<String>,
+    /// The sales channel the order comes from: lines are allocated only from its active
+    /// warehouses, in its order of preference, and `order_id` is unique within it.
+    #[schema(value_type = Option<ChannelCode>)]
+    channel: Option<String>,
 }
 
 /// One line of an order.
@@ -67,6 +71,7 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     let order_id = v.required("order_id", body.order_id, order_id);
     let ttl_seconds = v.optional("ttl_seconds", body.ttl_seconds, ttl);
     let strategy = v.optional("strategy", body.strategy, |s| Strategy::parse(&s));
+    let channel = v.optional("channel", body.channel, ChannelCode::parse);
     let mut lines = Vec::new();
     match body.lines {
         None => v.fail("lines", "is required"),
@@ -94,6 +99,7 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
     Ok(v.finish(|| {
         Some(NewReservation {
             order_id: order_id?,
+            channel: channel?.map(ChannelCode::into_string),
             lines,
             ttl_seconds: ttl_seconds?.unwrap_or(DEFAULT_TTL),
             strategy: strategy?.unwrap_or_default(),
@@ -103,11 +109,11 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
 
 #[utoipa::path(operation_id = "reserveStock",
     summary = "Hold stock for an order",
-    description = "Allocates every line in one transaction, all or nothing: each line from the preferred warehouses first (`strategy: priority`) or the whole order from one warehouse (`single`); a line with `warehouse` is taken from that warehouse only. The hold expires after `ttl_seconds` (then released within 5 s) unless fulfilled, released or extended. One reservation per `order_id`: a second is 409 `duplicate_order`. Not enough stock: 409 `insufficient_stock` with every short line.",
+    description = "Allocates every line in one transaction, all or nothing: each line from the preferred warehouses first (`strategy: priority`) or the whole order from one warehouse (`single`); a line with `warehouse` is taken from that warehouse only. The hold expires after `ttl_seconds` (then released within 5 s) unless fulfilled, released or extended. With `channel`, lines are allocated only from that channel's active warehouses, in its order of preference; a line pinned to a warehouse outside it is 422. One reservation per `order_id` and channel: a second is 409 `duplicate_order`. Not enough stock: 409 `insufficient_stock` with every short line.",
     post, path = "/v1/reservations", tag = "reservations", request_body = ReserveBody,
     responses((status = 201, description = "held", body = Reservation),
         (status = 409, description = "insufficient_stock (every short line under `lines`) or duplicate_order (with `reservation_id`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU, pinned warehouse or channel", body = Problem, content_type = "application/problem+json"),
         BodyErrors))]
 pub(crate) async fn create(
     State(state): State<AppState>,
@@ -138,7 +144,7 @@ pub(crate) async fn create(
     request_body = ReserveBody,
     responses((status = 200, description = "what would be held now; nothing is", body = crate::engine::reservations::Plan),
         (status = 409, description = "insufficient_stock or duplicate_order", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "unknown SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown SKU, pinned warehouse or channel", body = Problem, content_type = "application/problem+json"),
         BodyErrors))]
 pub(crate) async fn plan(
     State(state): State<AppState>,
@@ -170,11 +176,14 @@ pub(crate) struct ByOrder {
     /// The order service's id of the order.
     #[param(value_type = OrderId, required = true)]
     order_id: Option<String>,
+    /// Only the reservation made in this sales channel.
+    #[param(value_type = Option<ChannelCode>)]
+    channel: Option<String>,
 }
 
 #[utoipa::path(operation_id = "listReservations",
-    summary = "Find the reservation of an order",
-    description = "The reservation made for `order_id`, as a list of at most one.",
+    summary = "Find the reservations of an order",
+    description = "The reservations made for `order_id`: with `channel`, the one made in that channel (a list of at most one); without, those of every channel and the one made without a channel, oldest first.",
     get, path = "/v1/reservations", tag = "reservations", params(ByOrder),
     responses((status = 200, description = "the reservation of the order (or none)", body = ReservationList),
         (status = 422, description = "`order_id` is missing", body = Problem, content_type = "application/problem+json"),
@@ -182,13 +191,12 @@ pub(crate) struct ByOrder {
 pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ByOrder>) -> Result<Response, ApiError> {
     let mut v = Validator::new();
     let order_id = v.required("order_id", q.order_id, order_id);
-    let order_id = v.finish(|| order_id)?;
+    let channel = v.optional("channel", q.channel, ChannelCode::parse);
+    let (order_id, channel) = v.finish(|| Some((order_id?, channel?)))?;
     let mut conn = state.db.acquire().await?;
     let mut items = Vec::new();
-    if let Some(id) = store::id_of_order(&mut conn, &order_id).await?
-        && let Some(reservation) = store::get(&mut conn, id).await?
-    {
-        items.push(reservation);
+    for id in store::ids_of_order(&mut conn, &order_id, channel.as_ref().map(ChannelCode::as_str)).await? {
+        items.extend(store::get(&mut conn, id).await?);
     }
     Ok(axum::Json(ReservationList { items }).into_response())
 }

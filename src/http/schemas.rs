@@ -11,7 +11,9 @@ use utoipa::openapi::{RefOr, schema};
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::domain::allocation::Strategy;
-use crate::domain::{AdjustReason, Delta, EventKind, MAX_QUANTITY, MAX_TEXT, Quantity, Sku, WarehouseCode};
+use crate::domain::{
+    AdjustReason, ChannelCode, Delta, EventKind, MAX_QUANTITY, MAX_TEXT, Quantity, Sku, WarehouseCode,
+};
 
 /// The shape of SKUs and warehouse codes, as `domain::Code` checks it.
 pub(crate) const CODE_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$";
@@ -102,6 +104,11 @@ named_schema!(
     WarehouseCode,
     "WarehouseCode",
     code("A warehouse code: 1–64 of A–Z a–z 0–9 _ . -, starting alphanumeric.", "BER")
+);
+named_schema!(
+    ChannelCode,
+    "ChannelCode",
+    code("A sales channel's code: 1–64 of A–Z a–z 0–9 _ . -, starting alphanumeric.", "web-de")
 );
 named_schema!(Quantity, "Quantity", integer(1, MAX_QUANTITY, "A whole number of units.").examples([3]));
 named_schema!(

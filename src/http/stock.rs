@@ -15,7 +15,9 @@ use super::openapi::{
 };
 use super::schemas::{self, Count, LevelCursor, Text};
 use super::state::{AppState, page_limit};
-use crate::domain::{AdjustReason, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode, text};
+use crate::domain::{
+    AdjustReason, ChannelCode, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode, text,
+};
 use crate::engine::Refusal;
 use crate::engine::import;
 use crate::engine::stock::{Adjust, Receive, Transfer};
@@ -245,10 +247,12 @@ pub(crate) async fn get_sku_stock(
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
 #[utoipa::path(operation_id = "getAvailability",
     summary = "Availability of SKUs",
-    description = "What can be sold now, per SKU: the sum of `available` over active warehouses, and per warehouse. One item per requested SKU in request order; an unknown or unstocked SKU reads 0, so a product page never breaks. As fresh as a direct read: it sees every committed change.",
+    description = "What can be sold now, per SKU: the sum of `available` over active warehouses (with `channel`: that channel's active warehouses, in its order of preference), and per warehouse. One item per requested SKU in request order; an unknown or unstocked SKU reads 0, so a product page never breaks. As fresh as a direct read: it sees every committed change.",
     get, path = "/v1/availability", tag = "stock",
-    params(AvailabilityQuery),
+    params(AvailabilityQuery,
+        ("channel" = Option<ChannelCode>, Query, description = "Only this sales channel's active warehouses (an unknown channel is 404).")),
     responses((status = 200, description = "one item per requested SKU, in request order", body = Availability),
+        (status = 404, description = "unknown channel", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no SKU, or too many", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
 pub(crate) async fn availability(
@@ -256,9 +260,16 @@ pub(crate) async fn availability(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     let mut requested = Vec::new();
+    let mut channel = None;
     // Other parameters (cache busters and the like) are ignored: a product page never breaks.
     for (key, value) in pairs {
-        if key == "sku" {
+        if key == "channel" {
+            match ChannelCode::parse(value.as_str()) {
+                Ok(code) if channel.is_none() => channel = Some(code),
+                Ok(_) => return Err(ApiError::field("channel", "at most one channel")),
+                Err(err) => return Err(ApiError::field("channel", format!("`{value}` {err}"))),
+            }
+        } else if key == "sku" {
             for sku in value.split(',') {
                 // A malformed code names no SKU that could exist: say so instead of reading 0.
                 if let Err(err) = Sku::parse(sku) {
@@ -278,7 +289,12 @@ pub(crate) async fn availability(
     unique.sort_unstable();
     unique.dedup();
     let mut conn = state.db.acquire().await?;
-    let rows = stock::availability(&mut conn, &unique).await?;
+    let rows = match &channel {
+        None => stock::availability(&mut conn, &unique).await?,
+        Some(code) => stock::availability_in_channel(&mut conn, &unique, code.as_str())
+            .await?
+            .ok_or_else(|| Refusal::UnknownChannel(code.to_string()))?,
+    };
     let items = requested
         .into_iter()
         .map(|sku| {

@@ -7,7 +7,7 @@
 //! 1. the idempotency key's advisory lock (`idempotency::claim`), and the writer's shared
 //!    advisory lock taken right after BEGIN (`db::begin_writer`);
 //! 2. reservation rows (`reservations::lock`, `reservations::lock_overdue`), in the order of
-//!    their unique `order_id` for new ones (`reservations::insert_many`);
+//!    their unique `(order_id, channel)` for new ones (`reservations::insert_many`);
 //! 3. SKU rows, shared, when a level is created from them (`stock::ensure_level`,
 //!    `import::lock_and_create_levels`);
 //! 4. stock levels, in (sku, warehouse) order (`levels::lock_skus`, `levels::lock`,
@@ -18,6 +18,7 @@
 //!    advisory lock and touches only committed events.
 
 pub(crate) mod catalogue;
+pub(crate) mod channels;
 pub mod db;
 pub(crate) mod events;
 pub(crate) mod idempotency;

@@ -15,6 +15,8 @@ use crate::domain::Status;
 pub struct Reservation {
     pub id: Uuid,
     pub order_id: String,
+    /// The sales channel it was made for (`null`: none).
+    pub channel: Option<String>,
     pub status: String,
     pub strategy: String,
     pub created_at: DateTime<Utc>,
@@ -45,6 +47,7 @@ pub struct AllocationView {
 pub(crate) struct Header {
     pub id: Uuid,
     pub order_id: String,
+    pub channel: Option<String>,
     pub status: String,
     pub strategy: String,
     pub created_at: DateTime<Utc>,
@@ -102,6 +105,7 @@ pub(crate) fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Rese
     Reservation {
         id: header.id,
         order_id: header.order_id,
+        channel: header.channel,
         status: header.status,
         strategy: header.strategy,
         created_at: header.created_at,
@@ -110,40 +114,52 @@ pub(crate) fn assemble(header: Header, mut allocations: Vec<Allocation>) -> Rese
     }
 }
 
-/// Inserts many reservation rows at once, in `order_id` order (so concurrent batches meet on
-/// the unique index in the same order); returns the rows inserted, not the duplicates.
-pub(crate) async fn insert_many(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-    order_ids: &[&str],
-    strategies: &[&str],
-    ttl_seconds: &[f64],
-) -> Result<Vec<Header>, sqlx::Error> {
+/// The columns of new reservation rows, one entry per reservation.
+#[derive(Debug, Default)]
+pub(crate) struct NewRows<'a> {
+    pub ids: Vec<Uuid>,
+    pub order_ids: Vec<&'a str>,
+    pub channels: Vec<Option<&'a str>>,
+    pub strategies: Vec<&'a str>,
+    pub ttl_seconds: Vec<f64>,
+}
+
+/// Inserts many reservation rows at once, in `(order_id, channel)` order (so concurrent batches
+/// meet on the unique index in the same order); returns the rows inserted, not the duplicates.
+pub(crate) async fn insert_many(conn: &mut PgConnection, rows: &NewRows<'_>) -> Result<Vec<Header>, sqlx::Error> {
     sqlx::query_as(
-        "INSERT INTO reservations (id, order_id, strategy, expires_at)
-         SELECT id, order_id, strategy, now() + make_interval(secs => ttl)
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::float8[]) AS n(id, order_id, strategy, ttl)
-          ORDER BY order_id
-         ON CONFLICT (order_id) DO NOTHING
-         RETURNING id, order_id, status, strategy, created_at, expires_at, false AS overdue",
+        "INSERT INTO reservations (id, order_id, channel, strategy, expires_at)
+         SELECT id, order_id, channel, strategy, now() + make_interval(secs => ttl)
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[])
+                AS n(id, order_id, channel, strategy, ttl)
+          ORDER BY order_id, channel NULLS FIRST
+         ON CONFLICT (order_id, channel) DO NOTHING
+         RETURNING id, order_id, channel, status, strategy, created_at, expires_at, false AS overdue",
     )
-    .bind(ids)
-    .bind(order_ids)
-    .bind(strategies)
-    .bind(ttl_seconds)
+    .bind(&rows.ids)
+    .bind(&rows.order_ids)
+    .bind(&rows.channels)
+    .bind(&rows.strategies)
+    .bind(&rows.ttl_seconds)
     .fetch_all(conn)
     .await
 }
 
-/// The reservation ids of existing orders.
+/// The reservation ids of existing orders, each `(order_id, channel)` with its id.
 pub(crate) async fn ids_of_orders(
     conn: &mut PgConnection,
-    order_ids: &[&str],
-) -> Result<Vec<(String, Uuid)>, sqlx::Error> {
-    sqlx::query_as("SELECT order_id, id FROM reservations WHERE order_id = ANY($1)")
-        .bind(order_ids)
-        .fetch_all(conn)
-        .await
+    orders: &[(&str, Option<&str>)],
+) -> Result<Vec<(String, Option<String>, Uuid)>, sqlx::Error> {
+    let (order_ids, channels): (Vec<&str>, Vec<Option<&str>>) = orders.iter().copied().unzip();
+    sqlx::query_as(
+        "SELECT r.order_id, r.channel, r.id
+           FROM unnest($1::text[], $2::text[]) AS o(order_id, channel)
+           JOIN reservations r ON r.order_id = o.order_id AND r.channel IS NOT DISTINCT FROM o.channel",
+    )
+    .bind(order_ids)
+    .bind(channels)
+    .fetch_all(conn)
+    .await
 }
 
 /// Deletes reservation rows this transaction inserted for orders it then refused.
@@ -152,14 +168,39 @@ pub(crate) async fn delete_refused(conn: &mut PgConnection, ids: &[Uuid]) -> Res
     Ok(())
 }
 
-pub(crate) async fn id_of_order(conn: &mut PgConnection, order_id: &str) -> Result<Option<Uuid>, sqlx::Error> {
-    sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1").bind(order_id).fetch_optional(conn).await
+/// The reservation of `order_id` in `channel` (`None`: the one made without a channel).
+pub(crate) async fn id_of_order(
+    conn: &mut PgConnection,
+    order_id: &str,
+    channel: Option<&str>,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM reservations WHERE order_id = $1 AND channel IS NOT DISTINCT FROM $2")
+        .bind(order_id)
+        .bind(channel)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The reservations of `order_id`: in `channel` when it is given, else in every channel and
+/// none (oldest first).
+pub(crate) async fn ids_of_order(
+    conn: &mut PgConnection,
+    order_id: &str,
+    channel: Option<&str>,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM reservations WHERE order_id = $1 AND ($2::text IS NULL OR channel = $2) ORDER BY id",
+    )
+    .bind(order_id)
+    .bind(channel)
+    .fetch_all(conn)
+    .await
 }
 
 /// Locks one reservation row.
 pub(crate) async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Header>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
+        "SELECT id, order_id, channel, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -189,7 +230,7 @@ impl SweepSkips {
 /// `$5` when it is given. A statement may add a locking clause.
 macro_rules! overdue_sql {
     () => {
-        "SELECT r.id, r.order_id, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
+        "SELECT r.id, r.order_id, r.channel, r.status, r.strategy, r.created_at, r.expires_at, true AS overdue
            FROM reservations r
           WHERE r.status = 'active' AND r.expires_at <= now()
             AND r.id <> ALL($2::uuid[])
@@ -332,7 +373,7 @@ pub(crate) async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) 
 /// Reads one reservation with its allocations.
 pub(crate) async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Reservation>, sqlx::Error> {
     let header: Option<Header> = sqlx::query_as(
-        "SELECT id, order_id, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
+        "SELECT id, order_id, channel, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
            FROM reservations WHERE id = $1",
     )
     .bind(id)

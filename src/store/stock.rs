@@ -134,6 +134,39 @@ pub(crate) async fn availability(conn: &mut PgConnection, skus: &[String]) -> Re
     .await
 }
 
+/// [`availability`] in one sales channel: only its active warehouses, in its order of
+/// preference. `None` when the channel does not exist.
+pub(crate) async fn availability_in_channel(
+    conn: &mut PgConnection,
+    skus: &[String],
+    channel: &str,
+) -> Result<Option<Vec<AvailableRow>>, sqlx::Error> {
+    let rows: Vec<(Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved
+           FROM channels c
+           LEFT JOIN (channel_warehouses m
+                      JOIN warehouses w ON w.code = m.warehouse AND w.active
+                      JOIN stock_levels l ON l.warehouse = m.warehouse AND l.sku = ANY($1))
+                  ON m.channel = c.code
+          WHERE c.code = $2
+          ORDER BY l.sku, coalesce(m.priority, w.priority), l.warehouse",
+    )
+    .bind(skus)
+    .bind(channel)
+    .fetch_all(conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        rows.into_iter()
+            .filter_map(|(sku, warehouse, available)| {
+                Some(AvailableRow { sku: sku?, warehouse: warehouse?, available: available? })
+            })
+            .collect(),
+    ))
+}
+
 /// A filter and position for paging through stock levels in (sku, warehouse) order.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LevelFilter {

@@ -16,6 +16,7 @@ use crate::helpers::{TestApp, assert_problem};
 fn order(order_id: &str, lines: &[(&str, i64)]) -> NewReservation {
     NewReservation {
         order_id: order_id.into(),
+        channel: None,
         lines: lines
             .iter()
             .map(|(sku, quantity)| Line { sku: (*sku).into(), quantity: *quantity, warehouse: None })

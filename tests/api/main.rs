@@ -4,6 +4,7 @@ mod auth;
 mod batching;
 mod bench;
 mod catalogue;
+mod channels;
 mod cli;
 mod commit;
 mod concurrency;
