@@ -106,14 +106,24 @@ pub enum EventKind {
     BackInStock,
     Low,
     Created,
+    /// An open reservation's lines were changed.
+    Modified,
     Fulfilled,
     Released,
     Expired,
 }
 
 impl EventKind {
-    pub const ALL: [Self; 7] =
-        [Self::OutOfStock, Self::BackInStock, Self::Low, Self::Created, Self::Fulfilled, Self::Released, Self::Expired];
+    pub const ALL: [Self; 8] = [
+        Self::OutOfStock,
+        Self::BackInStock,
+        Self::Low,
+        Self::Created,
+        Self::Modified,
+        Self::Fulfilled,
+        Self::Released,
+        Self::Expired,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -121,6 +131,7 @@ impl EventKind {
             Self::BackInStock => "stock.back_in_stock",
             Self::Low => "stock.low",
             Self::Created => "reservation.created",
+            Self::Modified => "reservation.modified",
             Self::Fulfilled => "reservation.fulfilled",
             Self::Released => "reservation.released",
             Self::Expired => "reservation.expired",

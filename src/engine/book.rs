@@ -45,6 +45,15 @@ impl Book {
         Ok(Self::from_rows(levels::lock_skus(conn, skus).await?))
     }
 
+    /// Locks every level of `skus` in active warehouses and the levels `keys` anywhere.
+    pub(crate) async fn lock_skus_and_levels(
+        conn: &mut PgConnection,
+        skus: &[&str],
+        keys: &[(&str, &str)],
+    ) -> Result<Self> {
+        Ok(Self::from_rows(levels::lock_skus_and_levels(conn, skus, keys).await?))
+    }
+
     /// Locks exactly the given levels.
     pub(crate) async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self> {
         Ok(Self::from_rows(levels::lock(conn, keys).await?))

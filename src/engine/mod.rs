@@ -29,7 +29,7 @@ use self::batch::Batcher;
 pub(crate) use self::error::Result;
 pub use self::error::{Error, Refusal};
 pub(crate) use self::idempotency::{Answer, Keyed, Outcome, Render};
-use self::reservations::{NewReservation, PartLine};
+use self::reservations::{Edit, NewReservation, PartLine};
 use self::tx::{TxFuture, transact};
 use crate::config::ServerArgs;
 use crate::domain::Settle;
@@ -94,6 +94,12 @@ impl Engine {
         let ctx = (id, kind, parts);
         self.run(key, &ctx, |tx, (id, kind, parts)| Box::pin(reservations::settle(tx, *id, *kind, parts.as_deref())))
             .await
+    }
+
+    /// Changes an open reservation's lines to a complete new set, all or nothing.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = %id, lines = edit.lines.len(), keyed = key.is_some()))]
+    pub(crate) async fn modify(&self, id: Uuid, edit: Edit, key: Option<&Keyed>) -> Result<Outcome> {
+        self.run(key, &(id, edit), |tx, (id, edit)| Box::pin(reservations::modify(tx, *id, edit))).await
     }
 
     /// Moves an active reservation's deadline to now + `ttl_seconds`.

@@ -431,6 +431,206 @@ pub(crate) async fn settle(
     Ok(store::assemble(header, allocations))
 }
 
+/// A validated change of an open reservation: its complete new set of lines.
+#[derive(Debug, Clone)]
+pub(crate) struct Edit {
+    pub lines: Vec<Line>,
+    /// When given, the deadline moves to now + this.
+    pub ttl_seconds: Option<i64>,
+}
+
+/// What an edit does to the units a reservation holds, per (sku, warehouse).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Resize {
+    /// Units that stay where they are.
+    kept: BTreeMap<(String, String), i64>,
+    /// Units given back.
+    released: BTreeMap<(String, String), i64>,
+    /// What is still to be allocated: pinned shortfalls and unpinned growth.
+    growth: Vec<Line>,
+}
+
+/// Decides an edit from what is held now (`(sku, warehouse) → units`) and the new lines. Per
+/// SKU: units held at a pinned warehouse serve that pin first; the rest serve the unpinned
+/// quantity, the most preferred warehouses' units first (`rank` of sku and warehouse: lower is
+/// preferred), so a
+/// shrink gives back the least preferred first; whatever is not covered is growth.
+fn resize<R: Ord>(held: &BTreeMap<(String, String), i64>, lines: &[Line], rank: impl Fn(&str, &str) -> R) -> Resize {
+    let mut out = Resize::default();
+    let mut skus: Vec<&str> = sku_order(lines);
+    for (sku, _) in held.keys() {
+        if !skus.contains(&sku.as_str()) {
+            skus.push(sku);
+        }
+    }
+    for sku in skus {
+        let mut pinned: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut unpinned = 0;
+        for line in lines.iter().filter(|l| l.sku == sku) {
+            match &line.warehouse {
+                Some(w) => *pinned.entry(w).or_default() += line.quantity,
+                None => unpinned += line.quantity,
+            }
+        }
+        let mut free: Vec<(&str, i64)> = Vec::new();
+        for ((_, warehouse), &units) in held.range((sku.to_owned(), String::new())..).take_while(|((s, _), _)| s == sku)
+        {
+            let for_pin = pinned.get(warehouse.as_str()).copied().unwrap_or(0).min(units);
+            if for_pin > 0 {
+                out.kept.insert((sku.to_owned(), warehouse.clone()), for_pin);
+            }
+            if units > for_pin {
+                free.push((warehouse, units - for_pin));
+            }
+        }
+        for (warehouse, want) in &pinned {
+            let have = out.kept.get(&(sku.to_owned(), (*warehouse).to_owned())).copied().unwrap_or(0);
+            if *want > have {
+                out.growth.push(Line {
+                    sku: sku.to_owned(),
+                    quantity: want - have,
+                    warehouse: Some((*warehouse).to_owned()),
+                });
+            }
+        }
+        free.sort_by_key(|(warehouse, _)| rank(sku, warehouse));
+        for (warehouse, units) in free {
+            let keep = units.min(unpinned);
+            unpinned -= keep;
+            let key = (sku.to_owned(), warehouse.to_owned());
+            if keep > 0 {
+                *out.kept.entry(key.clone()).or_default() += keep;
+            }
+            if units > keep {
+                out.released.insert(key, units - keep);
+            }
+        }
+        if unpinned > 0 {
+            out.growth.push(Line { sku: sku.to_owned(), quantity: unpinned, warehouse: None });
+        }
+    }
+    out
+}
+
+/// Changes an open reservation's lines to `edit.lines`, all or nothing: units already held stay
+/// where they are, growth is allocated as a new order of the same channel and strategy would
+/// be, a shrink gives back the least preferred warehouses' units first. Only an active
+/// reservation with nothing fulfilled can change. Afterwards its allocations are exactly what
+/// it holds.
+pub(crate) async fn modify(conn: &mut PgConnection, id: Uuid, edit: &Edit) -> Result<Reservation> {
+    let (mut header, allocations) = lock_active(conn, id).await?;
+    if allocations.iter().any(|a| a.fulfilled > 0) {
+        return Err(Refusal::PartlyFulfilled { reservation_id: id }.into());
+    }
+    let strategy =
+        Strategy::parse(&header.strategy).map_err(|_| Error::Bug(format!("strategy {}", header.strategy)))?;
+    let req = NewReservation {
+        order_id: header.order_id.clone(),
+        channel: header.channel.clone(),
+        lines: edit.lines.clone(),
+        ttl_seconds: 0,
+        strategy,
+    };
+    let channels = Channels::load(conn, &[&req]).await?;
+    let scope = channels.scope_of(&req)?;
+
+    let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for a in allocations.iter().filter(|a| a.held() > 0) {
+        *held.entry((a.sku.clone(), a.warehouse.clone())).or_default() += a.held();
+    }
+    let skus = sku_order(&req.lines);
+    let held_keys: Vec<(&str, &str)> = held.keys().map(|(s, w)| (s.as_str(), w.as_str())).collect();
+    let mut book = Book::lock_skus_and_levels(conn, &skus, &held_keys).await?;
+    Unknown::find(conn, &[&req], &book).await?.refusal_for(&req)?;
+
+    // Preference among the warehouses units are held in: the channel's order (warehouses no
+    // longer in it, and inactive ones, last), else the warehouses' own.
+    let rank = |sku: &str, warehouse: &str| {
+        let (priority, active) = match (scope, book.get(sku, warehouse)) {
+            (Some(scope), _) => match scope.warehouses.iter().find(|(w, _)| w == warehouse) {
+                Some((_, p)) => (*p, true),
+                None => (i32::MAX, false),
+            },
+            (None, Some(level)) => (level.priority, level.active),
+            (None, None) => (i32::MAX, false),
+        };
+        (!active, priority, warehouse.to_owned())
+    };
+    let change = resize(&held, &req.lines, rank);
+
+    let reference = id.to_string();
+    for ((sku, warehouse), &units) in &change.released {
+        book.apply(sku, warehouse, EntryKind::Release, 0, -units, Some(&reference))
+            .map_err(|_| Error::Bug(format!("cannot release {sku}/{warehouse}")))?;
+    }
+    let mut placed: Vec<Placement> = Vec::new();
+    if !change.growth.is_empty() {
+        let growth_skus = sku_order(&change.growth);
+        placed = allocation::allocate(&change.growth, &candidates(&book, &growth_skus, scope), req.strategy).map_err(
+            |shortages| {
+                // Told as the whole new quantity of the SKU against what it could have.
+                let kept = |sku: &str| change.kept.iter().filter(|((s, _), _)| s == sku).map(|(_, q)| q).sum::<i64>();
+                short(
+                    shortages
+                        .into_iter()
+                        .map(|s| Shortage {
+                            requested: s.requested + kept(&s.sku),
+                            available: s.available + kept(&s.sku),
+                            sku: s.sku,
+                        })
+                        .collect(),
+                )
+            },
+        )?;
+        for p in &placed {
+            book.apply(&p.sku, &p.warehouse, EntryKind::Reserve, 0, p.quantity, Some(&reference))
+                .map_err(|_| Error::Bug(format!("allocation exceeded {}/{}", p.sku, p.warehouse)))?;
+        }
+    }
+
+    // The new allocations: per SKU in the new order, kept units where they were (in their old
+    // order), then the growth.
+    let mut rows: Vec<Allocation> = Vec::new();
+    for (line_no, sku) in skus.iter().enumerate() {
+        let mut mine: Vec<(String, i64)> = Vec::new();
+        for a in allocations.iter().filter(|a| a.sku == *sku) {
+            if let Some(&units) = change.kept.get(&(a.sku.clone(), a.warehouse.clone())) {
+                mine.push((a.warehouse.clone(), units));
+            }
+        }
+        for p in placed.iter().filter(|p| p.sku == *sku) {
+            match mine.iter_mut().find(|(w, _)| *w == p.warehouse) {
+                Some((_, units)) => *units += p.quantity,
+                None => mine.push((p.warehouse.clone(), p.quantity)),
+            }
+        }
+        rows.extend(mine.into_iter().enumerate().map(|(seq, (warehouse, quantity))| Allocation {
+            reservation_id: id,
+            sku: (*sku).to_owned(),
+            warehouse,
+            line_no: line_no as i32,
+            seq: seq as i32,
+            quantity,
+            fulfilled: 0,
+            released: 0,
+        }));
+    }
+
+    book.event(NewEvent {
+        kind: EventKind::Modified,
+        sku: None,
+        warehouse: None,
+        reservation_id: Some(id),
+        data: serde_json::json!({ "order_id": header.order_id, "channel": header.channel, "status": "active" }),
+    });
+    book.flush(conn).await?;
+    store::replace_allocations(conn, id, &rows).await?;
+    if let Some(ttl) = edit.ttl_seconds {
+        header.expires_at = store::extend(conn, id, ttl).await?;
+    }
+    Ok(store::assemble(header, rows))
+}
+
 /// Moves the deadline of an active reservation to now + ttl.
 pub(crate) async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) -> Result<Reservation> {
     let (mut header, allocations) = lock_active(conn, id).await?;
@@ -474,4 +674,66 @@ pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &stor
     store::update_allocations(conn, &all).await?;
     store::set_statuses(conn, &ids, &statuses).await?;
     Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(units: &[(&str, &str, i64)]) -> BTreeMap<(String, String), i64> {
+        units.iter().map(|(s, w, q)| (((*s).to_owned(), (*w).to_owned()), *q)).collect()
+    }
+
+    fn line(sku: &str, quantity: i64, warehouse: Option<&str>) -> Line {
+        Line { sku: sku.into(), quantity, warehouse: warehouse.map(Into::into) }
+    }
+
+    /// W1 is preferred over W2 over W3.
+    fn rank(_: &str, warehouse: &str) -> String {
+        warehouse.to_owned()
+    }
+
+    #[test]
+    fn growth_keeps_what_is_held_and_asks_only_for_the_difference() {
+        let got = resize(&held(&[("A", "W2", 2)]), &[line("A", 5, None)], rank);
+        assert_eq!(got.kept, held(&[("A", "W2", 2)]));
+        assert!(got.released.is_empty());
+        assert_eq!(got.growth, [line("A", 3, None)]);
+    }
+
+    #[test]
+    fn a_shrink_gives_back_the_least_preferred_units_first() {
+        let got = resize(&held(&[("A", "W1", 2), ("A", "W2", 2), ("A", "W3", 2)]), &[line("A", 3, None)], rank);
+        assert_eq!(got.kept, held(&[("A", "W1", 2), ("A", "W2", 1)]));
+        assert_eq!(got.released, held(&[("A", "W2", 1), ("A", "W3", 2)]));
+        assert!(got.growth.is_empty());
+    }
+
+    #[test]
+    fn a_sku_left_out_is_given_back_entirely_and_a_new_one_is_growth() {
+        let got = resize(&held(&[("A", "W1", 2)]), &[line("B", 1, None)], rank);
+        assert!(got.kept.is_empty());
+        assert_eq!(got.released, held(&[("A", "W1", 2)]));
+        assert_eq!(got.growth, [line("B", 1, None)]);
+    }
+
+    #[test]
+    fn pins_are_served_by_units_held_there_first() {
+        // 3 held at W1 and 2 at W2; now 2 pinned to W2, 1 pinned to W3, 2 anywhere.
+        let got = resize(
+            &held(&[("A", "W1", 3), ("A", "W2", 2)]),
+            &[line("A", 2, Some("W2")), line("A", 1, Some("W3")), line("A", 2, None)],
+            rank,
+        );
+        assert_eq!(got.kept, held(&[("A", "W1", 2), ("A", "W2", 2)]));
+        assert_eq!(got.released, held(&[("A", "W1", 1)]));
+        assert_eq!(got.growth, [line("A", 1, Some("W3"))]);
+    }
+
+    #[test]
+    fn the_same_lines_change_nothing() {
+        let now = held(&[("A", "W1", 2), ("B", "W3", 1)]);
+        let got = resize(&now, &[line("A", 2, None), line("B", 1, None)], rank);
+        assert_eq!(got, Resize { kept: now, ..Resize::default() });
+    }
 }

@@ -57,11 +57,12 @@ fn typed<T: DeserializeOwned>(raw: &serde_json::Value) -> Result<T, ApiError> {
     T::deserialize(raw).map_err(|err| ApiError::Malformed(format!("the body has a field of the wrong type: {err}")))
 }
 
-/// The `Idempotency-Key` header (1–255 printable ASCII characters, or absent), with the path
-/// it was sent to.
+/// The `Idempotency-Key` header (1–255 printable ASCII characters, or absent), with the method
+/// and path it was sent to.
 #[derive(Debug, Clone)]
 pub(crate) struct IdempotencyKey {
     key: Option<String>,
+    method: &'static str,
     path: String,
 }
 
@@ -72,7 +73,7 @@ impl IdempotencyKey {
     pub(crate) fn keyed(&self, body: &serde_json::Value, success: StatusCode) -> Option<Keyed> {
         Some(Keyed {
             key: self.key.clone()?,
-            method: "POST",
+            method: self.method,
             path: self.path.clone(),
             fingerprint: body.to_string(),
             success: success.as_u16(),
@@ -85,15 +86,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let path = parts.uri.path().to_owned();
+        let method = if parts.method == axum::http::Method::PUT { "PUT" } else { "POST" };
         let Some(value) = parts.headers.get("idempotency-key") else {
-            return Ok(IdempotencyKey { key: None, path });
+            return Ok(IdempotencyKey { key: None, method, path });
         };
         let key = value
             .to_str()
             .ok()
             .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b)));
         match key {
-            Some(key) => Ok(IdempotencyKey { key: Some(key.to_owned()), path }),
+            Some(key) => Ok(IdempotencyKey { key: Some(key.to_owned()), method, path }),
             None => Err(ApiError::field("Idempotency-Key", "must be 1 to 255 printable ASCII characters")),
         }
     }

@@ -61,6 +61,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .routes(routes!(reservations::fulfil))
         .routes(routes!(reservations::release))
         .routes(routes!(reservations::extend))
+        .routes(routes!(reservations::change_lines))
         .split_for_parts();
     openapi::finish(&mut openapi, &state.config);
     router

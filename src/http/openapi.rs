@@ -152,7 +152,7 @@ problems!(
     UnknownReservation { "404" => "UnknownReservation" }
 );
 
-/// What every POST says about retries.
+/// What every POST (and the order edit's PUT) says about retries.
 const IDEMPOTENCY: &str = "Send an `Idempotency-Key` header (1–255 printable ASCII characters, see \
     `components/parameters/IdempotencyKey`) to make a retry safe: the same key with the same request replays the \
     first answer (`Idempotent-Replayed: true`); with a different request it is 422 `idempotency_key_reused`; \
@@ -176,10 +176,12 @@ pub(crate) fn finish(openapi: &mut utoipa::openapi::OpenApi, config: &crate::con
     for parameter in super::extract::IdempotencyKey::into_params(|| None) {
         components.parameters.insert("IdempotencyKey".to_owned(), parameter.into());
     }
-    if let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut("ReserveBody")
-        && let Some(RefOr::T(Schema::Array(lines))) = body.properties.get_mut("lines")
-    {
-        lines.max_items = Some(config.max_reservation_lines);
+    for name in ["ReserveBody", "LinesBody"] {
+        if let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut(name)
+            && let Some(RefOr::T(Schema::Array(lines))) = body.properties.get_mut("lines")
+        {
+            lines.max_items = Some(config.max_reservation_lines);
+        }
     }
     for (path, item) in openapi.paths.paths.iter_mut() {
         let operations = [
@@ -190,7 +192,7 @@ pub(crate) fn finish(openapi: &mut utoipa::openapi::OpenApi, config: &crate::con
         ];
         for (method, operation) in operations {
             let Some(operation) = operation else { continue };
-            if method == Method::POST {
+            if method == Method::POST || (method == Method::PUT && path == "/v1/reservations/{id}/lines") {
                 let description = operation.description.get_or_insert_with(String::new);
                 if !description.is_empty() {
                     description.push_str("\n\n");

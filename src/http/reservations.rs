@@ -15,7 +15,7 @@ use super::state::AppState;
 use crate::domain::allocation::{Line, Strategy};
 use crate::domain::{ChannelCode, Quantity, Settle, Sku, Validator, WarehouseCode, text};
 use crate::engine::Refusal;
-use crate::engine::reservations::{NewReservation, PartLine};
+use crate::engine::reservations::{Edit, NewReservation, PartLine};
 use crate::store::reservations::{self as store, Reservation};
 
 /// Default and bounds of `ttl_seconds`.
@@ -66,14 +66,10 @@ fn ttl(raw: i64) -> Result<i64, String> {
     if (1..=MAX_TTL).contains(&raw) { Ok(raw) } else { Err(format!("must be between 1 and {MAX_TTL}")) }
 }
 
-fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservation, ApiError> {
-    let mut v = Validator::new();
-    let order_id = v.required("order_id", body.order_id, order_id);
-    let ttl_seconds = v.optional("ttl_seconds", body.ttl_seconds, ttl);
-    let strategy = v.optional("strategy", body.strategy, |s| Strategy::parse(&s));
-    let channel = v.optional("channel", body.channel, ChannelCode::parse);
+/// The lines of an order (new or changed): at least one, at most `--max-reservation-lines`.
+fn parse_lines(v: &mut Validator, raw: Option<Vec<LineBody>>, state: &AppState) -> Vec<Line> {
     let mut lines = Vec::new();
-    match body.lines {
+    match raw {
         None => v.fail("lines", "is required"),
         Some(raw) if raw.is_empty() => v.fail("lines", "must not be empty"),
         Some(raw) if raw.len() > state.config.max_reservation_lines => {
@@ -94,6 +90,16 @@ fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservati
             }
         }
     }
+    lines
+}
+
+fn parse_reservation(body: ReserveBody, state: &AppState) -> Result<NewReservation, ApiError> {
+    let mut v = Validator::new();
+    let order_id = v.required("order_id", body.order_id, order_id);
+    let ttl_seconds = v.optional("ttl_seconds", body.ttl_seconds, ttl);
+    let strategy = v.optional("strategy", body.strategy, |s| Strategy::parse(&s));
+    let channel = v.optional("channel", body.channel, ChannelCode::parse);
+    let lines = parse_lines(&mut v, body.lines, state);
     // `single` with lines pinned to different warehouses cannot be met by any one warehouse: the
     // engine answers 409 insufficient_stock, as for any order no single warehouse can fill.
     Ok(v.finish(|| {
@@ -297,6 +303,43 @@ settle_handler!(
     "after giving units back",
     "over_release or reservation_not_active"
 );
+
+/// The complete new set of lines of an open reservation.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"lines": [{"sku": "TSHIRT-M", "quantity": 2}, {"sku": "CAP", "quantity": 1}]}))]
+pub(crate) struct LinesBody {
+    /// Every line the order now has (at least one); a SKU left out is released entirely.
+    #[schema(value_type = Vec<LineBody>, min_items = 1, max_items = 100)]
+    lines: Option<Vec<LineBody>>,
+    /// When given, the deadline also moves to now + this.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(value_type = Option<TtlSeconds>)]
+    ttl_seconds: Option<i64>,
+}
+
+#[utoipa::path(operation_id = "putReservationLines",
+    summary = "Change an open order's lines",
+    description = "Replaces the reservation's lines with the complete new set, in one transaction, all or nothing. Per SKU the hold grows or shrinks to the new quantity: units already held stay where they are; extra units are allocated as a new reservation of the same channel and strategy would be, from what is available now; a shrink gives back the least preferred warehouse's units first; a SKU left out is released entirely. Afterwards the reservation's allocations are exactly what it holds. Growth that cannot be allocated is 409 `insufficient_stock` (with `lines`: the new quantity and what the reservation could have) and nothing changes. Only an active reservation with nothing fulfilled can change: 409 `reservation_not_active` or `reservation_partly_fulfilled`. The ledger records the differences as `reserve`/`release` entries; the event feed gets `reservation.modified`. `ttl_seconds` also moves the deadline.",
+    put, path = "/v1/reservations/{id}/lines", tag = "reservations",
+    params(ReservationParam), request_body = LinesBody,
+    responses((status = 200, description = "the reservation with its new lines", body = Reservation),
+        (status = 409, description = "insufficient_stock, reservation_not_active or reservation_partly_fulfilled", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "unknown reservation, SKU or pinned warehouse", body = Problem, content_type = "application/problem+json"),
+        BodyErrors))]
+pub(crate) async fn change_lines(
+    State(state): State<AppState>,
+    key: IdempotencyKey,
+    id: ReservationId,
+    body: Body<LinesBody>,
+) -> Result<Response, ApiError> {
+    let id = id.get()?;
+    let mut v = Validator::new();
+    let lines = parse_lines(&mut v, body.value.lines, &state);
+    let ttl_seconds = v.optional("ttl_seconds", body.value.ttl_seconds, ttl);
+    let edit = v.finish(|| Some(Edit { lines, ttl_seconds: ttl_seconds? }))?;
+    let key = key.keyed(&body.raw, StatusCode::OK);
+    respond(state.engine.modify(id, edit, key.as_ref()).await, StatusCode::OK)
+}
 
 /// A new deadline, counted from now.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

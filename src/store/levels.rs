@@ -44,6 +44,29 @@ pub(crate) async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<
     .await
 }
 
+/// Locks every level of `skus` in active warehouses and the levels `keys` (in any warehouse),
+/// in one statement in (sku, warehouse) order: what an order edit may grow into or give back.
+pub(crate) async fn lock_skus_and_levels(
+    conn: &mut PgConnection,
+    skus: &[&str],
+    keys: &[(&str, &str)],
+) -> Result<Vec<LevelRow>, sqlx::Error> {
+    let (key_skus, key_warehouses): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
+           FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
+          WHERE (l.sku = ANY($1) AND w.active)
+             OR (l.sku, l.warehouse) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+          ORDER BY l.sku, l.warehouse
+            FOR UPDATE OF l",
+    )
+    .bind(skus)
+    .bind(&key_skus)
+    .bind(&key_warehouses)
+    .fetch_all(conn)
+    .await
+}
+
 /// Locks exactly the given levels.
 pub(crate) async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Vec<LevelRow>, sqlx::Error> {
     let mut keys = keys.to_vec();

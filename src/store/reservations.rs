@@ -322,6 +322,18 @@ pub(crate) async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocati
     Ok(())
 }
 
+/// Replaces a (locked) reservation's allocations with `rows`, as an order edit leaves them.
+pub(crate) async fn replace_allocations(
+    conn: &mut PgConnection,
+    id: Uuid,
+    rows: &[Allocation],
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM reservation_allocations WHERE reservation_id = $1").bind(id).execute(&mut *conn).await?;
+    insert_allocations(conn, rows).await?;
+    sqlx::query("UPDATE reservations SET updated_at = now() WHERE id = $1").bind(id).execute(conn).await?;
+    Ok(())
+}
+
 /// Writes back the fulfilled/released counters of the given allocations.
 pub(crate) async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), sqlx::Error> {
     sqlx::query(

@@ -10,6 +10,7 @@ mod commit;
 mod concurrency;
 mod docs;
 mod drills;
+mod edits;
 mod errors;
 mod events;
 mod expiry;
