@@ -50,8 +50,11 @@ async fn view_as_of(app: &TestApp, sku: &str, at: DateTime<Utc>) -> Value {
     body
 }
 
-/// `[(warehouse, on_hand, reserved, available)]` and the totals `(on_hand, reserved, available)`.
-fn quantities(view: &Value) -> (Vec<(String, i64, i64, i64)>, (i64, i64, i64)) {
+/// `(warehouse, on_hand, reserved, available)` of a listed level.
+type Level = (String, i64, i64, i64);
+
+/// The listed levels and the totals `(on_hand, reserved, available)`.
+fn quantities(view: &Value) -> (Vec<Level>, (i64, i64, i64)) {
     let n = |v: &Value, f: &str| v[f].as_i64().unwrap_or_else(|| panic!("{f} in {v}"));
     let levels = view["warehouses"]
         .as_array()
@@ -63,7 +66,7 @@ fn quantities(view: &Value) -> (Vec<(String, i64, i64, i64)>, (i64, i64, i64)) {
     (levels, (n(t, "on_hand"), n(t, "reserved"), n(t, "available")))
 }
 
-fn level(warehouse: &str, on_hand: i64, reserved: i64) -> (String, i64, i64, i64) {
+fn level(warehouse: &str, on_hand: i64, reserved: i64) -> Level {
     (warehouse.to_owned(), on_hand, reserved, on_hand - reserved)
 }
 
@@ -161,6 +164,9 @@ async fn stock_as_of_now_answers_what_the_plain_read_answers() {
     assert_eq!(as_of["warehouses"][3]["reorder_point"], 4);
 }
 
+/// A ledger entry: `(at, on_hand_delta, reserved_delta, on_hand_after, reserved_after)`.
+type Entry = (DateTime<Utc>, i64, i64, i64, i64);
+
 /// Many reservations and receipts race for one level. Every entry's `at` then follows the
 /// level's lock order: in (at, id) order each entry continues the one before, and the stock as
 /// of any entry's time is that entry's (or that of a later one with the very same time).
@@ -182,7 +188,7 @@ async fn ledger_times_follow_lock_order_under_concurrency() {
     });
     join_all(requests).await;
 
-    let entries: Vec<(DateTime<Utc>, i64, i64, i64, i64)> = sqlx::query_as(
+    let entries: Vec<Entry> = sqlx::query_as(
         "SELECT at, on_hand_delta, reserved_delta, on_hand_after, reserved_after
            FROM ledger WHERE sku = 'A' AND warehouse = 'WH1' ORDER BY at, id",
     )
