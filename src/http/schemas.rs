@@ -262,6 +262,14 @@ pub(crate) fn event_types() -> Schema {
     ArrayBuilder::new().items(schema::Ref::from_schema_name("EventType")).into()
 }
 
+/// A moment in time, RFC 3339.
+pub(crate) fn moment() -> Schema {
+    string("A moment, RFC 3339.")
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+        .examples(["2025-01-31T12:00:00Z"])
+        .into()
+}
+
 /// One `sku` parameter of an availability request: a SKU, or several comma-separated.
 pub(crate) fn availability_skus() -> Schema {
     let code = &CODE_PATTERN[1..CODE_PATTERN.len() - 1];

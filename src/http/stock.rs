@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -217,23 +218,51 @@ pub(crate) async fn put_replenishment(
     Ok((status, axum::Json(level)).into_response())
 }
 
+/// The `as_of` parameter of a stock read, as the document describes it.
+#[derive(Debug)]
+pub(crate) struct AsOfParam;
+
+schemas::one_parameter!(
+    AsOfParam,
+    "as_of",
+    Query,
+    "An RFC 3339 time (write `+` as `%2B`, or use `Z`): the levels as they stood at that moment, from the ledger. Levels that did not exist yet are left out; `updated_at` is the time of the level's last ledger entry at or before the moment (or its creation, before its first entry). `reorder_point` and `reorder_quantity` are the current settings: they are not in the ledger. A time later than the database's clock (no allowance for clock skew: leave `as_of` out for now) → 422.",
+    schemas::moment(),
+);
+
+/// The query of a stock read: `as_of` as sent, parsed by hand for a clear answer.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StockQuery {
+    as_of: Option<String>,
+}
+
 #[utoipa::path(operation_id = "getSkuStock",
     summary = "Stock of one SKU",
-    description = "The SKU's level in every warehouse, and the totals.",
-    get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = Sku, Path, description = "the SKU")),
+    description = "The SKU's level in every warehouse, and the totals; with `as_of`, as they stood at that moment (from the ledger).",
+    get, path = "/v1/stock/{sku}", tag = "stock", params(("sku" = Sku, Path, description = "the SKU"), AsOfParam),
     responses((status = 200, description = "per warehouse and in total", body = StockView),
         (status = 404, description = "unknown SKU", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`as_of` is later than the database's clock", body = Problem, content_type = "application/problem+json"),
         QueryErrors))]
 pub(crate) async fn get_sku_stock(
     State(state): State<AppState>,
     Path(sku): Path<String>,
+    Query(q): Query<StockQuery>,
 ) -> Result<Response, ApiError> {
+    let as_of = q.as_of.as_deref().map(parse_moment).transpose()?;
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());
     }
     let mut conn = state.db.acquire().await?;
     let record = catalogue::get_sku(&mut conn, &sku).await?.ok_or_else(|| Refusal::UnknownSku(sku.clone()))?;
-    let levels = stock::levels_of_sku(&mut conn, &sku).await?;
+    let levels = match as_of {
+        None => stock::levels_of_sku(&mut conn, &sku).await?,
+        Some(at) if stock::is_in_the_future(&mut conn, at).await? => {
+            return Err(ApiError::field("as_of", "is in the future: the levels at that moment are not known yet"));
+        }
+        Some(at) => stock::levels_of_sku_as_of(&mut conn, &sku, at).await?,
+    };
+    // Over every listed level, active warehouse or not, as without `as_of`.
     let total = levels.iter().fold(Totals::default(), |t, l| Totals {
         on_hand: t.on_hand + l.on_hand,
         reserved: t.reserved + l.reserved,
@@ -241,6 +270,17 @@ pub(crate) async fn get_sku_stock(
     });
     let view = StockView { sku: record.sku, backorder_limit: record.backorder_limit, total, warehouses: levels };
     Ok(axum::Json(view).into_response())
+}
+
+/// An RFC 3339 time; anything else is a malformed query (400), as other query values of the
+/// wrong shape are.
+fn parse_moment(raw: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(raw).map(|t| t.with_timezone(&Utc)).map_err(|_| {
+        ApiError::Malformed(format!(
+            "bad query parameter: `as_of` must be an RFC 3339 time such as 2025-01-31T12:00:00Z \
+             (in a URL, write `+` as `%2B`), not `{raw}`"
+        ))
+    })
 }
 
 /// `GET /v1/availability?sku=A&sku=B` (also `sku=A,B`): one item per requested SKU, in request

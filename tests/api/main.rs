@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL, real HTTP on port 0.
 
+mod as_of;
 mod auth;
 mod batching;
 mod bench;
