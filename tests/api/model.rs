@@ -110,6 +110,7 @@ impl Alloc {
 struct Reservation {
     id: String,
     order_id: String,
+    strategy: Strategy,
     status: Status,
     allocs: Vec<Alloc>,
 }
@@ -624,7 +625,8 @@ impl<'a> Runner<'a> {
             0..13 => "receive",
             13..23 => "adjust",
             23..31 => "transfer",
-            31..50 => "reserve",
+            31..45 => "reserve",
+            45..50 => "edit",
             50..55 => "wave",
             55..68 => "fulfil",
             68..79 => "release",
@@ -640,9 +642,10 @@ impl<'a> Runner<'a> {
             0..13 => self.receive().await,
             13..23 => self.adjust().await,
             23..31 => self.transfer().await,
-            31..50 => {
+            31..45 => {
                 self.reserve(None).await;
             }
+            45..50 => self.edit().await,
             50..55 => self.wave().await,
             55..68 => self.settle(true, None).await,
             68..79 => self.settle(false, None).await,
@@ -862,6 +865,13 @@ impl<'a> Runner<'a> {
             let warehouse = self.chance(0.3).then(|| self.any_warehouse().to_owned());
             lines.push(Line { sku, quantity: self.rng.random_range(1..=4), warehouse });
         }
+        // `single` pinned to two warehouses is refused like any order no one warehouse can fill
+        // (tests/api/reservations.rs has that case); here a single order pins one warehouse at most.
+        if single && let Some(pin) = lines.iter().find_map(|l| l.warehouse.clone()) {
+            for line in lines.iter_mut().filter(|l| l.warehouse.is_some()) {
+                line.warehouse = Some(pin.clone());
+            }
+        }
         // One fault at most, and none on a duplicate (whose answer must be duplicate_order).
         if !duplicate {
             match self.rng.random_range(0..100) {
@@ -986,9 +996,11 @@ impl<'a> Runner<'a> {
                     self.model.level_mut(&p.sku, &p.warehouse).reserved += p.quantity;
                 }
                 let id = answer["id"].as_str().unwrap_or_else(|| self.fail(format!("reserve: no id in {answer}")));
+                let strategy = if body["strategy"] == "single" { Strategy::Single } else { Strategy::Priority };
                 let reservation = Reservation {
                     id: id.to_owned(),
                     order_id: order_id.clone(),
+                    strategy,
                     status: Status::Active,
                     allocs: planned
                         .into_iter()
@@ -1169,6 +1181,174 @@ impl<'a> Runner<'a> {
             "insufficient_stock" if sorted_by(&answer["lines"], "sku") != sorted_by(&json!(short), "sku") => {
                 self.fail(format!("{op}: short lines should be {}, service listed {}", json!(short), answer["lines"]))
             }
+            _ => {}
+        }
+    }
+
+    /// Changes an open reservation's lines (`PUT /v1/reservations/{id}/lines`). The model's own
+    /// reading of the contract: per SKU, units held at a pinned warehouse serve that pin, the
+    /// other held units serve the unpinned quantity from the most preferred warehouse (active
+    /// before inactive, then priority, then code) down, the rest is given back; what is still
+    /// missing is allocated like a new order of the same strategy, from the levels as they are.
+    async fn edit(&mut self) {
+        let Some(index) = self.pick_reservation() else { return self.reserve(None).await.map_or((), |_| ()) };
+        let r = self.model.reservations[index].clone();
+        let single = r.strategy == Strategy::Single;
+        let mut lines = self.random_lines(Some(if single { "single" } else { "priority" }), false);
+        if single {
+            // Growth of a single order comes from one warehouse: keep this case to unpinned lines.
+            lines.iter_mut().for_each(|l| l.warehouse = None);
+        }
+        let ttl = self.chance(0.3).then(|| self.rng.random_range(3600..=86_400));
+
+        let unknown = lines.iter().any(|l| {
+            !self.model.skus.contains_key(&l.sku)
+                || l.warehouse.as_ref().is_some_and(|w| !self.model.warehouses.contains_key(w))
+        });
+        let mut skus: Vec<String> = Vec::new();
+        for sku in lines.iter().map(|l| &l.sku).chain(r.allocs.iter().map(|a| &a.sku)) {
+            if !skus.contains(sku) {
+                skus.push(sku.clone());
+            }
+        }
+        let wanted = |sku: &str| lines.iter().filter(|l| l.sku == sku).map(|l| l.quantity).sum::<i64>();
+        let mut kept: Vec<(String, String, i64)> = Vec::new();
+        let mut given_back: Vec<(String, String, i64)> = Vec::new();
+        let mut growth: Vec<Line> = Vec::new();
+        for sku in &skus {
+            let mut unpinned: i64 =
+                lines.iter().filter(|l| &l.sku == sku && l.warehouse.is_none()).map(|l| l.quantity).sum();
+            let mut pins: Vec<(String, i64)> = Vec::new();
+            for l in lines.iter().filter(|l| &l.sku == sku) {
+                if let Some(w) = &l.warehouse {
+                    match pins.iter_mut().find(|(x, _)| x == w) {
+                        Some((_, q)) => *q += l.quantity,
+                        None => pins.push((w.clone(), l.quantity)),
+                    }
+                }
+            }
+            let mut spare: Vec<(String, i64)> = Vec::new();
+            for a in r.allocs.iter().filter(|a| &a.sku == sku && a.held() > 0) {
+                let pinned = pins.iter().find(|(w, _)| *w == a.warehouse).map_or(0, |(_, q)| *q).min(a.held());
+                if pinned > 0 {
+                    kept.push((sku.clone(), a.warehouse.clone(), pinned));
+                }
+                if a.held() > pinned {
+                    spare.push((a.warehouse.clone(), a.held() - pinned));
+                }
+            }
+            for (w, q) in &pins {
+                let have = kept.iter().filter(|(s, x, _)| s == sku && x == w).map(|(.., n)| n).sum::<i64>();
+                if *q > have {
+                    growth.push(Line { sku: sku.clone(), quantity: q - have, warehouse: Some(w.clone()) });
+                }
+            }
+            spare.sort_by_key(|(w, _)| {
+                let wh = self.model.warehouses[w];
+                (!wh.active, wh.priority, w.clone())
+            });
+            for (w, units) in spare {
+                let keep = units.min(unpinned);
+                unpinned -= keep;
+                if keep > 0 {
+                    match kept.iter_mut().find(|(s, x, _)| s == sku && *x == w) {
+                        Some((.., n)) => *n += keep,
+                        None => kept.push((sku.clone(), w.clone(), keep)),
+                    }
+                }
+                if units > keep {
+                    given_back.push((sku.clone(), w, units - keep));
+                }
+            }
+            if unpinned > 0 {
+                growth.push(Line { sku: sku.clone(), quantity: unpinned, warehouse: None });
+            }
+        }
+        let planned = reference_allocate(&growth, &self.model.candidates(&growth), r.strategy);
+        let fulfilled = r.allocs.iter().any(|a| a.fulfilled > 0);
+        let expected = if r.status != Status::Active {
+            conflict("reservation_not_active")
+        } else if fulfilled {
+            conflict("reservation_partly_fulfilled")
+        } else if unknown {
+            NOT_FOUND
+        } else if planned.is_err() {
+            conflict("insufficient_stock")
+        } else {
+            OK
+        };
+
+        let mut body = json!({"lines": lines.iter().map(|l| {
+            let mut line = json!({"sku": l.sku, "quantity": l.quantity});
+            if let Some(w) = &l.warehouse {
+                line["warehouse"] = json!(w);
+            }
+            line
+        }).collect::<Vec<_>>()});
+        if let Some(t) = ttl {
+            body["ttl_seconds"] = json!(t);
+        }
+        let describe = format!("{} ({}) to {body}", r.order_id, r.status.as_str());
+        let (status, answer) = self.send(Method::PUT, &format!("/v1/reservations/{}/lines", r.id), Some(body)).await;
+        self.expect("edit", &describe, expected, status, &answer);
+        match (expected.1, planned) {
+            ("", Ok(planned)) => {
+                for (sku, w, q) in &given_back {
+                    self.model.level_mut(sku, w).reserved -= q;
+                }
+                for p in &planned {
+                    self.model.level_mut(&p.sku, &p.warehouse).reserved += p.quantity;
+                }
+                // Per SKU in the new order: kept units where they were (in their old order),
+                // then the growth.
+                let mut allocs: Vec<Alloc> = Vec::new();
+                for sku in lines.iter().map(|l| &l.sku) {
+                    if allocs.iter().any(|a| &a.sku == sku) {
+                        continue;
+                    }
+                    let mut mine: Vec<(String, i64)> = Vec::new();
+                    for a in r.allocs.iter().filter(|a| &a.sku == sku) {
+                        if let Some((.., q)) = kept.iter().find(|(s, w, _)| s == sku && *w == a.warehouse) {
+                            mine.push((a.warehouse.clone(), *q));
+                        }
+                    }
+                    for p in planned.iter().filter(|p| &p.sku == sku) {
+                        match mine.iter_mut().find(|(w, _)| *w == p.warehouse) {
+                            Some((_, q)) => *q += p.quantity,
+                            None => mine.push((p.warehouse.clone(), p.quantity)),
+                        }
+                    }
+                    allocs.extend(mine.into_iter().map(|(warehouse, quantity)| Alloc {
+                        sku: sku.clone(),
+                        warehouse,
+                        quantity,
+                        fulfilled: 0,
+                        released: 0,
+                    }));
+                }
+                self.model.reservations[index].allocs = allocs;
+                self.expect_reservation("edit", &answer, index);
+            }
+            ("insufficient_stock", Err(shortages)) => {
+                let kept_of = |sku: &str| kept.iter().filter(|(s, ..)| s == sku).map(|(.., q)| q).sum::<i64>();
+                let want: Vec<Value> = shortages
+                    .iter()
+                    .map(|(sku, _, available)| {
+                        json!({"sku": sku, "requested": wanted(sku), "available": available + kept_of(sku)})
+                    })
+                    .collect();
+                if sorted_by(&answer["lines"], "sku") != sorted_by(&json!(want), "sku") {
+                    self.fail(format!(
+                        "edit: short lines should be {}, service listed {}",
+                        json!(want),
+                        answer["lines"]
+                    ));
+                }
+            }
+            ("reservation_not_active", _) if answer["reservation_status"] != r.status.as_str() => self.fail(format!(
+                "edit: reservation_not_active should carry reservation_status {}: {answer}",
+                r.status.as_str()
+            )),
             _ => {}
         }
     }
