@@ -86,6 +86,10 @@ code_newtype!(
     /// A warehouse code.
     WarehouseCode
 );
+code_newtype!(
+    /// The name of a webhook subscription (the same shape as a warehouse code).
+    WebhookName
+);
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,8 @@ pub enum Refusal {
     UnknownWarehouse(String),
     #[error("reservation {0} does not exist")]
     UnknownReservation(String),
+    #[error("webhook {0} does not exist")]
+    UnknownWebhook(String),
     /// Not enough stock for every short line (`detail` says how it was measured).
     #[error("{detail}")]
     InsufficientStock { detail: String, lines: Vec<Shortage> },
@@ -57,9 +59,11 @@ impl Refusal {
     /// The stable code clients branch on.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::UnknownSku(_) | Self::UnknownWarehouse(_) | Self::UnknownReservation(_) | Self::UnknownInRows(_) => {
-                "not_found"
-            }
+            Self::UnknownSku(_)
+            | Self::UnknownWarehouse(_)
+            | Self::UnknownReservation(_)
+            | Self::UnknownWebhook(_)
+            | Self::UnknownInRows(_) => "not_found",
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::DuplicateOrder { .. } => "duplicate_order",
             Self::NotActive { .. } => "reservation_not_active",

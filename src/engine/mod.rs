@@ -20,6 +20,7 @@ pub mod import;
 pub mod reservations;
 pub(crate) mod stock;
 pub(crate) mod tx;
+pub(crate) mod webhooks;
 
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -35,6 +36,7 @@ use crate::config::ServerArgs;
 use crate::domain::Settle;
 use crate::store::catalogue::{SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
 use crate::store::stock::{Level, Replenishment};
+use crate::store::webhooks::{Webhook, WebhookUpsert};
 
 /// The engine of one process; cheap to clone.
 #[derive(Debug, Clone)]
@@ -138,5 +140,17 @@ impl Engine {
     #[tracing::instrument(level = "debug", skip_all, fields(sku = %upsert.sku))]
     pub(crate) async fn upsert_sku(&self, upsert: &SkuUpsert) -> Result<(SkuRecord, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
+    }
+
+    /// Creates or updates a webhook subscription; the flag tells whether it was created.
+    #[tracing::instrument(level = "debug", skip_all, fields(webhook = %upsert.name))]
+    pub(crate) async fn upsert_webhook(&self, upsert: &WebhookUpsert) -> Result<(Webhook, bool)> {
+        transact(&self.db, upsert, |tx, upsert| Box::pin(webhooks::upsert(tx, upsert))).await
+    }
+
+    /// Deletes a webhook subscription.
+    #[tracing::instrument(level = "debug", skip_all, fields(webhook = %name))]
+    pub(crate) async fn delete_webhook(&self, name: &str) -> Result<()> {
+        transact(&self.db, name, |tx, name| Box::pin(webhooks::delete(tx, name))).await
     }
 }

@@ -229,6 +229,7 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
         Refusal::UnknownSku(_)
         | Refusal::UnknownWarehouse(_)
         | Refusal::UnknownReservation(_)
+        | Refusal::UnknownWebhook(_)
         | Refusal::UnknownInRows(_) => StatusCode::NOT_FOUND,
         Refusal::InsufficientStock { .. }
         | Refusal::DuplicateOrder { .. }
