@@ -236,7 +236,8 @@ async fn sample_lag(db: PgPool, mut stop: watch::Receiver<bool>) {
                 let mut max = 0;
                 for (name, pending, attempts) in &rows {
                     metrics::gauge!(crate::metrics::WEBHOOK_PENDING, "webhook" => name.clone()).set(*pending as f64);
-                    metrics::gauge!(crate::metrics::WEBHOOK_FAILING, "webhook" => name.clone()).set(f64::from(*attempts));
+                    metrics::gauge!(crate::metrics::WEBHOOK_FAILING, "webhook" => name.clone())
+                        .set(f64::from(*attempts));
                     max = max.max(*pending);
                 }
                 // A deleted subscription reads 0 from then on.

@@ -392,7 +392,10 @@ mod tests {
     fn the_webhook_secret_pattern_is_the_secret_check() {
         use base64::Engine as _;
         let pattern = regex(WEBHOOK_SECRET_PATTERN);
-        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode((0..n).map(|i| (i as u8).wrapping_mul(37)).collect::<Vec<_>>());
+        let b64 = |n: usize| {
+            base64::engine::general_purpose::STANDARD
+                .encode((0..n).map(|i| (i as u8).wrapping_mul(37)).collect::<Vec<_>>())
+        };
         let mut samples: Vec<String> = (0..70).map(|n| format!("whsec_{}", b64(n))).collect();
         let good = b64(32);
         samples.extend([

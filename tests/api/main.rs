@@ -26,3 +26,4 @@ mod reservations;
 mod stock;
 mod tls;
 mod traces;
+mod webhooks;
