@@ -142,15 +142,23 @@ impl Engine {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_sku(tx, upsert))).await
     }
 
-    /// Creates or updates a webhook subscription; the flag tells whether it was created.
+    /// Creates or updates a webhook subscription; the flag tells whether it was created. (A plain
+    /// transaction: it writes no ledger entries, so it does not announce itself as a writer.)
     #[tracing::instrument(level = "debug", skip_all, fields(webhook = %upsert.name))]
     pub(crate) async fn upsert_webhook(&self, upsert: &WebhookUpsert) -> Result<(Webhook, bool)> {
-        transact(&self.db, upsert, |tx, upsert| Box::pin(webhooks::upsert(tx, upsert))).await
+        let mut tx = self.db.begin().await?;
+        let out = webhooks::upsert(&mut tx, upsert).await?;
+        tx.commit().await.map_err(Error::from_commit)?;
+        Ok(out)
     }
 
-    /// Deletes a webhook subscription.
+    /// Deletes a webhook subscription (a plain transaction, as for [`Engine::upsert_webhook`]:
+    /// waiting for an attempt in flight must not hold the ledger's writer horizon back).
     #[tracing::instrument(level = "debug", skip_all, fields(webhook = %name))]
     pub(crate) async fn delete_webhook(&self, name: &str) -> Result<()> {
-        transact(&self.db, name, |tx, name| Box::pin(webhooks::delete(tx, name))).await
+        let mut tx = self.db.begin().await?;
+        webhooks::delete(&mut tx, name).await?;
+        tx.commit().await.map_err(Error::from_commit)?;
+        Ok(())
     }
 }
