@@ -127,13 +127,17 @@ pub fn mint(name: &str, role: Role) -> (String, String) {
 }
 
 /// The role a request needs: reads need `read`; reservations need `orders`; catalogue and stock
-/// changes need `ops`. `None`: open to everyone.
+/// changes need `ops`; webhooks (every method) need `admin`. `None`: open to everyone.
 pub(crate) fn required_role(method: &Method, path: &str, metrics_public: bool) -> Option<Role> {
     if path.starts_with("/health/") || path == "/openapi.json" || path.starts_with("/docs") {
         return None;
     }
     if path == "/metrics" {
         return (!metrics_public).then_some(Role::Read);
+    }
+    // Webhook subscriptions carry signing secrets and send data out: admin only, reads too.
+    if path == "/v1/webhooks" || path.starts_with("/v1/webhooks/") {
+        return Some(Role::Admin);
     }
     if method == Method::GET || method == Method::HEAD {
         return Some(Role::Read);
@@ -169,6 +173,11 @@ mod tests {
         assert_eq!(required_role(&Method::GET, "/v1/stock/A", true), Some(Role::Read));
         assert_eq!(required_role(&Method::GET, "/health/ready", false), None);
         assert_eq!(required_role(&Method::GET, "/metrics", false), Some(Role::Read));
+        for method in [Method::GET, Method::PUT, Method::DELETE] {
+            assert_eq!(required_role(&method, "/v1/webhooks/h1", true), Some(Role::Admin), "{method}");
+        }
+        assert_eq!(required_role(&Method::GET, "/v1/webhooks", true), Some(Role::Admin));
+        assert!(!Role::Ops.allows(Role::Admin) && !Role::Read.allows(Role::Admin));
     }
 
     #[test]

@@ -317,6 +317,11 @@ pub struct ServerArgs {
     /// Most live event streams one API key (or, without keys, everyone together) may hold open.
     #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS_PER_KEY", default_value_t = DEFAULT_MAX_EVENT_STREAMS_PER_KEY, help_heading = "Limits")]
     pub max_event_streams_per_key: usize,
+
+    /// Webhook deliveries in flight at once, to different subscriptions (each holds one
+    /// connection of the senders' own pool); 0 sends none.
+    #[arg(long, env = "INVENTORY_WEBHOOK_CONCURRENCY", default_value_t = 4, help_heading = "Background work")]
+    pub webhook_concurrency: usize,
 }
 
 impl ServerArgs {

@@ -24,6 +24,10 @@ pub const BATCH_FALLBACKS: &str = "inventory_reservation_batch_fallbacks_total";
 pub const POOL_CONNECTIONS: &str = "inventory_db_pool_connections";
 pub const POOL_MAX: &str = "inventory_db_pool_max_connections";
 pub const BUILD_INFO: &str = "inventory_build_info";
+pub const WEBHOOK_DELIVERIES: &str = "inventory_webhook_deliveries_total";
+pub const WEBHOOK_FAILING: &str = "inventory_webhook_consecutive_failures";
+pub const WEBHOOK_PENDING: &str = "inventory_webhook_pending_events";
+pub const WEBHOOK_PENDING_MAX: &str = "inventory_webhook_pending_events_max";
 
 /// The commit this binary was built from (`build.rs`), or `unknown`.
 pub const COMMIT: &str = env!("INVENTORY_COMMIT");
@@ -89,6 +93,16 @@ fn describe() {
     );
     describe_gauge!(POOL_CONNECTIONS, "Database pool connections, by state (in_use, idle).");
     describe_gauge!(POOL_MAX, "Most connections the database pool opens (--db-pool-size).");
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts by outcome: delivered (2xx), rejected (another status), unreachable, timeout."
+    );
+    describe_gauge!(
+        WEBHOOK_FAILING,
+        "Failed attempts in a row at a subscription's next event, by webhook (0: delivering normally)."
+    );
+    describe_gauge!(WEBHOOK_PENDING, "Matching events not yet delivered, by webhook (sampled every 5 s).");
+    describe_gauge!(WEBHOOK_PENDING_MAX, "The most events any one webhook subscription has pending.");
     describe_gauge!(BUILD_INFO, "Always 1; the labels name the running version and commit.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
 }

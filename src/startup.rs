@@ -255,11 +255,17 @@ pub async fn serve(
     let keys = keys_of(&server)?;
     crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
+    let mut tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
     let engine = Engine::start(pool.clone(), &server, http::error::answer_of);
     let limits =
         engine::feed::StreamLimits { total: server.max_event_streams, per_caller: server.max_event_streams_per_key };
     let feed = engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
+    tasks.extend(engine::webhooks::start(
+        webhook_pool(&pool, server.webhook_concurrency),
+        server.webhook_concurrency,
+        feed.subscribe(),
+        stop_rx.clone(),
+    ));
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
     let state = AppState {
@@ -287,6 +293,19 @@ pub async fn serve(
         let _ = task.await;
     }
     result
+}
+
+/// The webhook senders' own pool: the same server and session settings as `pool`, a connection
+/// per sender (each holds one for an attempt, up to 10 s) and one for the lag sampler, so a
+/// slow receiver never takes a connection from the requests.
+fn webhook_pool(pool: &PgPool, senders: usize) -> PgPool {
+    let size = u32::try_from(senders).unwrap_or(u32::MAX).saturating_add(1);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .idle_timeout(Some(std::time::Duration::from_secs(300)))
+        .connect_lazy_with(pool.connect_options().as_ref().clone())
 }
 
 /// Resolves on SIGINT, SIGTERM or SIGHUP (the terminal that started the service closed): all

@@ -90,6 +90,10 @@ code_newtype!(
     /// A sales channel's code.
     ChannelCode
 );
+code_newtype!(
+    /// The name of a webhook subscription (the same shape as a warehouse code).
+    WebhookName
+);
 
 #[cfg(test)]
 mod tests {

@@ -4,9 +4,10 @@ pub mod allocation;
 mod codes;
 mod lifecycle;
 mod quantity;
+pub(crate) mod webhooks;
 
 pub use allocation::Shortage;
-pub(crate) use codes::{ChannelCode, Code, Sku, WarehouseCode};
+pub(crate) use codes::{ChannelCode, Code, Sku, WarehouseCode, WebhookName};
 pub(crate) use lifecycle::EntryKind;
 pub use lifecycle::{EventKind, Settle, Status};
 pub(crate) use quantity::{AdjustReason, Delta, MAX_QUANTITY, Quantity};

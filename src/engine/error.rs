@@ -22,6 +22,8 @@ pub enum Refusal {
     UnknownReservation(String),
     #[error("channel {0} does not exist")]
     UnknownChannel(String),
+    #[error("webhook {0} does not exist")]
+    UnknownWebhook(String),
     /// Not enough stock for every short line (`detail` says how it was measured).
     #[error("{detail}")]
     InsufficientStock { detail: String, lines: Vec<Shortage> },
@@ -67,6 +69,7 @@ impl Refusal {
             | Self::UnknownWarehouse(_)
             | Self::UnknownReservation(_)
             | Self::UnknownChannel(_)
+            | Self::UnknownWebhook(_)
             | Self::UnknownInRows(_) => "not_found",
             Self::InsufficientStock { .. } => "insufficient_stock",
             Self::DuplicateOrder { .. } => "duplicate_order",

@@ -20,6 +20,7 @@ pub mod import;
 pub mod reservations;
 pub(crate) mod stock;
 pub(crate) mod tx;
+pub(crate) mod webhooks;
 
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
@@ -36,6 +37,7 @@ use crate::domain::Settle;
 use crate::store::catalogue::{SkuRecord, SkuUpsert, Warehouse, WarehouseUpsert};
 use crate::store::channels::{Channel, ChannelUpsert};
 use crate::store::stock::{Level, Replenishment};
+use crate::store::webhooks::{Webhook, WebhookUpsert};
 
 /// The engine of one process; cheap to clone.
 #[derive(Debug, Clone)]
@@ -151,5 +153,25 @@ impl Engine {
     #[tracing::instrument(level = "debug", skip_all, fields(channel = %upsert.code))]
     pub(crate) async fn upsert_channel(&self, upsert: &ChannelUpsert) -> Result<(Channel, bool)> {
         transact(&self.db, upsert, |tx, upsert| Box::pin(catalogue::upsert_channel(tx, upsert))).await
+    }
+
+    /// Creates or updates a webhook subscription; the flag tells whether it was created. (A plain
+    /// transaction: it writes no ledger entries, so it does not announce itself as a writer.)
+    #[tracing::instrument(level = "debug", skip_all, fields(webhook = %upsert.name))]
+    pub(crate) async fn upsert_webhook(&self, upsert: &WebhookUpsert) -> Result<(Webhook, bool)> {
+        let mut tx = self.db.begin().await?;
+        let out = webhooks::upsert(&mut tx, upsert).await?;
+        tx.commit().await.map_err(Error::from_commit)?;
+        Ok(out)
+    }
+
+    /// Deletes a webhook subscription (a plain transaction, as for [`Engine::upsert_webhook`]:
+    /// waiting for an attempt in flight must not hold the ledger's writer horizon back).
+    #[tracing::instrument(level = "debug", skip_all, fields(webhook = %name))]
+    pub(crate) async fn delete_webhook(&self, name: &str) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        webhooks::delete(&mut tx, name).await?;
+        tx.commit().await.map_err(Error::from_commit)?;
+        Ok(())
     }
 }

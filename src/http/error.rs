@@ -233,6 +233,7 @@ fn refusal_status(refusal: &Refusal) -> StatusCode {
         | Refusal::UnknownWarehouse(_)
         | Refusal::UnknownReservation(_)
         | Refusal::UnknownChannel(_)
+        | Refusal::UnknownWebhook(_)
         | Refusal::UnknownInRows(_) => StatusCode::NOT_FOUND,
         Refusal::InsufficientStock { .. }
         | Refusal::DuplicateOrder { .. }

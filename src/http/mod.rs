@@ -17,6 +17,7 @@ pub mod reservations;
 pub(crate) mod schemas;
 pub(crate) mod state;
 pub(crate) mod stock;
+pub(crate) mod webhooks;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -55,6 +56,8 @@ pub(crate) fn app(state: AppState) -> Router {
         .routes(routes!(ledger::list))
         .routes(routes!(events::list))
         .routes(routes!(events::stream))
+        .routes(routes!(webhooks::list))
+        .routes(routes!(webhooks::put, webhooks::get, webhooks::delete))
         .routes(routes!(reservations::create, reservations::list))
         .routes(routes!(reservations::plan))
         .routes(routes!(reservations::get))

@@ -78,6 +78,7 @@ const SHARED_PROBLEMS: &[(&str, &str)] = &[
     ("Forbidden", "the API key's role does not allow this call"),
     ("UnknownSkuOrWarehouse", "unknown SKU or warehouse"),
     ("UnknownReservation", "unknown reservation"),
+    ("UnknownWebhook", "unknown webhook subscription"),
     ("PayloadTooLarge", "the body is larger than the limit (--body-limit)"),
     ("UnsupportedMediaType", "the body is not declared as JSON (`Content-Type: application/json`)"),
     ("ValidationFailed", "invalid values: every bad field under `errors`; nothing was changed"),
@@ -150,6 +151,11 @@ problems!(
 problems!(
     /// An operation on a reservation that does not exist.
     UnknownReservation { "404" => "UnknownReservation" }
+);
+
+problems!(
+    /// An operation on a webhook subscription that does not exist.
+    UnknownWebhook { "404" => "UnknownWebhook" }
 );
 
 /// What every POST (and the order edit's PUT) says about retries.
@@ -263,6 +269,11 @@ pub(crate) struct EventPage {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WebhookList {
+    pub items: Vec<crate::store::webhooks::Webhook>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ReservationList {
     pub items: Vec<Reservation>,
 }
@@ -316,7 +327,7 @@ impl Modify for BearerAuth {
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
                         "API key (`inventory keys new --role …`) as `Authorization: Bearer <key>`. Roles: read (GET), \
-                         orders (reservations), ops (catalogue and stock), admin (everything). Not required when the \
+                         orders (reservations), ops (catalogue and stock), admin (everything, and alone webhooks). Not required when the \
                          service runs without keys on loopback.",
                     ))
                     .build(),
@@ -342,6 +353,7 @@ impl Modify for BearerAuth {
         (name = "catalogue", description = "Warehouses and SKUs."),
         (name = "ledger", description = "Every change of every stock level."),
         (name = "events", description = "Transactional outbox: stock crossings and reservation lifecycle."),
+        (name = "webhooks", description = "Push delivery of the events, signed (admin only)."),
         (name = "operations", description = "Health, metrics."),
     )
 )]
@@ -361,6 +373,7 @@ mod tests {
         let settle = crate::domain::Settle::Fulfil;
         let refusals = [
             Refusal::UnknownSku("A".into()),
+            Refusal::UnknownWebhook("H".into()),
             Refusal::InsufficientStock { detail: String::new(), lines: Vec::new() },
             Refusal::DuplicateOrder { order_id: "o".into(), reservation_id: id },
             Refusal::NotActive { reservation_id: id, status: crate::domain::Status::Expired },

@@ -11,8 +11,9 @@ use utoipa::openapi::{RefOr, schema};
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::domain::allocation::Strategy;
+use crate::domain::webhooks::MAX_URL;
 use crate::domain::{
-    AdjustReason, ChannelCode, Delta, EventKind, MAX_QUANTITY, MAX_TEXT, Quantity, Sku, WarehouseCode,
+    AdjustReason, ChannelCode, Delta, EventKind, MAX_QUANTITY, MAX_TEXT, Quantity, Sku, WarehouseCode, WebhookName,
 };
 
 /// The shape of SKUs and warehouse codes, as `domain::Code` checks it.
@@ -23,6 +24,19 @@ pub(crate) const TEXT_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
 /// (Unicode White_Space, as Rust's `trim` sees it, spelled out: `\s` differs between regex
 /// dialects, ECMA's includes U+FEFF).
 const NAME_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*[^\x00-\x1F\x7F-\x9F \xA0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\x00-\x1F\x7F-\x9F]*$";
+
+/// A webhook secret, as `domain::webhooks::Secret` checks it: `whsec_` and the standard, padded
+/// base64 (no stray bits in the last character) of 24 to 64 bytes — whole groups of 4 for a
+/// multiple of 3 bytes, else a last group ending `==` (one byte more) or `=` (two more).
+const WEBHOOK_SECRET_PATTERN: &str = "^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,21}\
+    |(?:[A-Za-z0-9+/]{4}){8,21}[A-Za-z0-9+/][AQgw]==\
+    |(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$";
+
+/// A webhook's URL, as `domain::webhooks::url` checks it: http(s), a host name or address (IPv6
+/// in brackets), a port up to 65535, then a path and query of URL characters.
+const WEBHOOK_URL_PATTERN: &str = "^https?://(?:[A-Za-z0-9._~-]+|\\[[0-9A-Fa-f:.]+\\])\
+    (?::(?:[0-9]{1,4}|[0-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?\
+    (?:[/?][A-Za-z0-9._~:/?\\[\\]@!$&'()*+,;=%-]*)?$";
 
 /// A stock-level cursor: the lowercase hex of `sku/warehouse` (see `stock::encode_cursor`),
 /// spelled out byte by byte so that exactly the cursors the service can read match.
@@ -110,6 +124,11 @@ named_schema!(
     "ChannelCode",
     code("A sales channel's code: 1–64 of A–Z a–z 0–9 _ . -, starting alphanumeric.", "web-de")
 );
+named_schema!(
+    WebhookName,
+    "WebhookName",
+    code("A webhook subscription's name: 1–64 of A–Z a–z 0–9 _ . -, starting alphanumeric.", "search-indexer")
+);
 named_schema!(Quantity, "Quantity", integer(1, MAX_QUANTITY, "A whole number of units.").examples([3]));
 named_schema!(
     Delta,
@@ -152,6 +171,32 @@ named_schema!(
     OrderId,
     "OrderId",
     text("The order service's id of the order; one reservation per order id.").min_length(Some(1)).examples(["1001"])
+);
+
+/// The secret webhook deliveries are signed with.
+#[derive(Debug)]
+pub(crate) struct WebhookSecret;
+named_schema!(
+    WebhookSecret,
+    "WebhookSecret",
+    string(
+        "`whsec_` followed by the base64 (standard alphabet, padded) of 24 to 64 random bytes, e.g. \
+         `\"whsec_\" + base64.b64encode(os.urandom(32))`. The key is the decoded bytes.",
+    )
+    .pattern(Some(WEBHOOK_SECRET_PATTERN))
+    .examples(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+);
+
+/// Where webhook deliveries go.
+#[derive(Debug)]
+pub(crate) struct WebhookUrl;
+named_schema!(
+    WebhookUrl,
+    "WebhookUrl",
+    string("An http:// or https:// URL: a host (IPv6 in brackets), an optional port, path and query; no user name, no fragment.")
+        .max_length(Some(MAX_URL))
+        .pattern(Some(WEBHOOK_URL_PATTERN))
+        .examples(["https://hooks.example.com/inventory"])
 );
 
 /// How long a hold lasts, in seconds.
@@ -353,6 +398,86 @@ mod tests {
         for sample in samples {
             let reads = crate::engine::import::reads_cleanly(sample);
             assert_eq!(pattern.is_match(sample), reads, "{sample:?}: pattern and reader disagree");
+        }
+    }
+
+    #[test]
+    fn the_webhook_secret_pattern_is_the_secret_check() {
+        use base64::Engine as _;
+        let pattern = regex(WEBHOOK_SECRET_PATTERN);
+        let b64 = |n: usize| {
+            base64::engine::general_purpose::STANDARD
+                .encode((0..n).map(|i| (i as u8).wrapping_mul(37)).collect::<Vec<_>>())
+        };
+        let mut samples: Vec<String> = (0..70).map(|n| format!("whsec_{}", b64(n))).collect();
+        let good = b64(32);
+        samples.extend([
+            good.clone(),
+            format!("whsec_{}", good.trim_end_matches('=')),
+            format!("whsec_{}=", good),
+            format!("whsec_{}", good.replace('=', "B")),
+            format!("whsec_{}B=", &good[..good.len() - 2]),
+            format!("whsec_{}E=", &good[..good.len() - 2]),
+            format!("whsec_{}", b64(25).replace("==", "B=")),
+            format!("whsec_{}Q==", &b64(25)[..b64(25).len() - 3]),
+            format!("whsec_{}R==", &b64(25)[..b64(25).len() - 3]),
+            format!("whsec_{}", b64(24).replace('A', "-")),
+            format!("whsec_{} ", b64(24)),
+            format!("WHSEC_{}", b64(24)),
+            "whsec_".to_owned(),
+        ]);
+        for s in &samples {
+            assert_eq!(pattern.is_match(s), crate::domain::webhooks::Secret::parse(s).is_ok(), "{s:?}");
+        }
+        assert!(samples.iter().filter(|s| pattern.is_match(s)).count() >= 41, "every length from 24 to 64 bytes");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_webhook_secret_pattern_agrees_on_any_base64_like_text(s in "whsec_[A-Za-z0-9+/]{30,90}={0,3}") {
+            let pattern = regex(WEBHOOK_SECRET_PATTERN);
+            proptest::prop_assert_eq!(pattern.is_match(&s), crate::domain::webhooks::Secret::parse(&s).is_ok());
+        }
+
+        #[test]
+        fn the_webhook_url_pattern_agrees_on_any_url_like_text(s in "https?://[a-z0-9:.\\[\\]@#/? %-]{0,20}") {
+            let pattern = regex(WEBHOOK_URL_PATTERN);
+            proptest::prop_assert_eq!(pattern.is_match(&s), crate::domain::webhooks::url(s.clone()).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_webhook_url_pattern_is_the_url_check() {
+        let pattern = regex(WEBHOOK_URL_PATTERN);
+        let long = format!("http://a/{}", "x".repeat(MAX_URL));
+        for s in [
+            "http://localhost",
+            "https://hooks.example.com/inventory?token=abc&x=%20",
+            "http://127.0.0.1:8080/",
+            "http://[::1]:9000/hook",
+            "http://h:65535",
+            "http://h:65536",
+            "http://h:99999",
+            "http://h:00080",
+            "http://h:123456",
+            "http://h:",
+            "http://h:x",
+            "http://[::1",
+            "http://[]",
+            "http://[::1]x",
+            "https://user@example.com/",
+            "http://example.com#f",
+            "http://example.com/a b",
+            "http://example.com/ä",
+            "http://",
+            "ftp://h",
+            "HTTP://h",
+            "http://h?q",
+            &long,
+        ] {
+            let accepted = crate::domain::webhooks::url(s.to_owned()).is_ok();
+            let matches = pattern.is_match(s) && s.chars().count() <= MAX_URL;
+            assert_eq!(matches, accepted, "{s:?}");
         }
     }
 

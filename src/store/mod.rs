@@ -28,3 +28,4 @@ pub(crate) mod ledger;
 pub(crate) mod levels;
 pub mod reservations;
 pub(crate) mod stock;
+pub(crate) mod webhooks;

@@ -917,12 +917,12 @@ impl Service {
         Self { child }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits for the process after it was killed.
-    fn reap(&mut self) {
+    pub(crate) fn reap(&mut self) {
         self.child.wait().unwrap();
     }
 

@@ -29,3 +29,4 @@ mod reservations;
 mod stock;
 mod tls;
 mod traces;
+mod webhooks;

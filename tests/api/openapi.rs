@@ -37,6 +37,10 @@ const CONTRACT: &[(&str, &str)] = &[
     ("GET", "/v1/ledger"),
     ("GET", "/v1/events"),
     ("GET", "/v1/events/stream"),
+    ("PUT", "/v1/webhooks/{name}"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{name}"),
+    ("DELETE", "/v1/webhooks/{name}"),
     ("GET", "/health/live"),
     ("GET", "/health/ready"),
     ("GET", "/metrics"),
@@ -175,7 +179,7 @@ async fn every_operation_has_its_own_meaningful_operation_id() {
             assert!(seen.insert(id.to_owned()), "{id} is used twice (again at {method} {path})");
             let verb = ["get", "list", "put", "reserve", "plan", "fulfil", "release", "extend", "receive", "adjust"]
                 .iter()
-                .chain(&["transfer", "import", "stream"])
+                .chain(&["transfer", "import", "stream", "delete"])
                 .any(|v| id.starts_with(v));
             assert!(verb && id.chars().all(|c| c.is_ascii_alphanumeric()), "{method} {path}: `{id}`");
         }
