@@ -42,9 +42,22 @@ where
         };
         let attempt = async {
             let mut tx = begin_writer(pool).await?;
-            let out = body(&mut tx, ctx).await?;
-            tx.commit().await.map_err(Error::from_commit)?;
-            Ok::<T, Error>(out)
+            match body(&mut tx, ctx).await {
+                Ok(out) => {
+                    tx.commit().await.map_err(Error::from_commit)?;
+                    Ok::<T, Error>(out)
+                }
+                Err(err) => {
+                    // Rolled back here, before anyone is answered or the work runs again: a
+                    // dropped transaction is only rolled back when its connection is next used,
+                    // and until then it still holds its locks — an idempotency key's among them,
+                    // which a retry on another connection would find taken (409
+                    // idempotency_in_progress for a request nobody is running). A connection that
+                    // broke cannot roll back and needs not: the server ends its transaction.
+                    let _ = tx.rollback().await;
+                    Err(err)
+                }
+            }
         };
         match attempt.instrument(span.clone()).await {
             Err(err) if err.is_retryable() && tries < MAX_ATTEMPTS => {
