@@ -21,7 +21,7 @@ const SERVICE_USER: &str = "postgres";
 pub enum LocalPgError {
     #[error(
         "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found on PATH, via pg_config, under \
-         /usr/lib/postgresql/*/bin or Homebrew's opt/postgresql@*/bin.\n  Install them (PostgreSQL 13 or \
+         /usr/lib/postgresql/*/bin or Homebrew's opt/postgresql@*/bin.\n  Install them (PostgreSQL 15 or \
          newer; Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql@16`),\n  or point the service at a running server with \
          DATABASE_URL=postgres://user:pass@host/db,\n  or start one with `docker compose up -d postgres` and use \
          DATABASE_URL=postgres://inventory:inventory@127.0.0.1:5432/inventory"

@@ -15,8 +15,9 @@ pub(crate) const MAX_URL: usize = 2048;
 pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before the first retry; each further failure doubles it…
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
-/// …up to this (the contract: at most 5 minutes apart). Retries never stop.
-pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(300);
+/// …up to this, so that attempts start at most 5 minutes apart (the contract) even after one that
+/// used its whole timeout and a sender that looks again only every half second. Retries never stop.
+pub(crate) const MAX_PAUSE: Duration = Duration::from_secs(285);
 
 /// A signing secret: `whsec_` and the standard, padded base64 of 24–64 bytes. Only the key is
 /// kept; `Debug` never shows it.
@@ -90,7 +91,7 @@ pub(crate) fn url(raw: String) -> Result<String, String> {
 }
 
 /// How long to wait before trying again after `failures` failed attempts in a row (1 or more):
-/// 1 s, 2 s, 4 s, … up to 5 minutes, for as long as it takes.
+/// 1 s, 2 s, 4 s, … up to 285 s, for as long as it takes.
 pub(crate) fn retry_pause(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     (FIRST_PAUSE * (1u32 << doublings)).min(MAX_PAUSE)
@@ -169,12 +170,15 @@ mod tests {
     }
 
     #[test]
-    fn pauses_double_from_one_second_up_to_five_minutes() {
+    fn pauses_double_from_one_second_up_to_just_under_five_minutes() {
         let pauses: Vec<u64> = (1..=12).map(|n| retry_pause(n).as_secs()).collect();
-        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 64, 128, 256, 285, 285, 285]);
+        // Attempt starts at most 5 minutes apart: the longest pause, a whole attempt timeout and
+        // the sender's half-second look-again interval.
+        assert!(MAX_PAUSE + ATTEMPT_TIMEOUT + Duration::from_millis(500) <= Duration::from_secs(300));
         assert_eq!(retry_pause(u32::MAX), MAX_PAUSE);
         // Retried for at least 24 hours: the pauses never stop, so the sum grows without bound.
-        let day: u64 = (1..=300).map(|n| retry_pause(n).as_secs()).sum();
+        let day: u64 = (1..=400).map(|n| retry_pause(n).as_secs()).sum();
         assert!(day > 24 * 3600);
     }
 }

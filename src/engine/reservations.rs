@@ -262,13 +262,14 @@ fn hold(
     req: &NewReservation,
     id: Uuid,
 ) -> Result<Result<Vec<Allocation>, Refusal>> {
+    // An unknown SKU or warehouse is 404 before a known warehouse outside the channel is 422.
+    if let Err(refusal) = unknown.refusal_for(req) {
+        return Ok(Err(refusal));
+    }
     let scope = match channels.scope_of(req) {
         Ok(scope) => scope,
         Err(refusal) => return Ok(Err(refusal)),
     };
-    if let Err(refusal) = unknown.refusal_for(req) {
-        return Ok(Err(refusal));
-    }
     let skus = sku_order(&req.lines);
     let planned = match allocation::allocate(&req.lines, &candidates(book, &skus, scope), req.strategy) {
         Ok(planned) => planned,
@@ -301,10 +302,10 @@ pub(crate) async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Resul
         return Err(Refusal::DuplicateOrder { order_id: req.order_id.clone(), reservation_id }.into());
     }
     let channels = Channels::load(conn, &[req]).await?;
-    let scope = channels.scope_of(req)?;
     let skus = sku_order(&req.lines);
     let book = Book::read_skus(conn, &skus).await?;
     Unknown::find(conn, &[req], &book).await?.refusal_for(req)?;
+    let scope = channels.scope_of(req)?;
     let planned = allocation::allocate(&req.lines, &candidates(&book, &skus, scope), req.strategy).map_err(short)?;
     let mut lines: Vec<PlanLine> = Vec::new();
     for Placement { sku, warehouse, quantity } in planned {
@@ -532,7 +533,6 @@ pub(crate) async fn modify(conn: &mut PgConnection, id: Uuid, edit: &Edit) -> Re
         strategy,
     };
     let channels = Channels::load(conn, &[&req]).await?;
-    let scope = channels.scope_of(&req)?;
 
     let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
     for a in allocations.iter().filter(|a| a.held() > 0) {
@@ -542,16 +542,19 @@ pub(crate) async fn modify(conn: &mut PgConnection, id: Uuid, edit: &Edit) -> Re
     let held_keys: Vec<(&str, &str)> = held.keys().map(|(s, w)| (s.as_str(), w.as_str())).collect();
     let mut book = Book::lock_skus_and_levels(conn, &skus, &held_keys).await?;
     Unknown::find(conn, &[&req], &book).await?.refusal_for(&req)?;
+    let scope = channels.scope_of(&req)?;
 
     // Preference among the warehouses units are held in: the channel's order (warehouses no
     // longer in it, and inactive ones, last), else the warehouses' own.
     let rank = |sku: &str, warehouse: &str| {
-        let (priority, active) = match (scope, book.get(sku, warehouse)) {
+        let level = book.get(sku, warehouse);
+        let active = level.is_some_and(|l| l.active);
+        let (priority, active) = match (scope, level) {
             (Some(scope), _) => match scope.warehouses.iter().find(|(w, _)| w == warehouse) {
-                Some((_, p)) => (*p, true),
+                Some((_, p)) => (*p, active),
                 None => (i32::MAX, false),
             },
-            (None, Some(level)) => (level.priority, level.active),
+            (None, Some(level)) => (level.priority, active),
             (None, None) => (i32::MAX, false),
         };
         (!active, priority, warehouse.to_owned())

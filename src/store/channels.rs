@@ -67,9 +67,11 @@ pub(crate) async fn upsert(conn: &mut PgConnection, c: &ChannelUpsert) -> Result
     .await?;
     let (warehouses, priorities): (Vec<&str>, Vec<Option<i32>>) =
         c.warehouses.iter().map(|(w, p)| (w.as_str(), *p)).unzip();
+    // Two statements: in one, a DELETE in a WITH clause would run after the INSERT and a
+    // warehouse the channel keeps would meet its old row.
+    sqlx::query("DELETE FROM channel_warehouses WHERE channel = $1").bind(&c.code).execute(&mut *conn).await?;
     sqlx::query(
-        "WITH gone AS (DELETE FROM channel_warehouses WHERE channel = $1)
-         INSERT INTO channel_warehouses (channel, warehouse, priority, position)
+        "INSERT INTO channel_warehouses (channel, warehouse, priority, position)
          SELECT $1, w, p, n FROM unnest($2::text[], $3::int4[]) WITH ORDINALITY AS m(w, p, n)",
     )
     .bind(&c.code)

@@ -28,7 +28,7 @@ pub enum SetupError {
     Connect(#[source] sqlx::Error),
     #[error(
         "PostgreSQL {found} is too old: the service needs PostgreSQL {MIN_SERVER_VERSION} or newer \
-         (its migrations use features of 13)"
+         (its migrations use features of 15: UNIQUE NULLS NOT DISTINCT)"
     )]
     TooOld { found: String },
     #[error("migrations failed: {0}")]
@@ -82,7 +82,7 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupErr
 }
 
 /// The oldest PostgreSQL major version the migrations run on.
-pub const MIN_SERVER_VERSION: u32 = 13;
+pub const MIN_SERVER_VERSION: u32 = 15;
 
 /// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets
 /// `lock_timeout` and `statement_timeout`, so a stuck row lock turns into a fast 503 for that row

@@ -143,14 +143,15 @@ pub(crate) async fn scan(
     Ok((found, cursor))
 }
 
-/// Deletes relayed events older than the retention, but never the newest one: it carries the
-/// counter the next ids continue from.
+/// Deletes relayed events older than the retention, but never the newest one (it carries the
+/// counter the next ids continue from) nor one a webhook subscription has still to deliver.
 pub(crate) async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM events WHERE seq IN (
              SELECT seq FROM events
               WHERE at < now() - make_interval(secs => $1)
                 AND id IS NOT NULL AND id < (SELECT max(id) FROM events)
+                AND id <= (SELECT coalesce(min(delivered_through), 9223372036854775807) FROM webhook_progress)
               ORDER BY at LIMIT $2)",
     )
     .bind(retention_secs as f64)

@@ -46,6 +46,7 @@ pub(crate) async fn lock_skus(conn: &mut PgConnection, skus: &[&str]) -> Result<
 
 /// Locks every level of `skus` in active warehouses and the levels `keys` (in any warehouse),
 /// in one statement in (sku, warehouse) order: what an order edit may grow into or give back.
+/// (`sku = ANY($1 || $2)` at the top keeps it an index scan; under the OR alone it was not.)
 pub(crate) async fn lock_skus_and_levels(
     conn: &mut PgConnection,
     skus: &[&str],
@@ -55,8 +56,9 @@ pub(crate) async fn lock_skus_and_levels(
     sqlx::query_as(
         "SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
            FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
-          WHERE (l.sku = ANY($1) AND w.active)
-             OR (l.sku, l.warehouse) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+          WHERE l.sku = ANY($1 || $2)
+            AND ((l.sku = ANY($1) AND w.active)
+                 OR (l.sku, l.warehouse) IN (SELECT * FROM unnest($2::text[], $3::text[])))
           ORDER BY l.sku, l.warehouse
             FOR UPDATE OF l",
     )

@@ -23,7 +23,8 @@ pub(crate) struct Webhook {
     pub types: Option<Vec<String>>,
     /// Every event up to this id was delivered (or did not match `types`).
     pub delivered_through: i64,
-    /// Matching events in the feed after `delivered_through`, not yet delivered.
+    /// Matching events in the feed after `delivered_through`, not yet delivered (counted up to
+    /// 100,000: a subscription that far behind reads 100000).
     pub pending: i64,
     /// The HTTP status of the last attempt (null: no answer, or no attempt yet).
     pub last_status: Option<i32>,
@@ -38,8 +39,8 @@ pub(crate) struct Webhook {
     pub updated_at: DateTime<Utc>,
 }
 
-/// What a `PUT /v1/webhooks/{name}` sets.
-#[derive(Debug, Clone)]
+/// What a `PUT /v1/webhooks/{name}` sets (`Debug` leaves the secret out).
+#[derive(Clone)]
 pub(crate) struct WebhookUpsert {
     pub name: WebhookName,
     pub url: String,
@@ -49,8 +50,9 @@ pub(crate) struct WebhookUpsert {
 }
 
 const VIEW: &str = "SELECT w.name, w.url, w.types, p.delivered_through,
-            (SELECT count(*) FROM events e
-              WHERE e.id > p.delivered_through AND (w.types IS NULL OR e.type = ANY(w.types))) AS pending,
+            (SELECT count(*) FROM (SELECT 1 FROM events e
+              WHERE e.id > p.delivered_through AND (w.types IS NULL OR e.type = ANY(w.types))
+              LIMIT 100000) AS behind) AS pending,
             p.last_status, p.last_error, p.last_attempt_at, p.attempts, p.next_attempt_at,
             w.created_at, w.updated_at
        FROM webhooks w JOIN webhook_progress p USING (name)";
@@ -105,8 +107,8 @@ pub(crate) async fn delete(conn: &mut PgConnection, name: &str) -> Result<bool, 
     Ok(done.rows_affected() > 0)
 }
 
-/// A subscription claimed for delivery.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A subscription claimed for delivery (`Debug` leaves the secret out).
+#[derive(Clone, sqlx::FromRow)]
 pub(crate) struct Claimed {
     pub name: String,
     pub url: String,
@@ -187,4 +189,28 @@ pub(crate) async fn lag(conn: &mut PgConnection) -> Result<Vec<(String, i64, i32
     sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT name, pending, attempts FROM ({VIEW}) v ORDER BY name")))
         .fetch_all(conn)
         .await
+}
+
+impl std::fmt::Debug for WebhookUpsert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookUpsert")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &"whsec_…")
+            .field("types", &self.types)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Claimed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claimed")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("secret", &"whsec_…")
+            .field("types", &self.types)
+            .field("delivered_through", &self.delivered_through)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
 }

@@ -57,7 +57,21 @@ async fn a_channel_is_created_read_listed_and_replaced() {
         ])
     );
 
-    // Replaced as a whole: 200, the new list only.
+    // Replaced as a whole, keeping a warehouse it had (with a new priority): 200, the new list only.
+    let (status, body) = app
+        .put(
+            "/v1/channels/web",
+            json!({"name": "Web", "warehouses": [{"warehouse": "W2", "priority": 9}, {"warehouse": "W1"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["warehouses"],
+        json!([
+            {"warehouse": "W2", "priority": 9, "inherited": false, "active": true},
+            {"warehouse": "W1", "priority": 1, "inherited": true, "active": true},
+        ])
+    );
     let (status, body) =
         app.put("/v1/channels/web", json!({"name": "Web", "warehouses": [{"warehouse": "W1", "priority": 7}]})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -173,6 +187,14 @@ async fn a_line_pinned_outside_the_channel_is_422_and_an_unknown_channel_404() {
     assert_eq!(status, StatusCode::CREATED, "{r}");
     assert_eq!(allocations(&r), pairs(&[("W2", 1)]));
 
+    // A pinned warehouse that does not exist at all is 404, as without a channel.
+    let (status, body) = app
+        .post(
+            "/v1/reservations",
+            json!({"order_id": "o-9", "channel": "web", "lines": [{"sku": "A", "quantity": 1, "warehouse": "NOPE"}]}),
+        )
+        .await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{body}");
     for path in ["/v1/reservations", "/v1/reservations/plan"] {
         let (status, body) =
             app.post(path, json!({"order_id": "o-2", "channel": "shop", "lines": [{"sku": "A", "quantity": 1}]})).await;
@@ -257,7 +279,9 @@ async fn shrinking_a_channel_leaves_its_reservations_alone() {
         .post("/v1/reservations", json!({"order_id": "o-1", "channel": "web", "lines": [{"sku": "A", "quantity": 12}]}))
         .await;
     let id = r["id"].as_str().unwrap();
-    app.put("/v1/channels/web", json!({"name": "Web shop", "warehouses": [{"warehouse": "W1"}]})).await;
+    let (status, _) =
+        app.put("/v1/channels/web", json!({"name": "Web shop", "warehouses": [{"warehouse": "W1"}]})).await;
+    assert_eq!(status, StatusCode::OK);
     let (_, after) = app.get(&format!("/v1/reservations/{id}")).await;
     assert_eq!(after["status"], "active");
     assert_eq!(allocations(&after), pairs(&[("W3", 10), ("W2", 2)]));
