@@ -24,7 +24,8 @@ pub(crate) const MAX_CHANNEL_WAREHOUSES: usize = 1000;
 pub(crate) struct ChannelBody {
     #[schema(value_type = Name)]
     name: Option<String>,
-    /// The warehouses the channel sells from (each at most once); replaces the previous list.
+    /// The warehouses the channel sells from; replaces the previous list. A warehouse listed
+    /// twice counts once, at its first place, with the last priority given.
     #[schema(value_type = Vec<ChannelWarehouseBody>, max_items = 1000)]
     warehouses: Option<Vec<ChannelWarehouseBody>>,
 }
@@ -70,11 +71,13 @@ fn parse_channel(code: String, body: ChannelBody) -> Result<ChannelUpsert, ApiEr
                 let warehouse =
                     v.required(&format!("warehouses[{i}].warehouse"), entry.warehouse, WarehouseCode::parse);
                 let priority = v.optional(&format!("warehouses[{i}].priority"), entry.priority, priority);
-                if let (Some(warehouse), Some(priority)) = (warehouse, priority) {
-                    if warehouses.iter().any(|(w, _)| w == warehouse.as_str()) {
-                        v.fail(&format!("warehouses[{i}].warehouse"), format!("{warehouse} is listed twice"));
+                // Listed again: counted once, at its first place, with the last priority given
+                // (as JSON takes the last of two equal keys).
+                if let (Some(w), Some(p)) = (warehouse, priority) {
+                    match warehouses.iter_mut().find(|(x, _)| x == w.as_str()) {
+                        Some((_, earlier)) => *earlier = p,
+                        None => warehouses.push((w.into_string(), p)),
                     }
-                    warehouses.push((warehouse.into_string(), priority));
                 }
             }
         }

@@ -100,13 +100,29 @@ async fn a_channel_naming_an_unknown_warehouse_or_a_bad_value_is_refused_and_cha
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
-    assert_eq!(fields, ["name", "warehouses[1].warehouse", "warehouses[2].priority"]);
+    assert_eq!(fields, ["name", "warehouses[2].priority"]);
     let (status, body) = app.put("/v1/channels/web", json!({"name": "X"})).await;
     assert_eq!((status, body["errors"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("warehouses")));
 
     let (_, web) = app.get("/v1/channels/web").await;
     assert_eq!(web["name"], "Web shop", "nothing changed");
     assert_eq!(web["warehouses"].as_array().unwrap().len(), 2);
+
+    // A warehouse listed twice counts once, at its first place, with the last priority given.
+    let (status, body) = app
+        .put(
+            "/v1/channels/web",
+            json!({"name": "Web", "warehouses": [{"warehouse": "W2", "priority": 5}, {"warehouse": "W1"}, {"warehouse": "W2"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["warehouses"],
+        json!([
+            {"warehouse": "W2", "priority": 2, "inherited": true, "active": true},
+            {"warehouse": "W1", "priority": 1, "inherited": true, "active": true},
+        ])
+    );
 }
 
 #[tokio::test]
