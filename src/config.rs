@@ -441,6 +441,15 @@ mod tests {
     }
 
     #[test]
+    fn the_pooler_is_none_unless_set_and_works_with_every_subcommand() {
+        assert_eq!(DatabaseArgs::default().database_pooler, Pooler::None);
+        let cli = parse(&["inventory", "check", "--database-pooler", "transaction"]);
+        assert_eq!(cli.database.database_pooler, Pooler::Transaction);
+        let cli = parse(&["inventory", "--database-pooler", "transaction", "serve"]);
+        assert_eq!(cli.database.database_pooler, Pooler::Transaction);
+    }
+
+    #[test]
     fn debug_output_hides_the_database_url() {
         let cli = Cli::try_parse_from(["inventory", "--database-url", "postgres://u:hunter2@h/db"]).unwrap();
         assert!(!format!("{cli:?}").contains("hunter2"));
