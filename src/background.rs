@@ -4,16 +4,16 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ServerArgs;
 use crate::engine::expiry::Sweeper;
+use crate::store::db::Db;
 use crate::store::{events, idempotency};
 
 /// Starts every background task; they end when `stop` becomes `true`.
-pub(crate) fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+pub(crate) fn spawn(pool: Db, config: &ServerArgs, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     let interval = Duration::from_millis(config.expiry_interval_ms.max(10));
     let batch = config.expiry_batch_size.max(1);
     let retention = config.idempotency_retention_secs.max(0);
@@ -30,12 +30,25 @@ pub(crate) fn spawn(pool: PgPool, config: &ServerArgs, stop: watch::Receiver<boo
         tokio::spawn(every(Duration::from_secs(60), stop, move || {
             let pool = pool.clone();
             async move {
-                match idempotency::purge(&pool, retention, 10_000).await {
+                // In a transaction, as every statement behind a transaction pooler must be.
+                let purged = async {
+                    let mut tx = pool.begin().await?;
+                    let keys = idempotency::purge(&mut tx, retention, 10_000).await;
+                    tx.commit().await?;
+                    keys
+                };
+                match purged.await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(purged = n, "idempotency keys purged"),
                     Err(err) => tracing::warn!(error = %err, "idempotency purge failed"),
                 }
-                match events::purge(&pool, event_retention, 10_000).await {
+                let purged = async {
+                    let mut tx = pool.begin().await?;
+                    let events = events::purge(&mut tx, event_retention, 10_000).await;
+                    tx.commit().await?;
+                    events
+                };
+                match purged.await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(purged = n, "events purged"),
                     Err(err) => tracing::warn!(error = %err, "event purge failed"),

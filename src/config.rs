@@ -186,6 +186,23 @@ pub struct DatabaseArgs {
     /// Milliseconds a single statement may run (PostgreSQL statement_timeout).
     #[arg(long, env = "INVENTORY_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000, global = true)]
     pub db_statement_timeout_ms: u64,
+
+    /// What stands between the service and PostgreSQL: `none` (a direct connection, or a pooler
+    /// in session mode) or `transaction` (PgBouncer or the like in transaction pooling mode: no
+    /// startup options, no prepared statements kept, every statement in a transaction, and no
+    /// migrations through it).
+    #[arg(long, env = "INVENTORY_DATABASE_POOLER", value_enum, default_value_t = Pooler::None, global = true)]
+    pub database_pooler: Pooler,
+}
+
+/// What stands between the service and PostgreSQL (`--database-pooler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Pooler {
+    /// A server session is the service's for as long as the connection lasts.
+    None,
+    /// A server session is the service's for one transaction only (PgBouncer's
+    /// `pool_mode = transaction`).
+    Transaction,
 }
 
 impl std::fmt::Debug for DatabaseArgs {
@@ -198,6 +215,7 @@ impl std::fmt::Debug for DatabaseArgs {
             .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
             .field("db_lock_timeout_ms", &self.db_lock_timeout_ms)
             .field("db_statement_timeout_ms", &self.db_statement_timeout_ms)
+            .field("database_pooler", &self.database_pooler)
             .finish()
     }
 }
@@ -420,6 +438,15 @@ mod tests {
         assert_eq!((server.batch_max, server.max_page_size), (cli.server.batch_max, cli.server.max_page_size));
         assert_eq!(DatabaseArgs::default().db_pool_size, 16);
         assert_eq!(DatabaseArgs::default().data_dir, PathBuf::from(".inventory"));
+    }
+
+    #[test]
+    fn the_pooler_is_none_unless_set_and_works_with_every_subcommand() {
+        assert_eq!(DatabaseArgs::default().database_pooler, Pooler::None);
+        let cli = parse(&["inventory", "check", "--database-pooler", "transaction"]);
+        assert_eq!(cli.database.database_pooler, Pooler::Transaction);
+        let cli = parse(&["inventory", "--database-pooler", "transaction", "serve"]);
+        assert_eq!(cli.database.database_pooler, Pooler::Transaction);
     }
 
     #[test]

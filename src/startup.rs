@@ -2,15 +2,14 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Keys;
-use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, ServerArgs};
+use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, Pooler, ServerArgs};
 use crate::engine::{self, Engine, Refusal};
 use crate::http::{self, AppState};
-use crate::store::db::{self, Database, MIGRATOR, SetupError};
+use crate::store::db::{self, Database, Db, MIGRATOR, SetupError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -54,6 +53,13 @@ pub async fn run(cli: Cli) -> Result<(), RunError> {
             cli.server.listen,
             cli.database.data_dir.display()
         )));
+    }
+    if cli.database.database_url.is_none() && cli.database.database_pooler != Pooler::None {
+        return Err(RunError::Config(
+            "--database-pooler needs a DATABASE_URL (the pooler's address): the self-started PostgreSQL has no \
+             pooler in front of it"
+                .into(),
+        ));
     }
     // One service per self-started cluster: it alone stops the cluster when it exits. The lock
     // is the kernel's, so a service killed with -9 leaves no stale claim and the next one adopts
@@ -138,14 +144,14 @@ async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
     if cli.server.no_migrate {
         tracing::info!("migrations left to `inventory migrate` (--no-migrate); /health/ready waits for them");
     } else {
-        MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+        db::migrate(&pool).await?;
     }
     let listener = TcpListener::bind(cli.server.listen)
         .await
         .map_err(|source| RunError::Bind { addr: cli.server.listen, source })?;
     tracing::info!(addr = %listener.local_addr().map_err(RunError::Serve)?, "inventory listening");
     serve(listener, pool.clone(), cli.server.clone(), shutdown_signal()).await?;
-    pool.close().await;
+    pool.pool().close().await;
     Ok(())
 }
 
@@ -155,18 +161,25 @@ fn keys_of(server: &ServerArgs) -> Result<Keys, RunError> {
 }
 
 async fn migrate_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
+    if args.database_pooler != Pooler::None {
+        return Err(RunError::Config(
+            "`inventory migrate` cannot run through a transaction pooler (the migrator holds a session-level \
+             advisory lock): give it a DATABASE_URL straight to PostgreSQL, without --database-pooler"
+                .into(),
+        ));
+    }
     let pool = db::connect(&database.url, args).await?;
-    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    MIGRATOR.run(pool.pool()).await.map_err(SetupError::from)?;
     tracing::info!("migrations applied");
-    pool.close().await;
+    pool.pool().close().await;
     Ok(())
 }
 
 async fn check_command(args: &DatabaseArgs, database: &Database) -> Result<(), RunError> {
     let pool = db::connect(&database.url, args).await?;
-    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    db::migrate(&pool).await?;
     let violations = crate::store::invariants::whole_database(&pool).await.map_err(engine::Error::from)?;
-    pool.close().await;
+    pool.pool().close().await;
     for v in &violations {
         println!("VIOLATION {v}");
     }
@@ -186,7 +199,7 @@ async fn import_command(
 ) -> Result<(), RunError> {
     use tokio::io::AsyncReadExt;
     let pool = db::connect(&database.url, args).await?;
-    MIGRATOR.run(&pool).await.map_err(SetupError::from)?;
+    db::migrate(&pool).await?;
     let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file.as_os_str() == "-" {
         Box::new(tokio::io::stdin())
     } else {
@@ -232,7 +245,7 @@ async fn import_command(
         }
         Err(other) => return Err(other.into()),
     };
-    pool.close().await;
+    pool.pool().close().await;
     println!(
         "imported {} rows in {:.1}s: {} levels created, {} ledger entries (reference {})",
         report.rows,
@@ -248,7 +261,7 @@ async fn import_command(
 /// in-flight requests (bounded by the request timeout) and stops background tasks.
 pub async fn serve(
     listener: TcpListener,
-    pool: PgPool,
+    pool: Db,
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
@@ -260,8 +273,11 @@ pub async fn serve(
     let limits =
         engine::feed::StreamLimits { total: server.max_event_streams, per_caller: server.max_event_streams_per_key };
     let feed = engine::feed::Feed::start(pool.clone(), limits, stop_rx.clone());
+    let senders = u32::try_from(server.webhook_concurrency).unwrap_or(u32::MAX);
     tasks.extend(engine::webhooks::start(
-        webhook_pool(&pool, server.webhook_concurrency),
+        // The senders' own pool: a connection per sender (each holds one for an attempt, up to
+        // 10 s) and one for the lag sampler, so a slow receiver never takes one from requests.
+        pool.sibling(senders.saturating_add(1)),
         server.webhook_concurrency,
         feed.subscribe(),
         stop_rx.clone(),
@@ -293,19 +309,6 @@ pub async fn serve(
         let _ = task.await;
     }
     result
-}
-
-/// The webhook senders' own pool: the same server and session settings as `pool`, a connection
-/// per sender (each holds one for an attempt, up to 10 s) and one for the lag sampler, so a
-/// slow receiver never takes a connection from the requests.
-fn webhook_pool(pool: &PgPool, senders: usize) -> PgPool {
-    let size = u32::try_from(senders).unwrap_or(u32::MAX).saturating_add(1);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(size)
-        .min_connections(0)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .idle_timeout(Some(std::time::Duration::from_secs(300)))
-        .connect_lazy_with(pool.connect_options().as_ref().clone())
 }
 
 /// Resolves on SIGINT, SIGTERM or SIGHUP (the terminal that started the service closed): all

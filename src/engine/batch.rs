@@ -23,6 +23,7 @@ use super::idempotency::{self, Keyed, Outcome, Render};
 use super::reservations::{self, NewReservation};
 use super::tx::transact;
 use crate::config::ServerArgs;
+use crate::store::db::Db;
 
 /// The lock wait of a batch transaction: 250 ms, or the configured one when shorter (which
 /// applies to orders running alone).
@@ -53,7 +54,7 @@ pub(crate) struct Batcher {
 
 impl Batcher {
     /// Starts the gathering task; it ends when every handle is gone, after finishing its work.
-    pub(crate) fn spawn(db: sqlx::PgPool, config: &ServerArgs, render: Render) -> Self {
+    pub(crate) fn spawn(db: Db, config: &ServerArgs, render: Render) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
         let gather = Gather {
             rx,
@@ -86,7 +87,7 @@ struct Gather {
     slots: std::sync::Arc<Semaphore>,
     /// Most batches one gathering is split into (the machine's cores).
     parallelism: usize,
-    db: sqlx::PgPool,
+    db: Db,
     render: Render,
 }
 
@@ -237,7 +238,7 @@ fn clashes(a: &Job, b: &Job) -> bool {
     a.req.order_id == b.req.order_id || matches!((&a.key, &b.key), (Some(x), Some(y)) if x.key == y.key)
 }
 
-async fn execute(db: &sqlx::PgPool, batch: Vec<Job>, render: Render) {
+async fn execute(db: &Db, batch: Vec<Job>, render: Render) {
     let (work, replies): (Vec<(NewReservation, Option<Keyed>)>, Vec<_>) =
         batch.into_iter().map(|j| ((j.req, j.key), j.reply)).unzip();
     let ctx = (work, render);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use crate::store::db::Db;
 use uuid::Uuid;
 
 use super::error::Result;
@@ -43,12 +43,14 @@ impl Sweeper {
     }
 
     /// Expires overdue reservations batch by batch until none is left (or only skipped ones).
-    pub(crate) async fn sweep(&mut self, pool: &PgPool) {
+    pub(crate) async fn sweep(&mut self, pool: &Db) {
         metrics::counter!(crate::metrics::EXPIRY_SWEEPS).increment(1);
         let now = Instant::now();
         self.stuck_levels.retain(|_, since| now.duration_since(*since) < STUCK_LEVEL_PAUSE);
         self.failed.retain(|_, since| now.duration_since(*since) < FAILED_PAUSE);
-        if let Ok(lag) = expiry_lag(pool).await {
+        if let Ok(mut conn) = pool.acquire().await
+            && let Ok(lag) = expiry_lag(&mut conn).await
+        {
             metrics::gauge!(crate::metrics::EXPIRY_LAG).set(lag);
         }
         let mut rounds = 0;
@@ -85,7 +87,7 @@ impl Sweeper {
 
     /// Expires the next overdue reservations one per transaction, remembering what fails.
     /// `false` when there was nothing left to try.
-    async fn one_at_a_time(&mut self, pool: &PgPool, rounds: &mut usize) -> Result<bool> {
+    async fn one_at_a_time(&mut self, pool: &Db, rounds: &mut usize) -> Result<bool> {
         let ids = {
             let mut conn = pool.acquire().await?;
             overdue_ids(&mut conn, self.batch, &self.skips()).await?

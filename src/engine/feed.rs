@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::store::db::Db;
 use tokio::sync::{Notify, watch};
 
 use super::error::{Error, Refusal, Result};
@@ -89,7 +89,7 @@ pub(crate) struct Slice {
 impl Feed {
     /// The feed, with its relay task running until `stop` flips. It needs no database to
     /// start: the first relay run that reaches one learns where the feed stands.
-    pub fn start(db: PgPool, limits: StreamLimits, stop: watch::Receiver<bool>) -> Self {
+    pub fn start(db: Db, limits: StreamLimits, stop: watch::Receiver<bool>) -> Self {
         let feed = Self {
             inner: Arc::new(Inner {
                 recent: RwLock::new(VecDeque::new()),
@@ -107,7 +107,7 @@ impl Feed {
         feed
     }
 
-    async fn relay_loop(self, db: PgPool, mut stop: watch::Receiver<bool>) {
+    async fn relay_loop(self, db: Db, mut stop: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -129,7 +129,7 @@ impl Feed {
 
     /// Numbers what has committed, then takes every event after the head into memory (also
     /// those another instance numbered).
-    async fn relay_once(&self, db: &PgPool) -> Result<()> {
+    async fn relay_once(&self, db: &Db) -> Result<()> {
         let relayed = events::relay(db).await?;
         metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(relayed);
         let mut conn = db.acquire().await?;
@@ -203,7 +203,7 @@ impl Feed {
 
     /// Events after `after` from the database (a stream far behind the memory), at most one
     /// page, filtered by `types`; waits its turn among the streams doing the same.
-    pub(crate) async fn page_from_database(&self, db: &PgPool, after: i64, types: &[String]) -> Result<Slice> {
+    pub(crate) async fn page_from_database(&self, db: &Db, after: i64, types: &[String]) -> Result<Slice> {
         let _turn = self.inner.catching_up.acquire().await.map_err(|e| Error::Bug(e.to_string()))?;
         let mut conn = db.acquire().await?;
         let page = events::page(&mut conn, after, PAGE, &[]).await?;

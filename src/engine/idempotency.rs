@@ -4,8 +4,9 @@
 //! told to wait. Only results and refusals are stored: an operation that failed otherwise (the
 //! database, a bug) rolls back with its claim, and a retry runs it again.
 
+use crate::store::db::Db;
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection};
 
 use super::error::{Error, Refusal, Result};
 use super::tx::{TxFuture, transact};
@@ -108,7 +109,7 @@ struct Attempt<'a, C: ?Sized, F> {
 }
 
 /// Runs `op` in a transaction once per idempotency key (or plainly, without a key).
-pub async fn run<C, T, F>(db: &PgPool, keyed: Option<&Keyed>, render: Render, ctx: &C, op: F) -> Result<Outcome>
+pub async fn run<C, T, F>(db: &Db, keyed: Option<&Keyed>, render: Render, ctx: &C, op: F) -> Result<Outcome>
 where
     C: Sync + ?Sized,
     T: Serialize + Send,

@@ -22,8 +22,9 @@ pub(crate) mod stock;
 pub(crate) mod tx;
 pub(crate) mod webhooks;
 
+use crate::store::db::Db;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use self::batch::Batcher;
@@ -42,7 +43,7 @@ use crate::store::webhooks::{Webhook, WebhookUpsert};
 /// The engine of one process; cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Engine {
-    db: PgPool,
+    db: Db,
     /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
     batcher: Option<Batcher>,
     render: Render,
@@ -51,7 +52,7 @@ pub(crate) struct Engine {
 impl Engine {
     /// The engine, with its batcher running when batching is on. `render` writes a refusal
     /// down for replay the way it is answered.
-    pub fn start(db: PgPool, config: &ServerArgs, render: Render) -> Self {
+    pub fn start(db: Db, config: &ServerArgs, render: Render) -> Self {
         let batcher = (config.batch_max > 1).then(|| Batcher::spawn(db.clone(), config, render));
         Self { db, batcher, render }
     }

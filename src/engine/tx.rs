@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use crate::store::db::Db;
 use tracing::Instrument;
 
 use super::error::{Error, Result};
@@ -27,7 +27,7 @@ pub(crate) type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T
 /// Each attempt is a DEBUG span, `transaction`, with its number (and the SQLSTATE that ended it
 /// when it is run again), beneath the operation that runs it: a transaction outside any span (the
 /// expiry sweep's, every second) is exported as no trace of its own.
-pub(crate) async fn transact<C, T, F>(pool: &PgPool, ctx: &C, mut body: F) -> Result<T>
+pub(crate) async fn transact<C, T, F>(pool: &Db, ctx: &C, mut body: F) -> Result<T>
 where
     C: Sync + ?Sized,
     F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,

@@ -15,12 +15,13 @@
 
 use std::time::Duration;
 
+use crate::store::db::Db;
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -86,7 +87,7 @@ impl Attempt {
 /// Starts `concurrency` senders on `db` (their own pool) and the lag sampler; they stop when
 /// `stop` flips (an attempt in flight is dropped uncommitted, and sent again later).
 pub(crate) fn start(
-    db: PgPool,
+    db: Db,
     concurrency: usize,
     news: watch::Receiver<i64>,
     stop: watch::Receiver<bool>,
@@ -105,7 +106,7 @@ pub(crate) fn start(
     tasks
 }
 
-async fn sender(db: PgPool, client: HttpClient, mut news: watch::Receiver<i64>, mut stop: watch::Receiver<bool>) {
+async fn sender(db: Db, client: HttpClient, mut news: watch::Receiver<i64>, mut stop: watch::Receiver<bool>) {
     loop {
         if *stop.borrow() {
             return;
@@ -133,7 +134,7 @@ async fn sender(db: PgPool, client: HttpClient, mut news: watch::Receiver<i64>, 
 
 /// Claims one due subscription and makes one attempt at its next matching event (passing over
 /// those it does not want); `false` when nothing was due.
-async fn deliver_next(db: &PgPool, client: &HttpClient) -> Result<bool> {
+async fn deliver_next(db: &Db, client: &HttpClient) -> Result<bool> {
     let mut tx = db.begin().await?;
     let Some(sub) = store::claim_due(&mut tx).await? else {
         tx.commit().await?;
@@ -223,7 +224,7 @@ fn describe(err: &dyn std::error::Error) -> String {
 }
 
 /// Keeps the lag gauges current: each subscription's pending events and failures in a row.
-async fn sample_lag(db: PgPool, mut stop: watch::Receiver<bool>) {
+async fn sample_lag(db: Db, mut stop: watch::Receiver<bool>) {
     let mut known: Vec<String> = Vec::new();
     loop {
         let sampled = async {

@@ -54,10 +54,11 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Result<Json<Health>,
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         QueryErrors))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let idle = state.db.num_idle();
-    metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use").set(state.db.size().saturating_sub(idle as u32) as f64);
+    let idle = state.db.pool().num_idle();
+    metrics::gauge!(POOL_CONNECTIONS, "state" => "in_use")
+        .set(state.db.pool().size().saturating_sub(idle as u32) as f64);
     metrics::gauge!(POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
-    metrics::gauge!(POOL_MAX).set(state.db.options().get_max_connections() as f64);
+    metrics::gauge!(POOL_MAX).set(state.db.pool().options().get_max_connections() as f64);
     crate::metrics::sample();
     let handle = crate::metrics::handle();
     handle.run_upkeep();

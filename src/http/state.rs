@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use crate::store::db::Db;
 
 use super::error::ApiError;
 use crate::config::ServerArgs;
@@ -11,7 +11,7 @@ use crate::engine::Engine;
 /// What every handler can reach.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
-    pub db: PgPool,
+    pub db: Db,
     pub config: Arc<ServerArgs>,
     /// Flips to `true` when the server starts draining; long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

@@ -4,10 +4,13 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::sync::Arc;
 
-use crate::config::DatabaseArgs;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::config::{DatabaseArgs, Pooler};
 use crate::local_pg::{Durability, LocalPostgres};
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -31,6 +34,12 @@ pub enum SetupError {
          (its migrations use features of 15: UNIQUE NULLS NOT DISTINCT)"
     )]
     TooOld { found: String },
+    #[error(
+        "the database schema is not current (at migration {applied:?}, this binary needs {latest}), and \
+         migrations cannot run through a transaction pooler: run `inventory migrate` with a DATABASE_URL \
+         straight to PostgreSQL, without --database-pooler"
+    )]
+    NotMigrated { applied: Option<i64>, latest: i64 },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("background task failed: {0}")]
@@ -84,16 +93,131 @@ pub async fn ensure_database(admin_url: &str, name: &str) -> Result<(), SetupErr
 /// The oldest PostgreSQL major version the migrations run on.
 pub const MIN_SERVER_VERSION: u32 = 15;
 
+/// The service's connections to PostgreSQL, and how a transaction begins on them.
+///
+/// Behind a transaction pooler (`--database-pooler transaction`, PgBouncer's
+/// `pool_mode = transaction`) a server session belongs to the service for one transaction only,
+/// so nothing may outlive a transaction: no session settings (the timeouts are set in every
+/// transaction instead of as startup options), no prepared statement kept between transactions
+/// (the statement cache is off), and no statement outside a transaction — sqlx sends a statement
+/// with parameters in two round trips (Parse, Sync; Bind, Execute, Sync), and the pooler may hand
+/// the second one to another server session, which does not have the statement. [`Db::acquire`]
+/// therefore hands out a transaction there, and [`Db::begin`] starts every transaction by
+/// dropping the prepared statements earlier clients of that server session left behind (sqlx
+/// names its statements per connection, so another client's `sqlx_s_1` would collide with ours).
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: PgPool,
+    /// Behind a transaction pooler: the statements every BEGIN sends along.
+    pooled: Option<Arc<str>>,
+}
+
+/// A connection for statements that need no transaction of their own (reads): the pooled
+/// connection itself, or behind a transaction pooler a transaction, rolled back when dropped.
+pub(crate) enum Conn {
+    Session(PoolConnection<Postgres>),
+    Transaction(Transaction<'static, Postgres>),
+}
+
+impl std::ops::Deref for Conn {
+    type Target = sqlx::PgConnection;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Self::Session(conn) => conn,
+            Self::Transaction(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Self::Session(conn) => conn,
+            Self::Transaction(tx) => tx,
+        }
+    }
+}
+
+/// A pool built elsewhere (tests, tools), used directly: no pooler in between.
+impl From<PgPool> for Db {
+    fn from(pool: PgPool) -> Self {
+        Self { pool, pooled: None }
+    }
+}
+
+impl Db {
+    /// The pool itself, for what the pooler setting does not concern (its statistics, closing it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether a transaction pooler stands in between (`--database-pooler transaction`).
+    pub fn pooled(&self) -> bool {
+        self.pooled.is_some()
+    }
+
+    /// BEGIN (and behind a transaction pooler this transaction's timeouts).
+    pub(crate) async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.begin_as("").await
+    }
+
+    /// BEGIN with transaction modes (`ISOLATION LEVEL …`, `READ ONLY`; ours, never user input).
+    pub(crate) async fn begin_as(&self, modes: &'static str) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        match &self.pooled {
+            None if modes.is_empty() => self.pool.begin().await,
+            // One message, one round trip: the modes and settings cost nothing extra.
+            None => self.pool.begin_with(sqlx::AssertSqlSafe(format!("BEGIN {modes}"))).await,
+            Some(setup) => self.pool.begin_with(sqlx::AssertSqlSafe(format!("BEGIN {modes}; {setup}"))).await,
+        }
+    }
+
+    /// A connection for reads (see [`Conn`]).
+    pub(crate) async fn acquire(&self) -> Result<Conn, sqlx::Error> {
+        if self.pooled.is_some() {
+            Ok(Conn::Transaction(self.begin().await?))
+        } else {
+            Ok(Conn::Session(self.pool.acquire().await?))
+        }
+    }
+
+    /// A second pool to the same database with the same settings, of at most `size` connections,
+    /// connecting on first use.
+    pub(crate) fn sibling(&self, size: u32) -> Self {
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(5))
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .connect_lazy_with(self.pool.connect_options().as_ref().clone());
+        Self { pool, pooled: self.pooled.clone() }
+    }
+}
+
 /// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets
-/// `lock_timeout` and `statement_timeout`, so a stuck row lock turns into a fast 503 for that row
-/// instead of a hung pool.
-pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupError> {
+/// `lock_timeout` and `statement_timeout` (as startup options, or behind a transaction pooler in
+/// every transaction), so a stuck row lock turns into a fast 503 for that row instead of a hung
+/// pool.
+pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<Db, SetupError> {
     let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
     let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
-    let options = PgConnectOptions::from_str(url)
-        .map_err(SetupError::Connect)?
-        .application_name("inventory")
-        .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]);
+    let options = PgConnectOptions::from_str(url).map_err(SetupError::Connect)?.application_name("inventory");
+    let (options, pooled) = match args.database_pooler {
+        Pooler::None => (
+            options
+                .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]),
+            None,
+        ),
+        // PgBouncer refuses the `options` startup parameter and, unless told to ignore it,
+        // `extra_float_digits` (PostgreSQL 12 and newer print floats exactly without it).
+        Pooler::Transaction => (
+            options.statement_cache_capacity(0).extra_float_digits(None),
+            Some(Arc::from(format!(
+                "SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL statement_timeout = '{statement_timeout}'; \
+                 DEALLOCATE ALL"
+            ))),
+        ),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(args.db_pool_size.max(1))
         .min_connections(0)
@@ -102,6 +226,7 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         .connect_with(options)
         .await
         .map_err(SetupError::Connect)?;
+    // Without parameters: one round trip (the simple protocol), fine outside a transaction.
     let (number, found): (String, String) =
         sqlx::query_as("SELECT current_setting('server_version_num'), current_setting('server_version')")
             .fetch_one(&pool)
@@ -110,14 +235,34 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
     if number.parse::<u32>().unwrap_or(0) < MIN_SERVER_VERSION * 10_000 {
         return Err(SetupError::TooOld { found });
     }
-    Ok(pool)
+    Ok(Db { pool, pooled })
+}
+
+/// Brings the schema up to date. Behind a transaction pooler it cannot (sqlx's migrator holds a
+/// session-level advisory lock while it works): there it only makes sure `inventory migrate` has
+/// been run over a direct connection.
+pub async fn migrate(db: &Db) -> Result<(), SetupError> {
+    if !db.pooled() {
+        return Ok(MIGRATOR.run(&db.pool).await?);
+    }
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied = match applied_migration(db).await {
+        Ok(applied) => applied,
+        // No migration table yet.
+        Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P01") => None,
+        Err(err) => return Err(SetupError::Connect(err)),
+    };
+    if applied.unwrap_or(0) < latest {
+        return Err(SetupError::NotMigrated { applied, latest });
+    }
+    Ok(())
 }
 
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
 /// shared advisory lock, taken right after BEGIN, before it has a transaction id), so readers of
 /// the ledger wait for it and for nobody else (see `writer_horizon()` in migrations 0006, 0007).
-pub(crate) async fn begin_writer(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub(crate) async fn begin_writer(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = db.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await?;
     Ok(tx)
 }
@@ -173,6 +318,7 @@ pub(crate) fn trouble(err: &sqlx::Error) -> Trouble {
 }
 
 /// The newest migration applied successfully (`None`: none yet).
-pub(crate) async fn applied_migration(db: &PgPool) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(db).await
+pub(crate) async fn applied_migration(db: &Db) -> Result<Option<i64>, sqlx::Error> {
+    let mut conn = db.acquire().await?;
+    sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&mut *conn).await
 }

@@ -1,8 +1,9 @@
 //! The outbox: relaying committed events into the public, gap-free order, and reading them.
 
+use crate::store::db::Db;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::EventKind;
@@ -57,7 +58,7 @@ pub(crate) struct Event {
 /// a larger id at a later run, so a reader paging with `after` never misses one, and no running
 /// transaction — however long — holds the feed back. (Events of one entity stay in order: the
 /// change that follows another waits for its commit.)
-pub(crate) async fn relay(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub(crate) async fn relay(pool: &Db) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
@@ -145,7 +146,7 @@ pub(crate) async fn scan(
 
 /// Deletes relayed events older than the retention, but never the newest one (it carries the
 /// counter the next ids continue from) nor one a webhook subscription has still to deliver.
-pub(crate) async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn purge(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM events WHERE seq IN (
              SELECT seq FROM events
@@ -156,7 +157,7 @@ pub(crate) async fn purge(pool: &PgPool, retention_secs: i64, batch: i64) -> Res
     )
     .bind(retention_secs as f64)
     .bind(batch)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(done.rows_affected())
 }

@@ -1,7 +1,7 @@
 //! Idempotency keys: the advisory lock that claims a key for one running request, and the
 //! stored answers that later requests with the key replay.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 /// An answer stored under a key, with the request it answered.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -62,7 +62,7 @@ pub(crate) async fn insert(conn: &mut PgConnection, rows: &[Stored]) -> Result<(
 }
 
 /// Deletes keys older than the retention, a bounded batch at a time; returns how many.
-pub(crate) async fn purge(db: &PgPool, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
+pub(crate) async fn purge(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "DELETE FROM idempotency_keys WHERE key IN (
              SELECT key FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)
@@ -70,7 +70,7 @@ pub(crate) async fn purge(db: &PgPool, retention_secs: i64, batch: i64) -> Resul
     )
     .bind(retention_secs as f64)
     .bind(batch)
-    .execute(db)
+    .execute(conn)
     .await?;
     Ok(done.rows_affected())
 }

@@ -1,7 +1,8 @@
 //! The contract's invariants, checked over the whole database with set-based SQL.
 
+use crate::store::db::Db;
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 /// One broken invariant on one stock level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -67,9 +68,8 @@ pub async fn violations(conn: &mut PgConnection) -> Result<Vec<Violation>, sqlx:
 
 /// [`violations`] over the whole database in one read-only REPEATABLE READ snapshot, without a
 /// statement timeout (at 5M levels the check takes longer than a request may).
-pub(crate) async fn whole_database(db: &PgPool) -> Result<Vec<Violation>, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+pub(crate) async fn whole_database(db: &Db) -> Result<Vec<Violation>, sqlx::Error> {
+    let mut tx = db.begin_as("ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
     sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
     let found = violations(&mut tx).await?;
     tx.rollback().await?;

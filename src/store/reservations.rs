@@ -398,11 +398,11 @@ pub(crate) async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<Rese
 
 /// How far behind the expiry sweep is: seconds since the oldest deadline still unhandled (0
 /// when none).
-pub(crate) async fn expiry_lag(db: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
+pub(crate) async fn expiry_lag(conn: &mut PgConnection) -> Result<f64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT coalesce(extract(epoch FROM now() - min(expires_at))::float8, 0)
            FROM reservations WHERE status = 'active' AND expires_at <= now()",
     )
-    .fetch_one(db)
+    .fetch_one(conn)
     .await
 }

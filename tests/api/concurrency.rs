@@ -8,7 +8,11 @@ use crate::helpers::TestApp;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transfers_and_adjustments_conserve_units() {
-    let app = TestApp::spawn().await;
+    transfers_and_adjustments_conserve_units(&TestApp::spawn().await).await;
+}
+
+/// The scenario of [`concurrent_transfers_and_adjustments_conserve_units`], on any service (behind a pooler, say).
+pub async fn transfers_and_adjustments_conserve_units(app: &TestApp) {
     let deadlocks = app.deadlocks().await;
     app.warehouse("EAST", 1).await;
     app.warehouse("WEST", 2).await;
@@ -17,7 +21,6 @@ async fn concurrent_transfers_and_adjustments_conserve_units() {
     app.receive("A", "WEST", 100).await;
 
     let requests = (0..100).map(|i| {
-        let app = &app;
         async move {
             let (from, to) = if i % 2 == 0 { ("EAST", "WEST") } else { ("WEST", "EAST") };
             match i % 5 {
@@ -55,21 +58,22 @@ async fn concurrent_transfers_and_adjustments_conserve_units() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_buyers_of_fifty_units_get_exactly_fifty() {
-    let app = TestApp::spawn().await;
+    three_hundred_buyers_of_fifty_units(&TestApp::spawn().await).await;
+}
+
+/// The scenario of [`three_hundred_buyers_of_fifty_units_get_exactly_fifty`], on any service (behind a pooler, say).
+pub async fn three_hundred_buyers_of_fifty_units(app: &TestApp) {
     let deadlocks = app.deadlocks().await;
     app.warehouse("W1", 1).await;
     app.sku("HOT").await;
     app.receive("HOT", "W1", 50).await;
     let started = std::time::Instant::now();
-    let results = join_all((0..300).map(|i| {
-        let app = &app;
-        async move {
-            app.post(
-                "/v1/reservations",
-                json!({"order_id": format!("buyer-{i}"), "lines": [{"sku": "HOT", "quantity": 1}]}),
-            )
-            .await
-        }
+    let results = join_all((0..300).map(|i| async move {
+        app.post(
+            "/v1/reservations",
+            json!({"order_id": format!("buyer-{i}"), "lines": [{"sku": "HOT", "quantity": 1}]}),
+        )
+        .await
     }))
     .await;
     let created = results.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
@@ -91,7 +95,11 @@ async fn three_hundred_buyers_of_fifty_units_get_exactly_fifty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crossing_multi_line_orders_never_deadlock_or_lose_a_unit() {
-    let app = TestApp::spawn().await;
+    crossing_multi_line_orders(&TestApp::spawn().await).await;
+}
+
+/// The scenario of [`crossing_multi_line_orders_never_deadlock_or_lose_a_unit`], on any service (behind a pooler, say).
+pub async fn crossing_multi_line_orders(app: &TestApp) {
     let deadlocks = app.deadlocks().await;
     let warehouses = ["W1", "W2", "W3"];
     for (i, w) in warehouses.iter().enumerate() {
@@ -107,7 +115,6 @@ async fn crossing_multi_line_orders_never_deadlock_or_lose_a_unit() {
     let started = std::time::Instant::now();
     // Each order names 2–5 SKUs in a scrambled order, so lock requests cross.
     let results = join_all((0..240usize).map(|i| {
-        let app = &app;
         let skus = &skus;
         async move {
             let n = 2 + i % 4;
@@ -149,7 +156,11 @@ async fn crossing_multi_line_orders_never_deadlock_or_lose_a_unit() {
 /// released at once, by every one of many clients running through the batcher side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_reservation_can_be_settled_at_once_under_load() {
-    let app = TestApp::spawn().await;
+    settling_every_acknowledged_reservation_under_load(&TestApp::spawn().await).await;
+}
+
+/// The scenario of [`every_acknowledged_reservation_can_be_settled_at_once_under_load`], on any service (behind a pooler, say).
+pub async fn settling_every_acknowledged_reservation_under_load(app: &TestApp) {
     app.warehouse("W1", 1).await;
     app.warehouse("W2", 2).await;
     for i in 0..50 {
@@ -159,7 +170,6 @@ async fn every_acknowledged_reservation_can_be_settled_at_once_under_load() {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4);
     let clients = (0..64).map(|c| {
-        let app = &app;
         async move {
             let mut n = 0;
             while std::time::Instant::now() < deadline {

@@ -46,7 +46,12 @@ fn types(events: &[Value]) -> Vec<&str> {
 
 #[tokio::test]
 async fn availability_crossings_and_lifecycle_changes_are_events() {
-    let app = TestApp::spawn().await;
+    crossings_and_lifecycle_changes(&TestApp::spawn().await).await;
+}
+
+/// The scenario of [`availability_crossings_and_lifecycle_changes_are_events`], on any service
+/// with a database of its own (behind a pooler, say).
+pub async fn crossings_and_lifecycle_changes(app: &TestApp) {
     app.warehouse("W1", 1).await;
     app.sku("A").await;
     app.receive("A", "W1", 5).await;
@@ -59,8 +64,8 @@ async fn availability_crossings_and_lifecycle_changes_are_events() {
     app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/release", r2["id"].as_str().unwrap()), None).await;
     app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/fulfil", r["id"].as_str().unwrap()), None).await;
 
-    wait_relayed(&app).await;
-    let events = events_after(&app, 0).await;
+    wait_relayed(app).await;
+    let events = events_after(app, 0).await;
     assert_eq!(
         types(&events),
         [

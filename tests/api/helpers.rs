@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use inventory::config::{DatabaseArgs, ServerArgs};
 use inventory::local_pg::{Durability, LocalPostgres};
+use inventory::store::db::Db;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -210,17 +211,27 @@ impl TestApp {
     pub async fn spawn_with_database_args(server: ServerArgs, database: DatabaseArgs) -> Self {
         let db_url = fresh_database().await;
         let db = inventory::store::db::connect(&db_url, &database).await.expect("connect to the test database");
-        Self::serve(db.clone(), db, db_url, server).await
+        Self::serve(db.pool().clone(), db, db_url, server).await
     }
 
     /// The service on the database of `db_url`, reached through `service_url` (a
     /// fault-injecting proxy, say); the test's own pool `db` connects directly.
     pub async fn spawn_through(server: ServerArgs, db_url: String, service_url: &str) -> Self {
-        let service =
-            inventory::store::db::connect(service_url, &database_args(None)).await.expect("connect via route");
+        Self::spawn_through_with(server, db_url, service_url, database_args(None)).await
+    }
+
+    /// [`TestApp::spawn_through`] with the service's pool built from `database` (a pooler in
+    /// between, say); its `database_url` is ignored in favour of `service_url`.
+    pub async fn spawn_through_with(
+        server: ServerArgs,
+        db_url: String,
+        service_url: &str,
+        database: DatabaseArgs,
+    ) -> Self {
+        let service = inventory::store::db::connect(service_url, &database).await.expect("connect via route");
         let db =
             inventory::store::db::connect(&db_url, &database_args(None)).await.expect("connect to the test database");
-        Self::serve(db, service, db_url, server).await
+        Self::serve(db.pool().clone(), service, db_url, server).await
     }
 
     /// The service with a pool that points at nothing: the database is "down".
@@ -229,10 +240,10 @@ impl TestApp {
         let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
         let db =
             sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)).connect_lazy(&db_url).unwrap();
-        Self::serve(db.clone(), db, db_url, ServerArgs::default()).await
+        Self::serve(db.clone(), db.into(), db_url, ServerArgs::default()).await
     }
 
-    async fn serve(db: PgPool, service_pool: PgPool, db_url: String, mut server: ServerArgs) -> Self {
+    async fn serve(db: PgPool, service_pool: Db, db_url: String, mut server: ServerArgs) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         server.listen = listener.local_addr().unwrap();
         let base = format!("http://{}", server.listen);

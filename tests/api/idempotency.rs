@@ -14,7 +14,7 @@ async fn shop() -> TestApp {
     app
 }
 
-async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> (StatusCode, Option<String>, Value) {
+pub async fn post_with_key(app: &TestApp, path: &str, key: &str, body: &Value) -> (StatusCode, Option<String>, Value) {
     let res = app.client.post(app.url(path)).header("idempotency-key", key).json(body).send().await.unwrap();
     let status = res.status();
     let replayed = res.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap().to_owned());

@@ -10,7 +10,7 @@ use inventory::config::ServerArgs;
 
 use crate::helpers::{TestApp, assert_problem};
 
-async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
+pub async fn import(app: &TestApp, query: &str, csv: &str) -> (StatusCode, Value) {
     let res = app
         .client
         .post(app.url(&format!("/v1/stock/import{query}")))

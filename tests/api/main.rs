@@ -24,6 +24,7 @@ mod model;
 mod openapi;
 mod operability;
 mod paging;
+mod pgbouncer;
 mod proxy;
 mod reservations;
 mod stock;

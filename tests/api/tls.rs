@@ -100,11 +100,13 @@ async fn the_service_connects_with_verify_full_and_is_refused_without_tls() {
     let verified =
         format!("postgres://postgres@localhost:{port}/smoke?sslmode=verify-full&sslrootcert={}", root.display());
     let pool = inventory::store::db::connect(&verified, &database_args(None)).await.expect("verify-full connects");
-    let tls: bool =
-        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetch_one(&pool).await.unwrap();
+    let tls: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(pool.pool())
+        .await
+        .unwrap();
     assert!(tls, "the session is encrypted");
-    inventory::store::db::MIGRATOR.run(&pool).await.unwrap();
-    pool.close().await;
+    inventory::store::db::MIGRATOR.run(pool.pool()).await.unwrap();
+    pool.pool().close().await;
 
     // The suite's smoke, through a service whose pool connects with verify-full.
     let app = TestApp::spawn_through(ServerArgs::default(), verified.clone(), &verified).await;
