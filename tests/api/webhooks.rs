@@ -535,3 +535,46 @@ async fn bad_subscriptions_are_refused_secrets_never_shown_and_only_admins_may_t
         assert_problem(call(method, path, &admin, None).await, StatusCode::NOT_FOUND, "not_found").await;
     }
 }
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_times_out_after_10_s_and_stalls_no_other_subscription() {
+    let app = TestApp::spawn().await;
+    stock(&app, 100).await;
+    let before = last_event_id(&app).await;
+    // Accepts connections and reads requests, but never answers.
+    let hung = Receiver::start().await;
+    hung.seen.delay_ms.store(3_600_000, Ordering::SeqCst);
+    let healthy = Receiver::start().await;
+    subscribe(&app, "hung", &hung.url, &new_secret(), None).await;
+    subscribe(&app, "healthy", &healthy.url, &new_secret(), None).await;
+
+    let started = Instant::now();
+    for order in ["o1", "o2", "o3"] {
+        reserve(&app, order).await;
+    }
+    let feed = feed_after(&app, before).await;
+    let delivered = wait_delivered(&app, &healthy, "healthy", &ids(&feed)).await;
+    assert_eq!(delivered, ids(&feed));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the healthy subscription got everything in {:?}, not held up by the hung one's attempt",
+        started.elapsed()
+    );
+    eventually("the hung subscription's first attempt got its request", async || {
+        (!hung.requests().is_empty()).then_some(())
+    })
+    .await;
+
+    // The hung attempt ends at its 10 s timeout as a failure, and the event stays pending.
+    let hook = eventually("the hung attempt is recorded as failed", async || {
+        let (_, hook) = app.get("/v1/webhooks/hung").await;
+        hook["last_error"].is_string().then_some(hook)
+    })
+    .await;
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(9), "the attempt was given up after {waited:?}, before 10 s");
+    assert!(hook["last_status"].is_null(), "no answer, no status: {hook}");
+    assert_eq!(hook["pending"], 3, "nothing was taken as delivered: {hook}");
+    assert_eq!(hook["delivered_through"], before, "{hook}");
+    assert!(hung.accepted().iter().all(|id| *id == ids(&feed)[0]), "only the first event was tried");
+}
