@@ -107,6 +107,9 @@ impl Cli {
         if blank(&cli.database.database_url) {
             cli.database.database_url = None;
         }
+        if blank(&cli.database.database_read_url) {
+            cli.database.database_read_url = None;
+        }
         if blank(&cli.server.api_keys) {
             cli.server.api_keys = None;
         }
@@ -186,6 +189,16 @@ pub struct DatabaseArgs {
     /// Milliseconds a single statement may run (PostgreSQL statement_timeout).
     #[arg(long, env = "INVENTORY_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000, global = true)]
     pub db_statement_timeout_ms: u64,
+
+    /// PostgreSQL URL of a streaming replica of DATABASE_URL: availability, stock listings, the
+    /// ledger and the event feed are read there while it is fresh enough (see
+    /// --max-replica-lag-ms), from the primary otherwise.
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true, global = true)]
+    pub database_read_url: Option<String>,
+
+    /// Milliseconds the read replica may be behind the primary before reads go to the primary.
+    #[arg(long, env = "INVENTORY_MAX_REPLICA_LAG_MS", default_value_t = 1000, global = true)]
+    pub max_replica_lag_ms: u64,
 }
 
 impl std::fmt::Debug for DatabaseArgs {
@@ -198,6 +211,8 @@ impl std::fmt::Debug for DatabaseArgs {
             .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
             .field("db_lock_timeout_ms", &self.db_lock_timeout_ms)
             .field("db_statement_timeout_ms", &self.db_statement_timeout_ms)
+            .field("database_read_url", &self.database_read_url.as_ref().map(|_| "<redacted>"))
+            .field("max_replica_lag_ms", &self.max_replica_lag_ms)
             .finish()
     }
 }

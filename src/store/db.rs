@@ -88,12 +88,7 @@ pub const MIN_SERVER_VERSION: u32 = 13;
 /// `lock_timeout` and `statement_timeout`, so a stuck row lock turns into a fast 503 for that row
 /// instead of a hung pool.
 pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupError> {
-    let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
-    let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
-    let options = PgConnectOptions::from_str(url)
-        .map_err(SetupError::Connect)?
-        .application_name("inventory")
-        .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]);
+    let options = connect_options(url, args)?;
     let pool = PgPoolOptions::new()
         .max_connections(args.db_pool_size.max(1))
         .min_connections(0)
@@ -111,6 +106,16 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<PgPool, SetupErro
         return Err(SetupError::TooOld { found });
     }
     Ok(pool)
+}
+
+/// The server of `url`, with the session settings every connection of the service gets.
+pub(crate) fn connect_options(url: &str, args: &DatabaseArgs) -> Result<PgConnectOptions, SetupError> {
+    let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
+    let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(SetupError::Connect)?
+        .application_name("inventory")
+        .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]))
 }
 
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
