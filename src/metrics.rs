@@ -116,7 +116,10 @@ fn describe() {
         Unit::Seconds,
         "How far the read replica is behind: time since the newest primary WAL position it has replayed was sampled."
     );
-    describe_gauge!(REPLICA_UP, "1 while the read replica answers as a standby, else 0 (reads then go to the primary).");
+    describe_gauge!(
+        REPLICA_UP,
+        "1 while the read replica answers as a standby, else 0 (reads then go to the primary)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the labels name the running version and commit.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
 }

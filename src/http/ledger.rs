@@ -73,7 +73,9 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<LedgerQu
         })
         .await?;
     let Paged::Page(items, more) = paged else {
-        return Err(ApiError::NotFound("`after`: no ledger entry has this id; pass an entry id or a next_cursor".into()));
+        return Err(ApiError::NotFound(
+            "`after`: no ledger entry has this id; pass an entry id or a next_cursor".into(),
+        ));
     };
     let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();
     Ok(axum::Json(LedgerPage { items, next_cursor }).into_response())

@@ -351,10 +351,7 @@ pub(crate) async fn availability(
     let skus = unique.as_slice();
     let rows = match &channel {
         None => {
-            state
-                .reads
-                .read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await })
-                .await?
+            state.reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await?
         }
         Some(code) => {
             let name = code.as_str();

@@ -161,14 +161,7 @@ impl Reads {
     /// Reads from `primary` only, or from `replica` while it is fresh (once
     /// [`Reads::spawn_sampler`] measures it).
     pub fn new(primary: PgPool, replica: Option<ReadReplica>) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                primary,
-                replica,
-                seen: Mutex::default(),
-                tally: Mutex::default(),
-            }),
-        }
+        Self { inner: Arc::new(Inner { primary, replica, seen: Mutex::default(), tally: Mutex::default() }) }
     }
 
     /// The primary's pool.
@@ -257,7 +250,9 @@ impl Reads {
                 self.count(reason);
                 Ok(value)
             }
-            Answer::AskPrimary(_) => Err(sqlx::Error::Decode("a read asked the primary for the primary's answer".into())),
+            Answer::AskPrimary(_) => {
+                Err(sqlx::Error::Decode("a read asked the primary for the primary's answer".into()))
+            }
         }
     }
 
@@ -276,7 +271,11 @@ impl Reads {
 
     /// [`Reads::run`] for a lookup: `None` from the replica (not there yet?) is asked again on
     /// the primary, whose `None` is the answer.
-    pub(crate) async fn find<T, F, Fut>(&self, primary_because: Option<Reason>, read: F) -> Result<Option<T>, sqlx::Error>
+    pub(crate) async fn find<T, F, Fut>(
+        &self,
+        primary_because: Option<Reason>,
+        read: F,
+    ) -> Result<Option<T>, sqlx::Error>
     where
         F: Fn(PgPool) -> Fut,
         Fut: Future<Output = Result<Option<T>, sqlx::Error>>,

@@ -25,6 +25,7 @@ mod openapi;
 mod operability;
 mod paging;
 mod proxy;
+mod replica;
 mod reservations;
 mod stock;
 mod tls;
