@@ -107,6 +107,9 @@ impl Cli {
         if blank(&cli.database.database_url) {
             cli.database.database_url = None;
         }
+        if blank(&cli.database.database_read_url) {
+            cli.database.database_read_url = None;
+        }
         if blank(&cli.server.api_keys) {
             cli.server.api_keys = None;
         }
@@ -193,6 +196,16 @@ pub struct DatabaseArgs {
     /// migrations through it).
     #[arg(long, env = "INVENTORY_DATABASE_POOLER", value_enum, default_value_t = Pooler::None, global = true)]
     pub database_pooler: Pooler,
+
+    /// PostgreSQL URL of a streaming replica of DATABASE_URL: availability, stock listings, the
+    /// ledger and the event feed are read there while it is fresh enough (see
+    /// --max-replica-lag-ms), from the primary otherwise.
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true, global = true)]
+    pub database_read_url: Option<String>,
+
+    /// Milliseconds the read replica may be behind the primary before reads go to the primary.
+    #[arg(long, env = "INVENTORY_MAX_REPLICA_LAG_MS", default_value_t = 1000, global = true)]
+    pub max_replica_lag_ms: u64,
 }
 
 /// What stands between the service and PostgreSQL (`--database-pooler`).
@@ -216,6 +229,8 @@ impl std::fmt::Debug for DatabaseArgs {
             .field("db_lock_timeout_ms", &self.db_lock_timeout_ms)
             .field("db_statement_timeout_ms", &self.db_statement_timeout_ms)
             .field("database_pooler", &self.database_pooler)
+            .field("database_read_url", &self.database_read_url.as_ref().map(|_| "<redacted>"))
+            .field("max_replica_lag_ms", &self.max_replica_lag_ms)
             .finish()
     }
 }

@@ -129,6 +129,65 @@ impl LocalPostgres {
         Ok(target)
     }
 
+    /// Starts a hot standby of this (running) cluster kept under `data_dir`: on first use a base
+    /// backup streamed from this cluster (`pg_basebackup -R -X stream`), which the standby then
+    /// follows by streaming replication. Later calls start (or attach to) that standby again.
+    /// Needs replication connections from 127.0.0.1, which initdb's `pg_hba.conf` trusts with
+    /// `--auth=trust`, and `wal_level` replica (the default). Blocking.
+    pub fn start_standby(&self, data_dir: &Path, durability: Durability) -> Result<Self, LocalPgError> {
+        if !self.bin_dir.join("pg_basebackup").is_file() {
+            return Err(LocalPgError::NoBinaries);
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
+        let data_dir = data_dir.canonicalize().map_err(|source| LocalPgError::Io { path: data_dir.into(), source })?;
+        let mut pg = Self {
+            bin_dir: self.bin_dir.clone(),
+            cluster_dir: data_dir.join("pg"),
+            port: 0,
+            run_as: self.run_as.clone(),
+            launched: false,
+        };
+        pg.cluster_dir = pg.cluster_location(&data_dir)?;
+        if !pg.cluster_dir.join("PG_VERSION").exists() {
+            std::fs::create_dir_all(&pg.cluster_dir)
+                .map_err(|source| LocalPgError::Io { path: pg.cluster_dir.clone(), source })?;
+            // PostgreSQL refuses a data directory others may read.
+            std::fs::set_permissions(&pg.cluster_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(|source| LocalPgError::Io { path: pg.cluster_dir.clone(), source })?;
+            if pg.run_as.is_some() {
+                pg.hand_over_to_service_user()?;
+            }
+            let (dir, port) = (pg.dir_arg(), self.port.to_string());
+            let mut args = vec![
+                "-D",
+                &dir,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--checkpoint=fast",
+            ];
+            if durability == Durability::Throwaway {
+                args.push("--no-sync");
+            }
+            let out = pg.pg_command("pg_basebackup", &args)?;
+            if !out.status.success() {
+                return Err(command_error("pg_basebackup", &out));
+            }
+        }
+        if let Some(port) = pg.running_port() {
+            pg.port = port;
+            return Ok(pg);
+        }
+        pg.launch(durability)?;
+        Ok(pg)
+    }
+
     /// Whether this process started the cluster (and so should stop it when a one-off command
     /// ends), rather than attaching to one a running service owns.
     pub fn launched(&self) -> bool {

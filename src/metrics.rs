@@ -28,6 +28,9 @@ pub const WEBHOOK_DELIVERIES: &str = "inventory_webhook_deliveries_total";
 pub const WEBHOOK_FAILING: &str = "inventory_webhook_consecutive_failures";
 pub const WEBHOOK_PENDING: &str = "inventory_webhook_pending_events";
 pub const WEBHOOK_PENDING_MAX: &str = "inventory_webhook_pending_events_max";
+pub const READS: &str = "inventory_reads_total";
+pub const REPLICA_LAG: &str = "inventory_replica_lag_seconds";
+pub const REPLICA_UP: &str = "inventory_replica_up";
 
 /// The commit this binary was built from (`build.rs`), or `unknown`.
 pub const COMMIT: &str = env!("INVENTORY_COMMIT");
@@ -103,6 +106,20 @@ fn describe() {
     );
     describe_gauge!(WEBHOOK_PENDING, "Matching events not yet delivered, by webhook (sampled every 5 s).");
     describe_gauge!(WEBHOOK_PENDING_MAX, "The most events any one webhook subscription has pending.");
+    describe_counter!(
+        READS,
+        "Lag-tolerant reads by where they were answered (path: replica, primary) and why (reason: fresh, \
+         no_replica, lagging, replica_down, not_standby, replica_error, not_found, as_of)."
+    );
+    describe_gauge!(
+        REPLICA_LAG,
+        Unit::Seconds,
+        "How far the read replica is behind: time since the newest primary WAL position it has replayed was sampled."
+    );
+    describe_gauge!(
+        REPLICA_UP,
+        "1 while the read replica answers as a standby, else 0 (reads then go to the primary)."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the labels name the running version and commit.");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => COMMIT).set(1.0);
 }

@@ -10,6 +10,7 @@ use crate::config::{Cli, Command, DatabaseArgs, KeysCommand, Pooler, ServerArgs}
 use crate::engine::{self, Engine, Refusal};
 use crate::http::{self, AppState};
 use crate::store::db::{self, Database, Db, MIGRATOR, SetupError};
+use crate::store::replica::{ReadReplica, Reads};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -150,8 +151,19 @@ async fn serve_command(cli: &Cli, database: &Database) -> Result<(), RunError> {
         .await
         .map_err(|source| RunError::Bind { addr: cli.server.listen, source })?;
     tracing::info!(addr = %listener.local_addr().map_err(RunError::Serve)?, "inventory listening");
-    serve(listener, pool.clone(), cli.server.clone(), shutdown_signal()).await?;
+    let replica = match &cli.database.database_read_url {
+        Some(url) => {
+            tracing::info!(max_lag_ms = cli.database.max_replica_lag_ms, "lag-tolerant reads go to the read replica");
+            Some(ReadReplica::connect(url, &cli.database)?)
+        }
+        None => None,
+    };
+    let reads = Reads::new(pool.clone(), replica.clone());
+    serve_with_reads(listener, reads, cli.server.clone(), shutdown_signal()).await?;
     pool.pool().close().await;
+    if let Some(replica) = replica {
+        replica.pool.pool().close().await;
+    }
     Ok(())
 }
 
@@ -265,10 +277,23 @@ pub async fn serve(
     server: ServerArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    serve_with_reads(listener, Reads::new(pool, None), server, shutdown).await
+}
+
+/// [`serve`] with the lag-tolerant reads going where `reads` sends them (a read replica while
+/// it is fresh); its primary pool serves everything else.
+pub async fn serve_with_reads(
+    listener: TcpListener,
+    reads: Reads,
+    server: ServerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let pool = reads.primary().clone();
     let keys = keys_of(&server)?;
     crate::metrics::handle();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = crate::background::spawn(pool.clone(), &server, stop_rx.clone());
+    tasks.extend(reads.spawn_sampler(stop_rx.clone()));
     let engine = Engine::start(pool.clone(), &server, http::error::answer_of);
     let limits =
         engine::feed::StreamLimits { total: server.max_event_streams, per_caller: server.max_event_streams_per_key };
@@ -286,6 +311,7 @@ pub async fn serve(
     let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
     let state = AppState {
         db: pool,
+        reads,
         config: Arc::new(server),
         shutdown: stop_rx,
         draining: draining.clone(),

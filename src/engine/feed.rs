@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 
 use super::error::{Error, Refusal, Result};
 use crate::store::events::{self, Event};
+use crate::store::replica::{Answer, Reads, Reason};
 
 /// Events kept in memory for live streams.
 const RECENT: usize = 10_000;
@@ -168,6 +169,31 @@ impl Feed {
         let _ = tokio::time::timeout(limit, finished.wait_for(|n| *n >= needed)).await;
     }
 
+    /// A page of the feed for a reader (`GET /v1/events`): events after `after` matching `types`,
+    /// and the cursor to go on from (see `events::scan`). On the read replica while it is fresh,
+    /// once it holds the head this process knows (waiting for its replay at most the lag bound):
+    /// a reader then sees on the replica what it would see on the primary.
+    pub(crate) async fn list(
+        &self,
+        reads: &Reads,
+        after: i64,
+        limit: i64,
+        types: &[String],
+        max_scan: i64,
+    ) -> Result<(Vec<Event>, i64)> {
+        let head = *self.inner.head.borrow();
+        let patience = reads.max_lag();
+        Ok(reads
+            .run(None, |source| async move {
+                let mut conn = source.pool.acquire().await?;
+                if source.replica && !reached(&mut conn, head, patience).await? {
+                    return Ok(Answer::AskPrimary(Reason::Lagging));
+                }
+                Ok(Answer::Done(events::scan(&mut conn, after, limit, types, max_scan).await?))
+            })
+            .await?)
+    }
+
     /// A receiver that changes whenever new events arrive.
     pub(crate) fn subscribe(&self) -> watch::Receiver<i64> {
         self.inner.head.subscribe()
@@ -202,11 +228,20 @@ impl Feed {
     }
 
     /// Events after `after` from the database (a stream far behind the memory), at most one
-    /// page, filtered by `types`; waits its turn among the streams doing the same.
-    pub(crate) async fn page_from_database(&self, db: &Db, after: i64, types: &[String]) -> Result<Slice> {
+    /// page, filtered by `types`; waits its turn among the streams doing the same. On the read
+    /// replica while it is fresh, unless it has not got as far as this process's relay has: ids
+    /// are numbered in one order on the primary, so the replica holds a prefix of them, and a
+    /// page that stops short of the head would only delay the stream.
+    pub(crate) async fn page_from_database(&self, reads: &Reads, after: i64, types: &[String]) -> Result<Slice> {
         let _turn = self.inner.catching_up.acquire().await.map_err(|e| Error::Bug(e.to_string()))?;
-        let mut conn = db.acquire().await?;
-        let page = events::page(&mut conn, after, PAGE, &[]).await?;
+        let head = *self.inner.head.borrow();
+        let page = reads
+            .run(None, |source| async move {
+                let page = events::page(&mut *source.pool.acquire().await?, after, PAGE, &[]).await?;
+                let short = (page.len() as i64) < PAGE && page.last().map_or(after, |e| e.id) < head;
+                Ok(if source.replica && short { Answer::AskPrimary(Reason::Lagging) } else { Answer::Done(page) })
+            })
+            .await?;
         let scanned_to = page.last().map_or(after, |e| e.id);
         let events = page
             .into_iter()
@@ -236,6 +271,24 @@ impl Feed {
         Ok(StreamSlot { feed: self.clone(), caller: caller.to_owned() })
     }
 }
+
+/// Whether the database behind `conn` (a replica replaying) holds event `id`, polling for at
+/// most `patience`.
+async fn reached(conn: &mut sqlx::PgConnection, id: i64, patience: Duration) -> std::result::Result<bool, sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if events::last_id(&mut *conn).await? >= id {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(REPLAY_POLL).await;
+    }
+}
+
+/// How often a read waiting for the replica to replay looks again.
+const REPLAY_POLL: Duration = Duration::from_millis(5);
 
 /// An open stream's place; given back when the stream ends.
 #[derive(Debug)]

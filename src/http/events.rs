@@ -18,7 +18,6 @@ use super::schemas;
 use super::state::{AppState, page_limit};
 use crate::domain::EventKind;
 use crate::engine::feed::{self, StreamSlot};
-use crate::store::events;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -82,8 +81,7 @@ pub(crate) async fn list(
     // A reader sees its own writes: wait for a relay run that began after this request (one
     // run serves every reader waiting for it), instead of each reader relaying on its own.
     state.feed.catch_up(CATCH_UP).await;
-    let mut conn = state.db.acquire().await?;
-    let (items, next_cursor) = events::scan(&mut conn, after, limit, &types, MAX_SCAN).await?;
+    let (items, next_cursor) = state.feed.list(&state.reads, after, limit, &types, MAX_SCAN).await?;
     Ok(axum::Json(EventPage { items, next_cursor }).into_response())
 }
 
@@ -193,7 +191,7 @@ impl Reader {
         self.news.mark_unchanged();
         let (slice, from_database) = match self.state.feed.recent_after(self.after, &self.types, feed::PAGE as usize) {
             Some(slice) => (slice, false),
-            None => (self.state.feed.page_from_database(&self.state.db, self.after, &self.types).await?, true),
+            None => (self.state.feed.page_from_database(&self.state.reads, self.after, &self.types).await?, true),
         };
         let moved = slice.scanned_to > self.after;
         self.after = slice.scanned_to;

@@ -10,7 +10,8 @@ use super::openapi::{LedgerPage, PageErrors, Problem};
 use super::schemas::Text;
 use super::state::{AppState, page_limit};
 use crate::domain::{Sku, Validator, WarehouseCode, text};
-use crate::store::ledger::{self, EntryPage};
+use crate::store::ledger::{self, EntryPage, Paged};
+use crate::store::replica::{Answer, Reason};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -54,10 +55,28 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<LedgerQu
         after: q.after.or(q.cursor),
         limit,
     };
-    let mut conn = state.db.acquire().await?;
-    let (items, more) = ledger::page(&mut conn, &page).await?.ok_or_else(|| {
-        ApiError::NotFound("`after`: no ledger entry has this id; pass an entry id or a next_cursor".into())
-    })?;
+    // On the replica, a page must be as complete as the primary's was within the lag bound
+    // (its writer horizon at least the primary's then), and a cursor it does not know (yet) is
+    // looked up on the primary.
+    let floor = state.reads.horizon_floor().unwrap_or(i64::MAX);
+    let page = &page;
+    let paged = state
+        .reads
+        .run(None, |source| async move {
+            let mut conn = source.pool.acquire().await?;
+            let paged = ledger::page(&mut conn, page, source.replica.then_some(floor)).await?;
+            Ok(match paged {
+                Paged::UnknownCursor if source.replica => Answer::AskPrimary(Reason::NotFound),
+                Paged::Behind => Answer::AskPrimary(Reason::Lagging),
+                paged => Answer::Done(paged),
+            })
+        })
+        .await?;
+    let Paged::Page(items, more) = paged else {
+        return Err(ApiError::NotFound(
+            "`after`: no ledger entry has this id; pass an entry id or a next_cursor".into(),
+        ));
+    };
     let next_cursor = more.then(|| items.last().map(|e| e.id)).flatten();
     Ok(axum::Json(LedgerPage { items, next_cursor }).into_response())
 }

@@ -11,7 +11,10 @@ use crate::engine::Engine;
 /// What every handler can reach.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
+    /// The primary: every write, and the reads that must see their own writes.
     pub db: Db,
+    /// The reads that tolerate a bounded lag: on the read replica while it is fresh.
+    pub reads: crate::store::replica::Reads,
     pub config: Arc<ServerArgs>,
     /// Flips to `true` when the server starts draining; long-lived streams end on it.
     pub shutdown: tokio::sync::watch::Receiver<bool>,

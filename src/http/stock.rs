@@ -23,6 +23,7 @@ use crate::engine::Refusal;
 use crate::engine::import;
 use crate::engine::stock::{Adjust, Receive, Transfer};
 use crate::store::catalogue;
+use crate::store::replica::{Answer, Reason};
 use crate::store::stock::{self, Level, LevelFilter, Replenishment};
 
 /// Most SKUs one availability request may ask for.
@@ -253,14 +254,33 @@ pub(crate) async fn get_sku_stock(
     if Code::parse(sku.as_str()).is_err() {
         return Err(Refusal::UnknownSku(sku).into());
     }
-    let mut conn = state.db.acquire().await?;
-    let record = catalogue::get_sku(&mut conn, &sku).await?.ok_or_else(|| Refusal::UnknownSku(sku.clone()))?;
-    let levels = match as_of {
-        None => stock::levels_of_sku(&mut conn, &sku).await?,
-        Some(at) if stock::is_in_the_future(&mut conn, at).await? => {
-            return Err(ApiError::field("as_of", "is in the future: the levels at that moment are not known yet"));
-        }
-        Some(at) => stock::levels_of_sku_as_of(&mut conn, &sku, at).await?,
+    // A moment the replica may not hold everything of yet is read on the primary.
+    let primary_because = as_of.filter(|&at| !state.reads.covers(at)).map(|_| Reason::AsOf);
+    let name = sku.as_str();
+    let read = state
+        .reads
+        .run(primary_because, |source| async move {
+            let mut conn = source.pool.acquire().await?;
+            let Some(record) = catalogue::get_sku(&mut conn, name).await? else {
+                return Ok(if source.replica { Answer::AskPrimary(Reason::NotFound) } else { Answer::Done(None) });
+            };
+            let levels = match as_of {
+                None => stock::levels_of_sku(&mut conn, name).await?,
+                Some(at) if stock::is_in_the_future(&mut conn, at).await? => {
+                    return Ok(if source.replica {
+                        Answer::AskPrimary(Reason::AsOf)
+                    } else {
+                        Answer::Done(Some((record, None)))
+                    });
+                }
+                Some(at) => stock::levels_of_sku_as_of(&mut conn, name, at).await?,
+            };
+            Ok(Answer::Done(Some((record, Some(levels)))))
+        })
+        .await?;
+    let (record, levels) = read.ok_or_else(|| Refusal::UnknownSku(sku.clone()))?;
+    let Some(levels) = levels else {
+        return Err(ApiError::field("as_of", "is in the future: the levels at that moment are not known yet"));
     };
     // Over every listed level, active warehouse or not, as without `as_of`.
     let total = levels.iter().fold(Totals::default(), |t, l| Totals {
@@ -287,7 +307,7 @@ fn parse_moment(raw: &str) -> Result<DateTime<Utc>, ApiError> {
 /// order; unknown or unstocked SKUs read 0 so a product page never breaks.
 #[utoipa::path(operation_id = "getAvailability",
     summary = "Availability of SKUs",
-    description = "What can be sold now, per SKU: the sum of `available` over active warehouses (with `channel`: that channel's active warehouses, in its order of preference), and per warehouse. One item per requested SKU in request order; an unknown or unstocked SKU reads 0, so a product page never breaks. As fresh as a direct read: it sees every committed change.",
+    description = "What can be sold now, per SKU: the sum of `available` over active warehouses (with `channel`: that channel's active warehouses, in its order of preference), and per warehouse. One item per requested SKU in request order; an unknown or unstocked SKU reads 0, so a product page never breaks. It sees every committed change; with a read replica (`--database-read-url`), every change committed more than `--max-replica-lag-ms` ago.",
     get, path = "/v1/availability", tag = "stock",
     params(AvailabilityQuery,
         ("channel" = Option<ChannelCode>, Query, description = "Only this sales channel's active warehouses (an unknown channel is 404).")),
@@ -328,12 +348,21 @@ pub(crate) async fn availability(
     let mut unique = requested.clone();
     unique.sort_unstable();
     unique.dedup();
-    let mut conn = state.db.acquire().await?;
+    let skus = unique.as_slice();
     let rows = match &channel {
-        None => stock::availability(&mut conn, &unique).await?,
-        Some(code) => stock::availability_in_channel(&mut conn, &unique, code.as_str())
-            .await?
-            .ok_or_else(|| Refusal::UnknownChannel(code.to_string()))?,
+        None => {
+            state.reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await?
+        }
+        Some(code) => {
+            let name = code.as_str();
+            state
+                .reads
+                .find(None, |pool| async move {
+                    stock::availability_in_channel(&mut *pool.acquire().await?, skus, name).await
+                })
+                .await?
+                .ok_or_else(|| Refusal::UnknownChannel(code.to_string()))?
+        }
     };
     let items = requested
         .into_iter()
@@ -407,8 +436,9 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuer
         after,
         limit,
     };
-    let mut conn = state.db.acquire().await?;
-    let (items, more) = stock::page_levels(&mut conn, &page).await?;
+    let page = &page;
+    let (items, more) =
+        state.reads.read(|pool| async move { stock::page_levels(&mut *pool.acquire().await?, page).await }).await?;
     let next_cursor = more.then(|| items.last().map(|l| encode_cursor(&l.sku, &l.warehouse))).flatten();
     Ok(axum::Json(LevelPage { items, next_cursor }).into_response())
 }

@@ -184,13 +184,29 @@ impl Db {
     /// A second pool to the same database with the same settings, of at most `size` connections,
     /// connecting on first use.
     pub(crate) fn sibling(&self, size: u32) -> Self {
+        self.sibling_with(size, Duration::from_secs(5))
+    }
+
+    /// [`Db::sibling`], waiting at most `acquire_timeout` for a connection.
+    pub(crate) fn sibling_with(&self, size: u32, acquire_timeout: Duration) -> Self {
+        Self::lazy(self.pool.connect_options().as_ref().clone(), self.pooled.clone(), size, acquire_timeout)
+    }
+
+    /// A pool of at most `size` connections with these settings (from [`connect_settings`]),
+    /// connecting on first use.
+    pub(crate) fn lazy(
+        options: PgConnectOptions,
+        pooled: Option<Arc<str>>,
+        size: u32,
+        acquire_timeout: Duration,
+    ) -> Self {
         let pool = PgPoolOptions::new()
-            .max_connections(size)
+            .max_connections(size.max(1))
             .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
-            .connect_lazy_with(self.pool.connect_options().as_ref().clone());
-        Self { pool, pooled: self.pooled.clone() }
+            .connect_lazy_with(options);
+        Self { pool, pooled }
     }
 }
 
@@ -199,25 +215,7 @@ impl Db {
 /// every transaction), so a stuck row lock turns into a fast 503 for that row instead of a hung
 /// pool.
 pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<Db, SetupError> {
-    let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
-    let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
-    let options = PgConnectOptions::from_str(url).map_err(SetupError::Connect)?.application_name("inventory");
-    let (options, pooled) = match args.database_pooler {
-        Pooler::None => (
-            options
-                .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]),
-            None,
-        ),
-        // PgBouncer refuses the `options` startup parameter and, unless told to ignore it,
-        // `extra_float_digits` (PostgreSQL 12 and newer print floats exactly without it).
-        Pooler::Transaction => (
-            options.statement_cache_capacity(0).extra_float_digits(None),
-            Some(Arc::from(format!(
-                "SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL statement_timeout = '{statement_timeout}'; \
-                 DEALLOCATE ALL"
-            ))),
-        ),
-    };
+    let (options, pooled) = connect_settings(url, args)?;
     let pool = PgPoolOptions::new()
         .max_connections(args.db_pool_size.max(1))
         .min_connections(0)
@@ -256,6 +254,33 @@ pub async fn migrate(db: &Db) -> Result<(), SetupError> {
         return Err(SetupError::NotMigrated { applied, latest });
     }
     Ok(())
+}
+
+/// The server of `url` with the settings every connection of the service gets, and, behind a
+/// transaction pooler, what every BEGIN sends along instead (see [`Db`]).
+pub(crate) fn connect_settings(
+    url: &str,
+    args: &DatabaseArgs,
+) -> Result<(PgConnectOptions, Option<Arc<str>>), SetupError> {
+    let lock_timeout = format!("{}ms", args.db_lock_timeout_ms);
+    let statement_timeout = format!("{}ms", args.db_statement_timeout_ms);
+    let options = PgConnectOptions::from_str(url).map_err(SetupError::Connect)?.application_name("inventory");
+    Ok(match args.database_pooler {
+        Pooler::None => (
+            options
+                .options([("lock_timeout", lock_timeout.as_str()), ("statement_timeout", statement_timeout.as_str())]),
+            None,
+        ),
+        // PgBouncer refuses the `options` startup parameter and, unless told to ignore it,
+        // `extra_float_digits` (PostgreSQL 12 and newer print floats exactly without it).
+        Pooler::Transaction => (
+            options.statement_cache_capacity(0).extra_float_digits(None),
+            Some(Arc::from(format!(
+                "SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL statement_timeout = '{statement_timeout}'; \
+                 DEALLOCATE ALL"
+            ))),
+        ),
+    })
 }
 
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a

@@ -29,14 +29,30 @@ pub(crate) struct EntryPage {
     pub limit: i64,
 }
 
-/// One page of entries in commit order; the flag tells whether more follow. `None` when the
-/// `after` entry does not exist.
+/// What a page read came to.
+#[derive(Debug)]
+pub(crate) enum Paged {
+    /// Entries in commit order, and whether more follow.
+    Page(Vec<Entry>, bool),
+    /// The `after` entry does not exist (here).
+    UnknownCursor,
+    /// The writer horizon is below the floor asked for: this server is too far behind.
+    Behind,
+}
+
+/// One page of entries in commit order, from a server whose writer horizon is at least `floor`.
+///
+/// On a hot standby `writer_horizon()` is still safe, merely more conservative: `pg_locks`
+/// there shows none of the primary's locks, so every transaction the standby knows to be running
+/// on the primary (its snapshot's `xip`, from the WAL and the running-xacts records) caps the
+/// horizon, and whatever is below it has had its commit or abort replayed, hence is visible to
+/// the page's later statement.
 ///
 /// Only entries below the writer horizon are shown, in (`txid`, `id`) order: whatever commits
 /// later has a `txid` at or above it, so it comes after any cursor already handed out and a
 /// reader paging with `after` never misses it (see migration 0006). The horizon is taken in a
 /// statement before the page's. One statement per filter shape, so each can use its index.
-pub(crate) async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Option<(Vec<Entry>, bool)>, sqlx::Error> {
+pub(crate) async fn page(conn: &mut PgConnection, page: &EntryPage, floor: Option<i64>) -> Result<Paged, sqlx::Error> {
     let (horizon, known): (i64, bool) = sqlx::query_as(
         "SELECT writer_horizon()::text::int8, $1::uuid IS NULL OR EXISTS (SELECT 1 FROM ledger WHERE id = $1)",
     )
@@ -44,7 +60,10 @@ pub(crate) async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Op
     .fetch_one(&mut *conn)
     .await?;
     if !known {
-        return Ok(None);
+        return Ok(Paged::UnknownCursor);
+    }
+    if floor.is_some_and(|floor| horizon < floor) {
+        return Ok(Paged::Behind);
     }
     // The same page; only the leading condition differs, so that each shape uses its index.
     macro_rules! page_where {
@@ -82,5 +101,5 @@ pub(crate) async fn page(conn: &mut PgConnection, page: &EntryPage) -> Result<Op
         .await?;
     let more = rows.len() as i64 > page.limit;
     rows.truncate(page.limit as usize);
-    Ok(Some((rows, more)))
+    Ok(Paged::Page(rows, more))
 }

@@ -26,6 +26,7 @@ pub mod import;
 pub mod invariants;
 pub(crate) mod ledger;
 pub(crate) mod levels;
+pub mod replica;
 pub mod reservations;
 pub(crate) mod stock;
 pub(crate) mod webhooks;

@@ -26,6 +26,7 @@ mod operability;
 mod paging;
 mod pgbouncer;
 mod proxy;
+mod replica;
 mod reservations;
 mod stock;
 mod tls;
