@@ -18,7 +18,7 @@ use futures::future::join_all;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::drills::{self, DrillLog, Service};
+use crate::drills::{self, Answer, DrillLog, Service, Unsettled};
 use crate::helpers::{self, TestApp};
 use crate::webhooks::{self, Receiver};
 
@@ -113,8 +113,8 @@ async fn three_instances_with_one_killed_keep_every_promise() {
          {:?}, {} still in progress; {} in flight at the kill), all resolved by a retry with the same key on \
          another instance ({} replayed, {} executed then); {} answers replayed on another instance, identical; \
          {kills} kill -9, {restarts} restart; {} reservations ({short} with a short TTL, {} refused), {expired} \
-         expiries (slowest {lag:?} after its deadline), {} stock operations; {} events; {} webhook deliveries \
-         ({} repeated); `inventory check`: {checked} violations; drill: {} violations",
+         expiries (slowest {} ms after its deadline), {} stock operations; {} events; {} webhook deliveries of the \
+         events after the subscription ({} repeated); `inventory check`: {checked} violations; drill: {} violations",
         f.sent,
         f.statuses,
         f.unknown,
@@ -129,6 +129,7 @@ async fn three_instances_with_one_killed_keep_every_promise() {
         f.replay_checks,
         told.reservations.len(),
         told.refused.len(),
+        lag.num_milliseconds(),
         told.stock_ops.len(),
         feed.len(),
         deliveries.0,
@@ -235,13 +236,6 @@ enum About {
     Change { id: String, change: Change, scarce: bool },
     /// Receive, adjust or transfer, with this many ledger entries when applied.
     Stock { entries: i64 },
-}
-
-#[derive(Debug, Clone)]
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    replayed: bool,
 }
 
 /// A reservation a client believes active, as its last answer showed it.
@@ -403,19 +397,20 @@ impl Client {
                 return None;
             }
         };
-        let body: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|err| panic!("{} answered {status} with a body that is not JSON: {err}", call.key));
-        if status.is_server_error() {
-            let code = body["code"].as_str().unwrap_or("?");
-            *self.figures.server_errors.entry(format!("{} {code}", status.as_u16())).or_default() += 1;
-            return None;
+        match drills::stand_by(&call.key, status, &bytes) {
+            Ok(body) => {
+                *self.figures.statuses.entry(status.as_u16()).or_default() += 1;
+                Some(Answer { status, body, replayed })
+            }
+            Err(Unsettled::ServerError(what)) => {
+                *self.figures.server_errors.entry(what).or_default() += 1;
+                None
+            }
+            Err(Unsettled::InProgress) => {
+                self.figures.in_progress += 1;
+                None
+            }
         }
-        if status == StatusCode::CONFLICT && body["code"] == "idempotency_in_progress" {
-            self.figures.in_progress += 1;
-            return None;
-        }
-        *self.figures.statuses.entry(status.as_u16()).or_default() += 1;
-        Some(Answer { status, body, replayed })
     }
 
     fn record(&mut self, call: Call, answer: Answer) {
