@@ -477,10 +477,11 @@ struct Created {
 
 /// An answer the service owned up to.
 #[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    replayed: bool,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
+    /// It carried `Idempotent-Replayed: true`.
+    pub(crate) replayed: bool,
 }
 
 /// One load client and what it was told.
@@ -622,18 +623,39 @@ impl Client {
         let status = res.status();
         let replayed = res.headers().get("idempotent-replayed").is_some();
         let bytes = res.bytes().await.ok()?;
-        let body: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|err| panic!("{} answered {status} with a body that is not JSON: {err}", call.key));
-        if status.is_server_error() {
-            let code = body["code"].as_str().unwrap_or("?");
-            *self.server_errors.entry(format!("{} {code}", status.as_u16())).or_default() += 1;
-            return None;
+        match stand_by(&call.key, status, &bytes) {
+            Ok(body) => Some(Answer { status, body, replayed }),
+            Err(Unsettled::ServerError(what)) => {
+                *self.server_errors.entry(what).or_default() += 1;
+                None
+            }
+            Err(Unsettled::InProgress) => None,
         }
-        if status == StatusCode::CONFLICT && body["code"] == "idempotency_in_progress" {
-            return None;
-        }
-        Some(Answer { status, body, replayed })
     }
+}
+
+/// Why an answer to a keyed call settles nothing for a client that retries it.
+#[derive(Debug)]
+pub(crate) enum Unsettled {
+    /// A 5xx, as "status code" (`503 unavailable`).
+    ServerError(String),
+    /// The first try with the key is still running.
+    InProgress,
+}
+
+/// Reads the answer to the keyed call `key`: its JSON body when a client can stand by it (a 2xx,
+/// or a 4xx other than "still running"), else why not.
+pub(crate) fn stand_by(key: &str, status: StatusCode, bytes: &[u8]) -> Result<Value, Unsettled> {
+    let body: Value = serde_json::from_slice(bytes)
+        .unwrap_or_else(|err| panic!("{key} answered {status} with a body that is not JSON: {err}"));
+    if status.is_server_error() {
+        let code = body["code"].as_str().unwrap_or("?");
+        return Err(Unsettled::ServerError(format!("{} {code}", status.as_u16())));
+    }
+    if status == StatusCode::CONFLICT && body["code"] == "idempotency_in_progress" {
+        return Err(Unsettled::InProgress);
+    }
+    Ok(body)
 }
 
 /// The clients' figures, summed.

@@ -15,6 +15,7 @@ mod edits;
 mod errors;
 mod events;
 mod expiry;
+mod fleet;
 mod fuzz;
 mod helpers;
 mod idempotency;

@@ -30,38 +30,38 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
-struct Delivery {
+pub(crate) struct Delivery {
     headers: HeaderMap,
-    body: Bytes,
+    pub(crate) body: Bytes,
     /// What the receiver answered (or is answering).
     status: u16,
 }
 
 impl Delivery {
-    fn id(&self) -> i64 {
+    pub(crate) fn id(&self) -> i64 {
         self.headers["webhook-id"].to_str().unwrap().parse().unwrap()
     }
 }
 
 #[derive(Debug)]
-struct Seen {
+pub(crate) struct Seen {
     requests: Mutex<Vec<Delivery>>,
     /// The status every request is answered with.
     answer: AtomicU16,
     /// How long each answer takes.
-    delay_ms: AtomicU64,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
+    pub(crate) delay_ms: AtomicU64,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) max_in_flight: AtomicUsize,
 }
 
 /// A webhook receiver on 127.0.0.1, recording what it gets as it arrives.
-struct Receiver {
-    url: String,
-    seen: Arc<Seen>,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    pub(crate) seen: Arc<Seen>,
 }
 
 impl Receiver {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
     }
 
@@ -83,12 +83,12 @@ impl Receiver {
         self.seen.answer.store(status, Ordering::SeqCst);
     }
 
-    fn requests(&self) -> Vec<Delivery> {
+    pub(crate) fn requests(&self) -> Vec<Delivery> {
         self.seen.requests.lock().unwrap().clone()
     }
 
     /// The event ids answered with a 2xx, in the order they arrived.
-    fn accepted(&self) -> Vec<i64> {
+    pub(crate) fn accepted(&self) -> Vec<i64> {
         self.requests().iter().filter(|d| (200..300).contains(&d.status)).map(Delivery::id).collect()
     }
 }
@@ -108,7 +108,7 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes)
 // ---------------------------------------------------------------------------------------------
 
 /// A fresh secret of 32 random bytes: `whsec_…`.
-fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     format!("whsec_{}", STANDARD.encode(rand::random::<[u8; 32]>()))
 }
 
@@ -122,7 +122,7 @@ fn expected_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> S
 }
 
 /// Polls `check` until it gives a value, failing after [`PATIENCE`] with `what`.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let started = Instant::now();
     loop {
         if let Some(value) = check().await {
@@ -134,7 +134,7 @@ async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) ->
 }
 
 /// Every event of the feed after `after` (the relay caught up first), following `next_cursor`.
-async fn feed_after(app: &TestApp, after: i64) -> Vec<Value> {
+pub(crate) async fn feed_after(app: &TestApp, after: i64) -> Vec<Value> {
     eventually("every committed event is relayed", async || {
         app.get("/v1/events?limit=1").await;
         let unrelayed: i64 =
@@ -155,7 +155,7 @@ async fn feed_after(app: &TestApp, after: i64) -> Vec<Value> {
     }
 }
 
-fn ids(events: &[Value]) -> Vec<i64> {
+pub(crate) fn ids(events: &[Value]) -> Vec<i64> {
     events.iter().map(|e| e["id"].as_i64().unwrap()).collect()
 }
 
@@ -179,7 +179,7 @@ async fn reserve(app: &TestApp, order: &str) -> Value {
     body
 }
 
-async fn subscribe(app: &TestApp, name: &str, url: &str, secret: &str, types: Option<&[&str]>) -> Value {
+pub(crate) async fn subscribe(app: &TestApp, name: &str, url: &str, secret: &str, types: Option<&[&str]>) -> Value {
     let mut body = json!({"url": url, "secret": secret});
     if let Some(types) = types {
         body["types"] = json!(types);
