@@ -269,11 +269,11 @@ async fn start_cluster(dir: PathBuf) -> LocalPostgres {
         .unwrap_or_else(|err| panic!("cannot start the drill's PostgreSQL: {err}"))
 }
 
-/// The drill's own PostgreSQL cluster: stopped and deleted when dropped, also when the drill fails.
-struct Cluster {
-    dir: PathBuf,
+/// A test's own PostgreSQL cluster: stopped and deleted when dropped, also when the test fails.
+pub(crate) struct Cluster {
+    pub dir: PathBuf,
     /// Shell command line of an immediate stop, once the cluster was started.
-    stop: Option<String>,
+    pub stop: Option<String>,
 }
 
 impl Drop for Cluster {

@@ -4,7 +4,7 @@
 //! lags or is down.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use inventory::config::ServerArgs;
@@ -14,6 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::drills::Cluster;
 use crate::helpers::{self, TestApp};
 
 /// A primary with a streaming standby, both stopped and deleted when dropped.
@@ -22,21 +23,6 @@ struct Replicated {
     standby: LocalPostgres,
     standby_dir: PathBuf,
     _clusters: [Cluster; 2],
-}
-
-/// One test cluster: stopped (immediately) and deleted when dropped, also when the test fails.
-struct Cluster {
-    dir: PathBuf,
-    stop: Option<String>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(stop) = &self.stop {
-            let _ = Command::new("sh").args(["-c", &format!("{stop} >/dev/null 2>&1")]).stdin(Stdio::null()).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 const DB: &str = "inventory";
