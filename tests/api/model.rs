@@ -1264,7 +1264,12 @@ impl<'a> Runner<'a> {
                 growth.push(Line { sku: sku.clone(), quantity: unpinned, warehouse: None });
             }
         }
-        let planned = reference_allocate(&growth, &self.model.candidates(&growth), r.strategy);
+        // Nothing to grow: nothing to allocate (`single` would find no warehouse for nothing).
+        let planned = if growth.is_empty() {
+            Ok(Vec::new())
+        } else {
+            reference_allocate(&growth, &self.model.candidates(&growth), r.strategy)
+        };
         let fulfilled = r.allocs.iter().any(|a| a.fulfilled > 0);
         let expected = if r.status != Status::Active {
             conflict("reservation_not_active")
