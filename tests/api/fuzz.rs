@@ -30,7 +30,7 @@ use crate::helpers::TestApp;
 /// Fixed, so a failure replays. To explore elsewhere, set `INVENTORY_FUZZ_SEED` (a number) and
 /// `INVENTORY_FUZZ_CASES` (cases per operation).
 const SEED: u64 = 0x1f2e_3d4c_5b6a_7988;
-/// Cases per operation: 26 operations × 16 = 416 cases (plus shrinking steps on a failure).
+/// Cases per operation: 30 operations × 16 = 480 cases (plus shrinking steps on a failure).
 const CASES_PER_OP: u32 = 16;
 
 /// Small enough that an oversized body (413) is cheap to send.
@@ -91,7 +91,10 @@ const RESERVE: &[(&str, Kind)] = &[
     ("lines", Kind::Lines(RESERVE_LINE)),
     ("ttl_seconds", Kind::Ttl),
     ("strategy", Kind::Strategy),
+    // Channel codes have the shape of warehouse codes.
+    ("channel", Kind::Warehouse),
 ];
+const CHANNEL_WAREHOUSE: &[(&str, Kind)] = &[("warehouse", Kind::Warehouse), ("priority", Kind::Count)];
 
 const fn op(method: &'static str, path: &'static str) -> Op {
     Op { method, path, body: &[], query: &[] }
@@ -107,6 +110,12 @@ const OPS: &[Op] = &[
     op("GET", "/v1/warehouses/{code}"),
     Op { body: &[("name", Kind::Text), ("backorder_limit", Kind::Count)], ..op("PUT", "/v1/skus/{sku}") },
     op("GET", "/v1/skus/{sku}"),
+    Op {
+        body: &[("name", Kind::Text), ("warehouses", Kind::Lines(CHANNEL_WAREHOUSE))],
+        ..op("PUT", "/v1/channels/{code}")
+    },
+    op("GET", "/v1/channels"),
+    op("GET", "/v1/channels/{code}"),
     Op {
         body: &[
             ("sku", Kind::Sku),
@@ -159,6 +168,10 @@ const OPS: &[Op] = &[
     Op { body: &[("lines", Kind::Lines(SETTLE_LINE))], ..op("POST", "/v1/reservations/{id}/fulfil") },
     Op { body: &[("lines", Kind::Lines(SETTLE_LINE))], ..op("POST", "/v1/reservations/{id}/release") },
     Op { body: &[("ttl_seconds", Kind::Ttl)], ..op("POST", "/v1/reservations/{id}/extend") },
+    Op {
+        body: &[("lines", Kind::Lines(RESERVE_LINE)), ("ttl_seconds", Kind::Ttl)],
+        ..op("PUT", "/v1/reservations/{id}/lines")
+    },
     Op {
         query: &[
             ("sku", Kind::Sku),
@@ -776,6 +789,8 @@ const CHECKSUM: &str = "
 SELECT md5(concat_ws('|',
     (SELECT string_agg(t::text, ',' ORDER BY code) FROM warehouses t),
     (SELECT string_agg(t::text, ',' ORDER BY sku) FROM skus t),
+    (SELECT string_agg(t::text, ',' ORDER BY code) FROM channels t),
+    (SELECT string_agg(t::text, ',' ORDER BY channel, warehouse) FROM channel_warehouses t),
     (SELECT string_agg(t::text, ',' ORDER BY sku, warehouse) FROM stock_levels t WHERE $LEVELS),
     (SELECT count(*)::text || string_agg(t::text, ',' ORDER BY id) FROM ledger t),
     (SELECT string_agg(t::text, ',' ORDER BY id) FROM reservations t),
