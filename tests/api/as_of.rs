@@ -6,14 +6,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, assert_problem};
-
-async fn app_with_stock() -> TestApp {
-    let app = TestApp::spawn().await;
-    app.warehouse("WH1", 1).await;
-    app.warehouse("WH2", 2).await;
-    app.sku("A").await;
-    app
-}
+use crate::stock::app_with_stock;
 
 /// The database's clock (the one ledger times come from).
 async fn db_now(app: &TestApp) -> DateTime<Utc> {

@@ -3,7 +3,8 @@ use serde_json::json;
 
 use crate::helpers::TestApp;
 
-async fn app_with_stock() -> TestApp {
+/// Warehouses WH1 (priority 1) and WH2 (2), and SKU A without stock.
+pub(crate) async fn app_with_stock() -> TestApp {
     let app = TestApp::spawn().await;
     app.warehouse("WH1", 1).await;
     app.warehouse("WH2", 2).await;
