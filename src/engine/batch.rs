@@ -21,7 +21,7 @@ use tracing::Instrument;
 use super::error::{Error, Result};
 use super::idempotency::{self, Keyed, Outcome, Render};
 use super::reservations::{self, NewReservation};
-use super::tx::transact;
+use super::tx::transact_with;
 use crate::config::ServerArgs;
 use crate::store::db::Db;
 
@@ -242,7 +242,11 @@ async fn execute(db: &Db, batch: Vec<Job>, render: Render) {
     let (work, replies): (Vec<(NewReservation, Option<Keyed>)>, Vec<_>) =
         batch.into_iter().map(|j| ((j.req, j.key), j.reply)).unzip();
     let ctx = (work, render);
-    match transact(db, &ctx, |conn, (work, render)| Box::pin(decide(conn, work, *render))).await {
+    // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
+    // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
+    // each order run alone under the normal lock timeout.
+    let cap = Some(BATCH_LOCK_TIMEOUT);
+    match transact_with(db, cap, &ctx, |conn, (work, render)| Box::pin(decide(conn, work, *render))).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Some(Ok(outcome)));
@@ -279,10 +283,6 @@ async fn decide(
     work: &[(NewReservation, Option<Keyed>)],
     render: Render,
 ) -> Result<Vec<Outcome>> {
-    // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
-    // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
-    // each order run alone under the normal lock timeout.
-    crate::store::db::cap_lock_timeout(conn, BATCH_LOCK_TIMEOUT).await?;
     let keyed: Vec<&Keyed> = work.iter().filter_map(|(_, k)| k.as_ref()).collect();
     let mut claims = if keyed.is_empty() { Vec::new() } else { idempotency::claim_many(conn, &keyed).await? };
     claims.reverse();

@@ -15,8 +15,9 @@ use uuid::Uuid;
 use super::error::{Error, Result};
 use crate::domain::allocation::Candidate;
 use crate::domain::{EntryKind, EventKind};
-use crate::store::events::{self, NewEvent};
+use crate::store::events::NewEvent;
 use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
+use crate::store::reservations::Allocation;
 
 type Key = (String, String);
 
@@ -157,14 +158,16 @@ impl Book {
         Ok(self.entries.last_mut().expect("just pushed"))
     }
 
-    /// Writes every changed level and every ledger entry in one statement, then verifies that
+    /// Writes every changed level, ledger entry and event in one statement, then verifies that
     /// the database arrived at the values computed here.
-    pub(crate) async fn flush(mut self, conn: &mut PgConnection) -> Result<()> {
+    pub(crate) async fn flush(self, conn: &mut PgConnection) -> Result<()> {
+        self.flush_with(conn, &[]).await
+    }
+
+    /// [`Book::flush`], inserting a new reservation's `allocations` in the same statement.
+    pub(crate) async fn flush_with(mut self, conn: &mut PgConnection, allocations: &[Allocation]) -> Result<()> {
         self.stock_events();
-        if !self.events.is_empty() {
-            events::insert(conn, &self.events).await?;
-        }
-        if self.entries.is_empty() {
+        if self.entries.is_empty() && self.events.is_empty() && allocations.is_empty() {
             return Ok(());
         }
         let changes: Vec<LevelChange> = self
@@ -184,7 +187,7 @@ impl Book {
             let units = if entry.kind.moves_held_units() { entry.reserved_delta } else { entry.on_hand_delta };
             metrics::counter!(crate::metrics::UNITS, "kind" => entry.kind.as_str()).increment(units.unsigned_abs());
         }
-        let rows = levels::write(conn, &changes, &self.entries).await?;
+        let rows = levels::write(conn, &changes, &self.entries, &self.events, allocations).await?;
         // The rows were locked by this transaction, so anything else is a bug: roll back.
         let consistent = rows.len() == changes.len()
             && rows.iter().all(|(sku, wh, on_hand, reserved)| {

@@ -8,8 +8,8 @@ use crate::store::db::Db;
 use uuid::Uuid;
 
 use super::error::Result;
-use super::reservations::expire_due;
-use super::tx::transact;
+use super::reservations::{SWEEP_LOCK_TIMEOUT, expire_due};
+use super::tx::transact_with;
 use crate::store::reservations::{SweepSkips, expiry_lag, held_levels, overdue_ids};
 
 /// How long the sweep leaves alone a level it found locked by someone else.
@@ -57,7 +57,11 @@ impl Sweeper {
         while rounds < MAX_ROUNDS {
             rounds += 1;
             let ctx = (self.batch, self.skips());
-            match transact(pool, &ctx, |tx, (batch, skips)| Box::pin(expire_due(tx, *batch, skips))).await {
+            match transact_with(pool, Some(SWEEP_LOCK_TIMEOUT), &ctx, |tx, (batch, skips)| {
+                Box::pin(expire_due(tx, *batch, skips))
+            })
+            .await
+            {
                 Ok(n) => {
                     record(n);
                     if (n as i64) < self.batch {
@@ -105,7 +109,9 @@ impl Sweeper {
             let mut skips = self.skips();
             skips.only = Some(id);
             let ctx = skips;
-            match transact(pool, &ctx, |tx, skips| Box::pin(expire_due(tx, 1, skips))).await {
+            match transact_with(pool, Some(SWEEP_LOCK_TIMEOUT), &ctx, |tx, skips| Box::pin(expire_due(tx, 1, skips)))
+                .await
+            {
                 Ok(n) => record(n),
                 Err(err) if err.is_database_down() => return Err(err),
                 Err(err) if err.is_busy() => {

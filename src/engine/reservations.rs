@@ -217,8 +217,12 @@ pub async fn reserve_many(
     let live: Vec<&NewReservation> =
         reqs.iter().zip(&ids).filter(|(_, id)| headers.contains_key(id)).map(|(r, _)| *r).collect();
     let channels = Channels::load(conn, &live).await?;
-    let skus: Vec<&str> = live.iter().flat_map(|r| sku_order(&r.lines)).collect();
-    let mut book = Book::lock_skus(conn, &skus).await?;
+    let (skus, pinned) = levels_to_lock(&live);
+    let mut book = if pinned.is_empty() {
+        Book::lock_skus(conn, &skus).await?
+    } else {
+        Book::lock_skus_and_levels(conn, &skus, &pinned).await?
+    };
     let unknown = Unknown::find(conn, &live, &book).await?;
 
     let mut answers = Vec::with_capacity(reqs.len());
@@ -243,14 +247,46 @@ pub async fn reserve_many(
             }
         }
     }
-    book.flush(conn).await?;
-    if !rows.is_empty() {
-        store::insert_allocations(conn, &rows).await?;
-    }
+    book.flush_with(conn, &rows).await?;
     if !refused.is_empty() {
         store::delete_refused(conn, &refused).await?;
     }
     Ok(answers)
+}
+
+/// The stock levels a set of orders may be allocated from: every active level of a SKU some
+/// line takes from wherever it is (first), and the single levels pinned lines take from
+/// (second). A pinned line can only be held where it is pinned, and a `single` order with one
+/// pinned warehouse only there, so their SKUs' other levels are neither read nor locked — a
+/// row lock is a write, and fewer locked rows meet fewer other transactions.
+fn levels_to_lock<'a>(orders: &[&'a NewReservation]) -> (Vec<&'a str>, Vec<(&'a str, &'a str)>) {
+    let mut skus: Vec<&str> = Vec::new();
+    let mut pinned: Vec<(&str, &str)> = Vec::new();
+    for order in orders {
+        let mut pins: Vec<&str> = order.lines.iter().filter_map(|l| l.warehouse.as_deref()).collect();
+        pins.sort_unstable();
+        pins.dedup();
+        for line in &order.lines {
+            let at = match (order.strategy, line.warehouse.as_deref(), pins.as_slice()) {
+                (Strategy::Priority, Some(pin), _) => Some(pin),
+                // Every line of a `single` order comes from its one pinned warehouse, if it has
+                // one; with two pinned warehouses nothing fits (each line's pin is looked at).
+                (Strategy::Single, _, [pin]) => Some(*pin),
+                (Strategy::Single, Some(pin), _) => Some(pin),
+                _ => None,
+            };
+            match at {
+                Some(warehouse) => pinned.push((line.sku.as_str(), warehouse)),
+                None => skus.push(line.sku.as_str()),
+            }
+        }
+    }
+    skus.sort_unstable();
+    skus.dedup();
+    pinned.retain(|(sku, _)| skus.binary_search(sku).is_err());
+    pinned.sort_unstable();
+    pinned.dedup();
+    (skus, pinned)
 }
 
 /// Decides one order against the book and, when it fits, applies it. A refusal refuses the
@@ -642,11 +678,10 @@ pub(crate) async fn extend(conn: &mut PgConnection, id: Uuid, ttl_seconds: i64) 
 }
 
 /// Releases up to `batch` overdue reservations in one transaction, leaving out what `skips`
-/// names; returns how many. Waits at most [`SWEEP_LOCK_TIMEOUT`] for any row: a level someone
-/// holds for long fails this transaction quickly, and the sweep then leaves that level's
+/// names; returns how many. Its transaction should wait at most [`SWEEP_LOCK_TIMEOUT`] for any
+/// row: a level someone holds for long then fails it quickly, and the sweep leaves that level's
 /// reservations for later instead of stalling every other SKU's expiry behind it.
 pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &store::SweepSkips) -> Result<usize> {
-    crate::store::db::cap_lock_timeout(conn, SWEEP_LOCK_TIMEOUT).await?;
     let due = store::lock_overdue(conn, batch, skips).await?;
     if due.is_empty() {
         return Ok(0);

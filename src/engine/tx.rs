@@ -27,7 +27,16 @@ pub(crate) type TxFuture<'c, T> = std::pin::Pin<Box<dyn Future<Output = Result<T
 /// Each attempt is a DEBUG span, `transaction`, with its number (and the SQLSTATE that ended it
 /// when it is run again), beneath the operation that runs it: a transaction outside any span (the
 /// expiry sweep's, every second) is exported as no trace of its own.
-pub(crate) async fn transact<C, T, F>(pool: &Db, ctx: &C, mut body: F) -> Result<T>
+pub(crate) async fn transact<C, T, F>(pool: &Db, ctx: &C, body: F) -> Result<T>
+where
+    C: Sync + ?Sized,
+    F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
+{
+    transact_with(pool, None, ctx, body).await
+}
+
+/// [`transact`], waiting at most `lock_cap` for any row lock (a configured shorter wait stays).
+pub(crate) async fn transact_with<C, T, F>(pool: &Db, lock_cap: Option<Duration>, ctx: &C, mut body: F) -> Result<T>
 where
     C: Sync + ?Sized,
     F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
@@ -41,7 +50,7 @@ where
             tracing::debug_span!("transaction", attempt = tries, sqlstate = tracing::field::Empty)
         };
         let attempt = async {
-            let mut tx = begin_writer(pool).await?;
+            let mut tx = begin_writer(pool, lock_cap).await?;
             match body(&mut tx, ctx).await {
                 Ok(out) => {
                     tx.commit().await.map_err(Error::from_commit)?;

@@ -164,12 +164,16 @@ impl Db {
 
     /// BEGIN with transaction modes (`ISOLATION LEVEL …`, `READ ONLY`; ours, never user input).
     pub(crate) async fn begin_as(&self, modes: &'static str) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        match &self.pooled {
-            None if modes.is_empty() => self.pool.begin().await,
-            // One message, one round trip: the modes and settings cost nothing extra.
-            None => self.pool.begin_with(sqlx::AssertSqlSafe(format!("BEGIN {modes}"))).await,
-            Some(setup) => self.pool.begin_with(sqlx::AssertSqlSafe(format!("BEGIN {modes}; {setup}"))).await,
-        }
+        self.begin_then(modes, "").await
+    }
+
+    /// BEGIN with `modes`, then `then` (statements of ours, never user input), all in one
+    /// message: one round trip, whatever the transaction sets up first.
+    async fn begin_then(&self, modes: &str, then: &str) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let begin = format!("BEGIN {modes}");
+        let parts = [begin.trim_end(), self.pooled.as_deref().unwrap_or(""), then];
+        let sql = parts.iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join("; ");
+        if sql == "BEGIN" { self.pool.begin().await } else { self.pool.begin_with(sqlx::AssertSqlSafe(sql)).await }
     }
 
     /// A connection for reads (see [`Conn`]).
@@ -286,24 +290,25 @@ pub(crate) fn connect_settings(
 /// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
 /// shared advisory lock, taken right after BEGIN, before it has a transaction id), so readers of
 /// the ledger wait for it and for nobody else (see `writer_horizon()` in migrations 0006, 0007).
-pub(crate) async fn begin_writer(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await?;
-    Ok(tx)
-}
-
-/// Lowers this transaction's `lock_timeout` to `limit` (a configured shorter one stays).
-pub(crate) async fn cap_lock_timeout(conn: &mut sqlx::PgConnection, limit: Duration) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "SELECT set_config('lock_timeout',
-             CASE WHEN s = '0' OR s::interval > make_interval(secs => $1) THEN ($1 * 1000)::int8 || 'ms' ELSE s END,
-             true)
-           FROM current_setting('lock_timeout') AS s",
-    )
-    .bind(limit.as_secs_f64())
-    .execute(conn)
-    .await?;
-    Ok(())
+/// With `lock_cap`, the transaction's `lock_timeout` is lowered to it (a configured shorter one
+/// stays). BEGIN, the announcement and the cap travel in one message.
+pub(crate) async fn begin_writer(
+    db: &Db,
+    lock_cap: Option<Duration>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let announce = "SELECT pg_advisory_xact_lock_shared(7041, 2)";
+    match lock_cap {
+        None => db.begin_then("", announce).await,
+        Some(cap) => {
+            let ms = cap.as_millis();
+            let cap = format!(
+                "SELECT set_config('lock_timeout',
+                     CASE WHEN s = '0' OR s::interval > interval '{ms} ms' THEN '{ms}ms' ELSE s END, true)
+                   FROM current_setting('lock_timeout') AS s"
+            );
+            db.begin_then("", &format!("{announce}; {cap}")).await
+        }
+    }
 }
 
 /// What a database error means for whoever must decide what to do next.

@@ -18,22 +18,6 @@ pub(crate) struct NewEvent {
     pub data: serde_json::Value,
 }
 
-/// Writes events to the outbox; they get their public ids from [`relay`] after the commit.
-pub(crate) async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (type, sku, warehouse, reservation_id, data)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])",
-    )
-    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.sku.as_deref()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.warehouse.as_deref()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.reservation_id).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.data.clone()).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct Event {
     pub id: i64,

@@ -6,6 +6,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::domain::EntryKind;
+use crate::store::events::NewEvent;
+use crate::store::reservations::Allocation;
 
 /// A level as a transaction locks (or reads) it, with its warehouse's allocation settings.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -127,14 +129,17 @@ pub(crate) struct NewEntry {
     pub reason: Option<&'static str>,
 }
 
-/// Applies every change and writes every ledger entry in one statement; returns each changed
-/// level's `(sku, warehouse, on_hand, reserved)` as the database has it now.
+/// Applies every change and writes every ledger entry, outbox event and new reservation
+/// allocation in one statement (one round trip); returns each changed level's `(sku,
+/// warehouse, on_hand, reserved)` as the database has it now.
 pub(crate) async fn write(
     conn: &mut PgConnection,
     changes: &[LevelChange<'_>],
     entries: &[NewEntry],
+    events: &[NewEvent],
+    allocations: &[Allocation],
 ) -> Result<Vec<(String, String, i64, i64)>, sqlx::Error> {
-    let e = entries;
+    let (e, v, a) = (entries, events, allocations);
     sqlx::query_as(
         "WITH upd AS (
              UPDATE stock_levels l
@@ -147,6 +152,12 @@ pub(crate) async fn write(
                                  on_hand_after, reserved_after, reference, reason)
              SELECT * FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[],
                                   $11::int8[], $12::int8[], $13::text[], $14::text[])
+         ), outbox AS (
+             INSERT INTO events (type, sku, warehouse, reservation_id, data)
+             SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::uuid[], $19::jsonb[])
+         ), held AS (
+             INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
+             SELECT * FROM unnest($20::uuid[], $21::text[], $22::text[], $23::int4[], $24::int4[], $25::int8[])
          )
          SELECT sku, warehouse, on_hand, reserved FROM upd",
     )
@@ -164,6 +175,17 @@ pub(crate) async fn write(
     .bind(e.iter().map(|e| e.reserved_after).collect::<Vec<_>>())
     .bind(e.iter().map(|e| e.reference.as_deref()).collect::<Vec<_>>())
     .bind(e.iter().map(|e| e.reason).collect::<Vec<_>>())
+    .bind(v.iter().map(|v| v.kind.as_str()).collect::<Vec<_>>())
+    .bind(v.iter().map(|v| v.sku.as_deref()).collect::<Vec<_>>())
+    .bind(v.iter().map(|v| v.warehouse.as_deref()).collect::<Vec<_>>())
+    .bind(v.iter().map(|v| v.reservation_id).collect::<Vec<_>>())
+    .bind(v.iter().map(|v| &v.data).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.reservation_id).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.sku.as_str()).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.warehouse.as_str()).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.line_no).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.seq).collect::<Vec<_>>())
+    .bind(a.iter().map(|a| a.quantity).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }

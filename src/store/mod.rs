@@ -10,11 +10,11 @@
 //!    their unique `(order_id, channel)` for new ones (`reservations::insert_many`);
 //! 3. SKU rows, shared, when a level is created from them (`stock::ensure_level`,
 //!    `import::lock_and_create_levels`);
-//! 4. stock levels, in (sku, warehouse) order (`levels::lock_skus`, `levels::lock`,
+//! 4. stock levels, in (sku, warehouse) order (`levels::lock_skus`, `levels::lock_skus_and_levels`, `levels::lock`,
 //!    `catalogue::lock_floors`, `import::lock_and_create_levels`); a level created in the same
 //!    transaction is invisible to others until commit, so locking it first cannot deadlock;
-//! 5. the ledger and event rows written with them (`levels::write`, `events::insert`) — new
-//!    rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
+//! 5. the ledger, event and new allocation rows written with them, in the same statement
+//!    (`levels::write`) — new rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
 //!    advisory lock and touches only committed events.
 
 pub(crate) mod catalogue;
