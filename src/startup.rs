@@ -311,6 +311,7 @@ pub async fn serve_with_reads(
     let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
     let state = AppState {
         db: pool,
+        availability: engine::availability::Coalescer::spawn(reads.clone()),
         reads,
         config: Arc::new(server),
         shutdown: stop_rx,

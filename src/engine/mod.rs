@@ -9,6 +9,7 @@
 //! Each entry point opens a DEBUG span (exported as a trace span beneath the request's, hidden
 //! from the default logs), and each transaction attempt one beneath it ([`tx::transact`]).
 
+pub(crate) mod availability;
 pub(crate) mod batch;
 pub(crate) mod book;
 pub(crate) mod catalogue;

@@ -25,6 +25,8 @@ pub(crate) struct AppState {
     pub keys: Arc<crate::auth::Keys>,
     /// Every operation that changes something.
     pub engine: Engine,
+    /// Availability reads, coalesced.
+    pub availability: crate::engine::availability::Coalescer,
     /// The event relay and the live streams' shared memory of recent events.
     pub feed: crate::engine::feed::Feed,
 }

@@ -350,9 +350,7 @@ pub(crate) async fn availability(
     unique.dedup();
     let skus = unique.as_slice();
     let rows = match &channel {
-        None => {
-            state.reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await?
-        }
+        None => state.availability.availability(skus).await?,
         Some(code) => {
             let name = code.as_str();
             state

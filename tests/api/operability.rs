@@ -7,7 +7,7 @@ use crate::drills;
 use crate::helpers::TestApp;
 
 /// The value of the first sample whose line starts with `name{` and contains every label.
-fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub(crate) fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .find(|l| labels.iter().all(|label| l.contains(label)))
@@ -16,7 +16,7 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn metrics(app: &TestApp) -> String {
+pub(crate) async fn metrics(app: &TestApp) -> String {
     let res = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));

@@ -218,3 +218,80 @@ async fn lowering_a_backorder_limit_keeps_the_level_floor_in_the_database() {
         .unwrap_err();
     assert!(err.to_string().contains("stock_available_above_floor"), "{err}");
 }
+
+/// Concurrent availability reads share queries (the service's own histogram shows queries that
+/// answered several requests), yet none is answered by a query older than the request: a read
+/// that starts after a reservation was acknowledged always sees it.
+#[tokio::test]
+async fn coalesced_availability_reads_are_as_fresh_as_direct_ones() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+    use crate::drills;
+    use crate::operability::{metrics, sample};
+    let db_url = crate::helpers::fresh_database().await;
+    let listen = format!("127.0.0.1:{}", drills::free_port());
+    let log = drills::DrillLog::new("coalesced-reads");
+    let service = drills::Service::start(&db_url, &listen, log.path(), &[]);
+    let app = drills::app_for(&listen, &db_url).await;
+    assert!(drills::wait_ready(&app.base, std::time::Duration::from_secs(30)).await.is_some(), "{log}");
+    app.warehouse("W1", 1).await;
+    app.warehouse("W2", 2).await;
+    for sku in ["A", "B", "C", "D"] {
+        app.sku(sku).await;
+        app.receive(sku, "W1", 1000).await;
+        app.receive(sku, "W2", 500).await;
+    }
+    let name = inventory::metrics::COALESCED_READS;
+    let before = metrics(&app).await;
+
+    let acknowledged = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..24)
+        .map(|n| {
+            let (client, base) = (app.client.clone(), app.base.clone());
+            let (acknowledged, stop) = (Arc::clone(&acknowledged), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let other = ["B", "C", "D"][n % 3];
+                let mut reads = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let seen = acknowledged.load(Ordering::SeqCst);
+                    let res = client.get(format!("{base}/v1/availability?sku=A&sku={other}")).send().await.unwrap();
+                    assert_eq!(res.status(), StatusCode::OK);
+                    let body: serde_json::Value = res.json().await.unwrap();
+                    let a = body["items"][0]["available"].as_i64().unwrap();
+                    assert!(a <= 1500 - seen, "a read begun after {seen} reservations answered {a}");
+                    assert_eq!(
+                        body["items"][1],
+                        json!({"sku": other, "available": 1500, "warehouses": {"W1": 1000, "W2": 500}})
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for k in 1..=60 {
+        let order =
+            json!({"order_id": format!("fresh-{k}"), "lines": [{"sku": "A", "quantity": 1, "warehouse": "W1"}]});
+        let (status, body) = app.post("/v1/reservations", order).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        acknowledged.store(k, Ordering::SeqCst);
+        let (status, body) = app.get("/v1/availability?sku=A").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["items"][0]["available"], 1500 - k, "the writer's own read after its reservation");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader.await.unwrap();
+    }
+    let after = metrics(&app).await;
+    let delta = |suffix: &str| {
+        sample(&after, &format!("{name}{suffix}"), &[]) - sample(&before, &format!("{name}{suffix}"), &[])
+    };
+    let (requests, queries) = (delta("_sum"), delta("_count"));
+    assert_eq!(requests as u64, reads + 60, "every availability read went through the coalescer");
+    assert!(queries < requests, "{requests} reads, {queries} queries: some queries answered several reads");
+    service.stop();
+}
