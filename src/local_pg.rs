@@ -203,6 +203,23 @@ impl LocalPostgres {
         self.port
     }
 
+    /// A connection URL for `database` over the cluster's Unix-domain socket when it has one
+    /// (no TCP stack in between: less CPU per round trip), else [`LocalPostgres::url`].
+    pub fn socket_url(&self, database: &str) -> String {
+        match self.socket_dir().filter(|dir| dir.join(format!(".s.PGSQL.{}", self.port)).exists()) {
+            Some(dir) => format!("postgres://postgres@localhost/{database}?host={}&port={}", dir.display(), self.port),
+            None => self.url(database),
+        }
+    }
+
+    /// Where the cluster puts its socket: its own directory, unless the socket's path would
+    /// be too long for the kernel (108 bytes) or need quoting in a URL.
+    fn socket_dir(&self) -> Option<&Path> {
+        let dir = self.cluster_dir.to_str()?;
+        let plain = dir.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+        (plain && dir.len() + "/.s.PGSQL.65535".len() < 108).then_some(self.cluster_dir.as_path())
+    }
+
     /// Stops the cluster (fast shutdown: connections are closed, committed data is safe).
     pub fn stop(&self) -> Result<(), LocalPgError> {
         let out = self.pg_command("pg_ctl", &["stop", "-D", &self.dir_arg(), "-m", "fast", "-w", "-t", "60"])?;
@@ -283,8 +300,10 @@ impl LocalPostgres {
                 Some(port) => port,
                 None => free_port().map_err(|source| LocalPgError::Io { path: "127.0.0.1:0".into(), source })?,
             };
+            let socket_dir = self.socket_dir().map_or(String::new(), |d| d.display().to_string());
             let mut options = format!(
-                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300"
+                "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{socket_dir}' \
+                 -c max_connections=300"
             );
             if durability == Durability::Throwaway {
                 options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");

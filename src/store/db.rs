@@ -55,8 +55,8 @@ impl Database {
         }
         let dir = args.data_dir.clone();
         let local = tokio::task::spawn_blocking(move || LocalPostgres::start(&dir, Durability::Durable)).await??;
-        ensure_database(&local.url("postgres"), "inventory").await?;
-        Ok(Self { url: local.url("inventory"), local: Some(local) })
+        ensure_database(&local.socket_url("postgres"), "inventory").await?;
+        Ok(Self { url: local.socket_url("inventory"), local: Some(local) })
     }
 
     /// Stops the local cluster, if this process runs one. `owner` (the service) stops it even

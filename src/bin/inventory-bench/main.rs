@@ -594,7 +594,7 @@ async fn databases(args: &Args, work: &Path) -> Result<Databases, String> {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            let url = local.url("postgres");
+            let url = local.socket_url("postgres");
             (Some(local), url)
         }
     };
