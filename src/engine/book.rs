@@ -17,7 +17,7 @@ use crate::domain::allocation::Candidate;
 use crate::domain::{EntryKind, EventKind};
 use crate::store::events::NewEvent;
 use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
-use crate::store::reservations::Allocation;
+use crate::store::reservations::RowWrites;
 
 type Key = (String, String);
 
@@ -161,13 +161,14 @@ impl Book {
     /// Writes every changed level, ledger entry and event in one statement, then verifies that
     /// the database arrived at the values computed here.
     pub(crate) async fn flush(self, conn: &mut PgConnection) -> Result<()> {
-        self.flush_with(conn, &[]).await
+        self.flush_with(conn, &RowWrites::default()).await
     }
 
-    /// [`Book::flush`], inserting a new reservation's `allocations` in the same statement.
-    pub(crate) async fn flush_with(mut self, conn: &mut PgConnection, allocations: &[Allocation]) -> Result<()> {
+    /// [`Book::flush`], writing the reservation rows of `rows` in the same statement.
+    pub(crate) async fn flush_with(mut self, conn: &mut PgConnection, rows: &RowWrites<'_>) -> Result<()> {
         self.stock_events();
-        if self.entries.is_empty() && self.events.is_empty() && allocations.is_empty() {
+        let no_rows = rows.inserted.is_empty() && rows.settled.is_empty() && rows.statuses.is_empty();
+        if self.entries.is_empty() && self.events.is_empty() && no_rows {
             return Ok(());
         }
         let changes: Vec<LevelChange> = self
@@ -187,10 +188,10 @@ impl Book {
             let units = if entry.kind.moves_held_units() { entry.reserved_delta } else { entry.on_hand_delta };
             metrics::counter!(crate::metrics::UNITS, "kind" => entry.kind.as_str()).increment(units.unsigned_abs());
         }
-        let rows = levels::write(conn, &changes, &self.entries, &self.events, allocations).await?;
+        let written = levels::write(conn, &changes, &self.entries, &self.events, rows).await?;
         // The rows were locked by this transaction, so anything else is a bug: roll back.
-        let consistent = rows.len() == changes.len()
-            && rows.iter().all(|(sku, wh, on_hand, reserved)| {
+        let consistent = written.len() == changes.len()
+            && written.iter().all(|(sku, wh, on_hand, reserved)| {
                 self.get(sku, wh).is_some_and(|l| (l.on_hand, l.reserved) == (*on_hand, *reserved))
             });
         if consistent { Ok(()) } else { Err(Error::Bug("stock levels changed under a row lock".into())) }

@@ -247,7 +247,7 @@ pub async fn reserve_many(
             }
         }
     }
-    book.flush_with(conn, &rows).await?;
+    book.flush_with(conn, &store::RowWrites { inserted: &rows, ..Default::default() }).await?;
     if !refused.is_empty() {
         store::delete_refused(conn, &refused).await?;
     }
@@ -457,14 +457,11 @@ pub(crate) async fn settle(
     if Some(status) != header.status() {
         book.event(lifecycle_event(id, &header.order_id, header.channel.as_deref(), status));
     }
-    book.flush(conn).await?;
     let changed: Vec<&Allocation> =
         allocations.iter().filter(|a| amounts.contains_key(&(a.sku.clone(), a.warehouse.clone()))).collect();
-    store::update_allocations(conn, &changed).await?;
-    if Some(status) != header.status() {
-        store::set_statuses(conn, &[id], &[status]).await?;
-        header.status = status.as_str().to_owned();
-    }
+    let statuses = if Some(status) != header.status() { vec![(id, status)] } else { Vec::new() };
+    book.flush_with(conn, &store::RowWrites { settled: &changed, statuses: &statuses, ..Default::default() }).await?;
+    header.status = status.as_str().to_owned();
     Ok(store::assemble(header, allocations))
 }
 
@@ -707,10 +704,9 @@ pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &stor
     for (header, status) in due.iter().zip(&statuses) {
         book.event(lifecycle_event(header.id, &header.order_id, header.channel.as_deref(), *status));
     }
-    book.flush(conn).await?;
     let all: Vec<&Allocation> = allocations.iter().collect();
-    store::update_allocations(conn, &all).await?;
-    store::set_statuses(conn, &ids, &statuses).await?;
+    let statuses: Vec<(Uuid, Status)> = ids.iter().copied().zip(statuses).collect();
+    book.flush_with(conn, &store::RowWrites { settled: &all, statuses: &statuses, ..Default::default() }).await?;
     Ok(ids.len())
 }
 

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::domain::EntryKind;
 use crate::store::events::NewEvent;
-use crate::store::reservations::Allocation;
+use crate::store::reservations::RowWrites;
 
 /// A level as a transaction locks (or reads) it, with its warehouse's allocation settings.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -129,17 +129,17 @@ pub(crate) struct NewEntry {
     pub reason: Option<&'static str>,
 }
 
-/// Applies every change and writes every ledger entry, outbox event and new reservation
-/// allocation in one statement (one round trip); returns each changed level's `(sku,
-/// warehouse, on_hand, reserved)` as the database has it now.
+/// Applies every change and writes every ledger entry, outbox event and reservation row of
+/// `rows` in one statement (one round trip); returns each changed level's `(sku, warehouse,
+/// on_hand, reserved)` as the database has it now.
 pub(crate) async fn write(
     conn: &mut PgConnection,
     changes: &[LevelChange<'_>],
     entries: &[NewEntry],
     events: &[NewEvent],
-    allocations: &[Allocation],
+    rows: &RowWrites<'_>,
 ) -> Result<Vec<(String, String, i64, i64)>, sqlx::Error> {
-    let (e, v, a) = (entries, events, allocations);
+    let (e, v, a, u, st) = (entries, events, rows.inserted, rows.settled, rows.statuses);
     sqlx::query_as(
         "WITH upd AS (
              UPDATE stock_levels l
@@ -158,6 +158,15 @@ pub(crate) async fn write(
          ), held AS (
              INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
              SELECT * FROM unnest($20::uuid[], $21::text[], $22::text[], $23::int4[], $24::int4[], $25::int8[])
+         ), settled AS (
+             UPDATE reservation_allocations a SET fulfilled = d.fulfilled, released = d.released
+               FROM unnest($26::uuid[], $27::text[], $28::text[], $29::int8[], $30::int8[])
+                    AS d(reservation_id, sku, warehouse, fulfilled, released)
+              WHERE a.reservation_id = d.reservation_id AND a.sku = d.sku AND a.warehouse = d.warehouse
+         ), statuses AS (
+             UPDATE reservations r SET status = d.status, updated_at = now()
+               FROM unnest($31::uuid[], $32::text[]) AS d(id, status)
+              WHERE r.id = d.id AND r.status <> d.status
          )
          SELECT sku, warehouse, on_hand, reserved FROM upd",
     )
@@ -186,6 +195,13 @@ pub(crate) async fn write(
     .bind(a.iter().map(|a| a.line_no).collect::<Vec<_>>())
     .bind(a.iter().map(|a| a.seq).collect::<Vec<_>>())
     .bind(a.iter().map(|a| a.quantity).collect::<Vec<_>>())
+    .bind(u.iter().map(|a| a.reservation_id).collect::<Vec<_>>())
+    .bind(u.iter().map(|a| a.sku.as_str()).collect::<Vec<_>>())
+    .bind(u.iter().map(|a| a.warehouse.as_str()).collect::<Vec<_>>())
+    .bind(u.iter().map(|a| a.fulfilled).collect::<Vec<_>>())
+    .bind(u.iter().map(|a| a.released).collect::<Vec<_>>())
+    .bind(st.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(st.iter().map(|(_, status)| status.as_str()).collect::<Vec<_>>())
     .fetch_all(conn)
     .await
 }

@@ -334,40 +334,16 @@ pub(crate) async fn replace_allocations(
     Ok(())
 }
 
-/// Writes back the fulfilled/released counters of the given allocations.
-pub(crate) async fn update_allocations(conn: &mut PgConnection, rows: &[&Allocation]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE reservation_allocations a SET fulfilled = d.fulfilled, released = d.released
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::int8[])
-                AS d(reservation_id, sku, warehouse, fulfilled, released)
-          WHERE a.reservation_id = d.reservation_id AND a.sku = d.sku AND a.warehouse = d.warehouse",
-    )
-    .bind(rows.iter().map(|r| r.reservation_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.warehouse.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.fulfilled).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.released).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-pub(crate) async fn set_statuses(
-    conn: &mut PgConnection,
-    ids: &[Uuid],
-    statuses: &[Status],
-) -> Result<(), sqlx::Error> {
-    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
-    sqlx::query(
-        "UPDATE reservations r SET status = d.status, updated_at = now()
-           FROM unnest($1::uuid[], $2::text[]) AS d(id, status)
-          WHERE r.id = d.id AND r.status <> d.status",
-    )
-    .bind(ids)
-    .bind(statuses)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// The reservation rows a transaction writes in the same statement as its stock levels
+/// (`levels::write`): nothing by default.
+#[derive(Debug, Default)]
+pub(crate) struct RowWrites<'a> {
+    /// Allocations of new reservations.
+    pub inserted: &'a [Allocation],
+    /// Allocations whose fulfilled/released counters are written back.
+    pub settled: &'a [&'a Allocation],
+    /// Reservations' new statuses (a row already in it is left alone).
+    pub statuses: &'a [(Uuid, Status)],
 }
 
 /// Moves the deadline to `now + ttl` by the database's clock; returns the new deadline.
