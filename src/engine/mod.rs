@@ -32,7 +32,7 @@ use self::batch::Batcher;
 pub(crate) use self::error::Result;
 pub use self::error::{Error, Refusal};
 pub(crate) use self::idempotency::{Answer, Keyed, Outcome, Render};
-use self::reservations::{Edit, NewReservation, PartLine};
+use self::reservations::{Edit, NewReservation, PartLine, SettleRequest};
 use self::tx::{TxFuture, transact};
 use crate::config::ServerArgs;
 use crate::domain::Settle;
@@ -95,9 +95,8 @@ impl Engine {
         parts: Option<Vec<PartLine>>,
         key: Option<&Keyed>,
     ) -> Result<Outcome> {
-        let ctx = (id, kind, parts);
-        self.run(key, &ctx, |tx, (id, kind, parts)| Box::pin(reservations::settle(tx, *id, *kind, parts.as_deref())))
-            .await
+        let req = SettleRequest { id, kind, parts };
+        self.run(key, &req, |tx, req| Box::pin(reservations::settle(tx, req))).await
     }
 
     /// Changes an open reservation's lines to a complete new set, all or nothing.

@@ -361,12 +361,18 @@ pub(crate) async fn plan(conn: &mut PgConnection, req: &NewReservation) -> Resul
 async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<Allocation>)> {
     let header = store::lock(conn, id).await?.ok_or_else(|| Refusal::UnknownReservation(id.to_string()))?;
     let allocations = store::allocations(conn, &[id]).await?;
+    still_active(&header, &allocations)?;
+    Ok((header, allocations))
+}
+
+/// Refuses a reservation that is no longer active — also one past its deadline that the sweep
+/// has not reached yet: the expiry wins, so a late fulfil can never take units that are about
+/// to be given back. It is refused with the status the sweep will give it.
+fn still_active(header: &Header, allocations: &[Allocation]) -> Result<()> {
+    let id = header.id;
     let stored = header.status().ok_or_else(|| Error::Bug(format!("reservation {id} has status {}", header.status)))?;
-    // Past its deadline it is over even if the sweep has not reached it yet: the expiry wins, so
-    // a late fulfil can never take units that are about to be given back. Its status is the one
-    // the sweep will give it.
     let status = if stored == Status::Active && header.overdue {
-        let mut swept = allocations.clone();
+        let mut swept = allocations.to_vec();
         swept.iter_mut().for_each(|a| a.released = a.quantity - a.fulfilled);
         status_of(&swept, true)
     } else {
@@ -375,25 +381,113 @@ async fn lock_active(conn: &mut PgConnection, id: Uuid) -> Result<(Header, Vec<A
     if status != Status::Active {
         return Err(Refusal::NotActive { reservation_id: id, status }.into());
     }
-    Ok((header, allocations))
+    Ok(())
 }
 
 /// The longest an expiry transaction waits for a row lock.
 pub(crate) const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Fulfils (deducts) or releases (gives back) held units: everything still held when `parts`
-/// is `None`, else the listed quantities.
-pub(crate) async fn settle(
-    conn: &mut PgConnection,
-    id: Uuid,
-    kind: Settle,
-    parts: Option<&[PartLine]>,
-) -> Result<Reservation> {
-    let (mut header, mut allocations) = lock_active(conn, id).await?;
+/// A validated fulfil (deduct) or release (give back) of what a reservation holds: everything
+/// still held when `parts` is `None`, else the listed quantities.
+#[derive(Debug, Clone)]
+pub struct SettleRequest {
+    pub id: Uuid,
+    pub kind: Settle,
+    pub(crate) parts: Option<Vec<PartLine>>,
+}
 
-    // How much to take from each allocation.
-    let mut amounts: BTreeMap<(String, String), i64> = BTreeMap::new();
-    match parts {
+/// Settles one reservation.
+pub(crate) async fn settle(conn: &mut PgConnection, req: &SettleRequest) -> Result<Reservation> {
+    let mut results = settle_many(conn, &[req]).await?;
+    match results.pop() {
+        Some(result) => Ok(result?),
+        None => Err(Error::Bug("a settle got no answer".into())),
+    }
+}
+
+/// Settles several reservations (each at most once) in one transaction, each all or nothing and
+/// with its own answer, in the order given: reservation rows locked in id order, then every
+/// level they take from, in (sku, warehouse) order; everything written in one statement.
+pub(crate) async fn settle_many(
+    conn: &mut PgConnection,
+    reqs: &[&SettleRequest],
+) -> Result<Vec<Result<Reservation, Refusal>>> {
+    let mut ids: Vec<Uuid> = reqs.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.len() != reqs.len() {
+        return Err(Error::Bug("a reservation settled twice in one transaction".into()));
+    }
+    let mut headers: BTreeMap<Uuid, Header> =
+        store::lock_many(conn, &ids).await?.into_iter().map(|h| (h.id, h)).collect();
+    let mut held: BTreeMap<Uuid, Vec<Allocation>> = BTreeMap::new();
+    for a in store::allocations(conn, &ids).await? {
+        held.entry(a.reservation_id).or_default().push(a);
+    }
+    // What each one takes from each level, or why it is refused (no level locked yet).
+    let mut amounts: Vec<Result<Amounts, Refusal>> = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        let Some(header) = headers.get(&req.id) else {
+            amounts.push(Err(Refusal::UnknownReservation(req.id.to_string())));
+            continue;
+        };
+        let allocations = held.get(&req.id).map_or(&[][..], Vec::as_slice);
+        amounts.push(match still_active(header, allocations) {
+            Ok(()) => settle_amounts(req, allocations),
+            Err(Error::Refused(refusal)) => Err(refusal),
+            Err(err) => return Err(err),
+        });
+    }
+    let keys: Vec<(&str, &str)> =
+        amounts.iter().flatten().flat_map(|a| a.keys()).map(|(s, w)| (s.as_str(), w.as_str())).collect();
+    let mut book = Book::lock_levels(conn, &keys).await?;
+
+    let mut answers = Vec::with_capacity(reqs.len());
+    let mut changed: Vec<Allocation> = Vec::new();
+    let mut statuses: Vec<(Uuid, Status)> = Vec::new();
+    for (req, amounts) in reqs.iter().zip(amounts) {
+        let amounts = match amounts {
+            Ok(amounts) => amounts,
+            Err(refusal) => {
+                answers.push(Err(refusal));
+                continue;
+            }
+        };
+        let mut header = headers.remove(&req.id).ok_or_else(|| Error::Bug("a locked reservation vanished".into()))?;
+        let mut allocations = held.remove(&req.id).unwrap_or_default();
+        if let Err(refusal) = take(&mut book, req, &amounts)? {
+            answers.push(Err(refusal));
+            continue;
+        }
+        for a in allocations.iter_mut() {
+            if let Some(q) = amounts.get(&(a.sku.clone(), a.warehouse.clone())) {
+                match req.kind {
+                    Settle::Fulfil => a.fulfilled += q,
+                    Settle::Release => a.released += q,
+                }
+                changed.push(a.clone());
+            }
+        }
+        let status = status_of(&allocations, false);
+        if Some(status) != header.status() {
+            book.event(lifecycle_event(req.id, &header.order_id, header.channel.as_deref(), status));
+            statuses.push((req.id, status));
+            header.status = status.as_str().to_owned();
+        }
+        answers.push(Ok(store::assemble(header, allocations)));
+    }
+    let settled: Vec<&Allocation> = changed.iter().collect();
+    book.flush_with(conn, &store::RowWrites { settled: &settled, statuses: &statuses, ..Default::default() }).await?;
+    Ok(answers)
+}
+
+/// Units per (sku, warehouse).
+type Amounts = BTreeMap<(String, String), i64>;
+
+/// How much a settle takes from each of the reservation's levels, refusing more than is held.
+fn settle_amounts(req: &SettleRequest, allocations: &[Allocation]) -> Result<Amounts, Refusal> {
+    let mut amounts = Amounts::new();
+    match &req.parts {
         None => {
             for a in allocations.iter().filter(|a| a.held() > 0) {
                 amounts.insert((a.sku.clone(), a.warehouse.clone()), a.held());
@@ -409,60 +503,49 @@ pub(crate) async fn settle(
         let held = allocations.iter().find(|a| &a.sku == sku && &a.warehouse == warehouse).map_or(0, Allocation::held);
         if *quantity > held {
             return Err(Refusal::OverSettle {
-                settle: kind,
+                settle: req.kind,
                 sku: sku.clone(),
                 warehouse: warehouse.clone(),
                 requested: *quantity,
                 held,
-            }
-            .into());
+            });
         }
     }
+    Ok(amounts)
+}
 
-    let keys: Vec<(&str, &str)> = amounts.keys().map(|(s, w)| (s.as_str(), w.as_str())).collect();
-    let mut book = Book::lock_levels(conn, &keys).await?;
-    let reference = id.to_string();
+/// Takes a settle's amounts from the locked levels, all or none: a fulfil of a backordered
+/// hold the warehouse lacks the physical units for is refused and changes nothing.
+fn take(book: &mut Book, req: &SettleRequest, amounts: &Amounts) -> Result<Result<(), Refusal>> {
+    let (entry, ships) = match req.kind {
+        Settle::Fulfil => (EntryKind::Fulfil, true),
+        Settle::Release => (EntryKind::Release, false),
+    };
+    let not_locked = |sku: &str, warehouse: &str| Error::Bug(format!("level {sku}/{warehouse} not locked"));
     let mut shortages = Vec::new();
-    for ((sku, warehouse), &quantity) in &amounts {
-        let (entry, on_hand_delta) = match kind {
-            Settle::Fulfil => (EntryKind::Fulfil, -quantity),
-            Settle::Release => (EntryKind::Release, 0),
-        };
-        match book.apply(sku, warehouse, entry, on_hand_delta, -quantity, Some(&reference)) {
-            Ok(_) => {}
-            // A backordered hold: the warehouse lacks the physical units to ship.
+    for ((sku, warehouse), &quantity) in amounts {
+        let on_hand_delta = if ships { -quantity } else { 0 };
+        match book.allows(sku, warehouse, on_hand_delta, -quantity) {
+            Ok(()) => {}
             Err(CannotApply::Floor { on_hand, .. }) => {
                 shortages.push(Shortage { sku: sku.clone(), requested: quantity, available: on_hand.max(0) })
             }
-            Err(CannotApply::NotLocked) => return Err(Error::Bug(format!("level {sku}/{warehouse} not locked"))),
+            Err(CannotApply::NotLocked) => return Err(not_locked(sku, warehouse)),
         }
     }
     if !shortages.is_empty() {
-        return Err(Refusal::InsufficientStock {
+        return Ok(Err(Refusal::InsufficientStock {
             detail: "the warehouse lacks the physical units to fulfil a backordered hold".into(),
             lines: shortages,
-        }
-        .into());
+        }));
     }
-
-    for a in allocations.iter_mut() {
-        if let Some(q) = amounts.get(&(a.sku.clone(), a.warehouse.clone())) {
-            match kind {
-                Settle::Fulfil => a.fulfilled += q,
-                Settle::Release => a.released += q,
-            }
-        }
+    let reference = req.id.to_string();
+    for ((sku, warehouse), &quantity) in amounts {
+        let on_hand_delta = if ships { -quantity } else { 0 };
+        book.apply(sku, warehouse, entry, on_hand_delta, -quantity, Some(&reference))
+            .map_err(|_| not_locked(sku, warehouse))?;
     }
-    let status = status_of(&allocations, false);
-    if Some(status) != header.status() {
-        book.event(lifecycle_event(id, &header.order_id, header.channel.as_deref(), status));
-    }
-    let changed: Vec<&Allocation> =
-        allocations.iter().filter(|a| amounts.contains_key(&(a.sku.clone(), a.warehouse.clone()))).collect();
-    let statuses = if Some(status) != header.status() { vec![(id, status)] } else { Vec::new() };
-    book.flush_with(conn, &store::RowWrites { settled: &changed, statuses: &statuses, ..Default::default() }).await?;
-    header.status = status.as_str().to_owned();
-    Ok(store::assemble(header, allocations))
+    Ok(Ok(()))
 }
 
 /// A validated change of an open reservation: its complete new set of lines.

@@ -208,6 +208,18 @@ pub(crate) async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<Hea
     .await
 }
 
+/// Locks the given reservations (ids sorted, without duplicates), in id order; an unknown id
+/// is left out.
+pub(crate) async fn lock_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Header>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, order_id, channel, status, strategy, created_at, expires_at, expires_at <= now() AS overdue
+           FROM reservations WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
 /// What the expiry sweep leaves out this time: reservations whose expiry failed, and
 /// reservations that hold units of a level found stuck (locked by someone else for long).
 #[derive(Debug, Clone, Default)]
