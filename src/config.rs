@@ -331,7 +331,7 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_EVENT_RETENTION_SECS", default_value_t = 604_800, help_heading = "Background work")]
     pub event_retention_secs: i64,
 
-    /// Most reservations decided in one transaction (1 turns batching off).
+    /// Most reservations (or fulfils and releases) decided in one transaction (1 turns batching off).
     #[arg(long, env = "INVENTORY_BATCH_MAX", default_value_t = 128, help_heading = "Batching")]
     pub batch_max: usize,
 
@@ -339,7 +339,7 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_BATCH_WINDOW_US", default_value_t = 1000, help_heading = "Batching")]
     pub batch_window_us: u64,
 
-    /// Batches in flight at once (each holds one database connection).
+    /// Batches in flight at once, of reservations and of fulfils/releases each (each holds one database connection).
     #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, help_heading = "Batching")]
     pub batch_concurrency: usize,
 

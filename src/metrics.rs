@@ -20,6 +20,7 @@ pub const TX_RETRIES: &str = "inventory_db_transaction_retries_total";
 pub const EVENTS_RELAYED: &str = "inventory_events_relayed_total";
 pub const EVENT_STREAMS: &str = "inventory_event_streams_open";
 pub const BATCH_SIZE: &str = "inventory_reservation_batch_orders";
+pub const SETTLE_BATCH_SIZE: &str = "inventory_settle_batch_requests";
 pub const COALESCED_READS: &str = "inventory_availability_coalesced_requests";
 pub const BATCH_FALLBACKS: &str = "inventory_reservation_batch_fallbacks_total";
 pub const POOL_CONNECTIONS: &str = "inventory_db_pool_connections";
@@ -48,6 +49,7 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
         let builder = PrometheusBuilder::new()
             .set_buckets(&buckets)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SETTLE_BATCH_SIZE.into()), &sizes))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COALESCED_READS.into()), &sizes))
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
@@ -92,6 +94,7 @@ fn describe() {
     describe_counter!(EVENTS_RELAYED, "Events numbered into the feed by the relay.");
     describe_gauge!(EVENT_STREAMS, "Live event streams (SSE) open.");
     describe_histogram!(BATCH_SIZE, "Orders decided together in one reservation batch transaction.");
+    describe_histogram!(SETTLE_BATCH_SIZE, "Fulfils and releases decided together in one batch transaction.");
     describe_histogram!(COALESCED_READS, "Availability requests answered together by one query.");
     describe_counter!(
         BATCH_FALLBACKS,

@@ -1,4 +1,4 @@
-//! The batching front of reserving.
+//! The batching front of reserving and settling.
 //!
 //! Concurrent reservation requests are gathered for a very short window (at most
 //! `batch_max` orders, at most `batch_window_us` after the first) and decided in ONE
@@ -6,7 +6,8 @@
 //! of the batch in (sku, warehouse) order, decide each order in arrival order (each all or
 //! nothing, each with its own answer), write levels, ledger, allocations and stored answers
 //! set-based, commit, and only then answer every waiter. A hot SKU thus costs one row update
-//! per batch instead of a queue of lock waits.
+//! per batch instead of a queue of lock waits. Fulfils and releases are batched the same way,
+//! by a batcher of their own ([`Work`] is what the two have in common).
 //!
 //! When the batch transaction itself fails (a lock timeout, a broken connection, a bug), no
 //! order is answered with that failure: each one runs again on its own, in its own request's
@@ -18,12 +19,76 @@ use sqlx::PgConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-use super::error::{Error, Result};
+use super::error::{Error, Refusal, Result};
 use super::idempotency::{self, Keyed, Outcome, Render};
-use super::reservations::{self, NewReservation};
-use super::tx::transact_with;
+use super::reservations::{self, NewReservation, SettleRequest};
+use super::tx::{TxFuture, transact_with};
 use crate::config::ServerArgs;
 use crate::store::db::Db;
+use crate::store::reservations::Reservation;
+
+/// What can be decided in a batch: many requests in one transaction, each with its own answer.
+pub(crate) trait Work: std::fmt::Debug + Send + Sync + 'static {
+    /// The histogram of how many requests a batch decided.
+    const SIZES: &'static str;
+    /// What ties two requests to one part of a split batch: the rows both may lock (hashed).
+    fn links(&self) -> Vec<u64>;
+    /// Whether two requests cannot share a transaction.
+    fn clashes(&self, other: &Self) -> bool;
+    /// Decides every request, in order, in the caller's transaction; a refusal refuses only its
+    /// own request, an error fails the batch.
+    fn run_many<'c>(
+        conn: &'c mut PgConnection,
+        work: &'c [&'c Self],
+    ) -> TxFuture<'c, Vec<Result<Reservation, Refusal>>>;
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+/// Orders sharing a SKU stay together (they would only queue on its rows); two orders with one
+/// order id cannot share a transaction (the second is a duplicate of the first).
+impl Work for NewReservation {
+    const SIZES: &'static str = crate::metrics::BATCH_SIZE;
+
+    fn links(&self) -> Vec<u64> {
+        self.lines.iter().map(|l| hash_of(&l.sku)).collect()
+    }
+
+    fn clashes(&self, other: &Self) -> bool {
+        self.order_id == other.order_id
+    }
+
+    fn run_many<'c>(
+        conn: &'c mut PgConnection,
+        work: &'c [&'c Self],
+    ) -> TxFuture<'c, Vec<Result<Reservation, Refusal>>> {
+        Box::pin(reservations::reserve_many(conn, work))
+    }
+}
+
+/// Settles of different reservations may run side by side (the levels they share are locked in
+/// order); two settles of one reservation cannot share a transaction.
+impl Work for SettleRequest {
+    const SIZES: &'static str = crate::metrics::SETTLE_BATCH_SIZE;
+
+    fn links(&self) -> Vec<u64> {
+        vec![hash_of(self.id)]
+    }
+
+    fn clashes(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+
+    fn run_many<'c>(
+        conn: &'c mut PgConnection,
+        work: &'c [&'c Self],
+    ) -> TxFuture<'c, Vec<Result<Reservation, Refusal>>> {
+        Box::pin(reservations::settle_many(conn, work))
+    }
+}
 
 /// The lock wait of a batch transaction: 250 ms, or the configured one when shorter (which
 /// applies to orders running alone).
@@ -35,10 +100,10 @@ const MIN_SPLIT: usize = 4;
 /// Orders waiting for a batch, at most.
 const QUEUE: usize = 4096;
 
-/// A reservation request waiting for its batch.
+/// A request waiting for its batch.
 #[derive(Debug)]
-struct Job {
-    req: NewReservation,
+struct Job<W> {
+    req: W,
     key: Option<Keyed>,
     /// `None`: the batch failed as a whole; run this order on its own.
     reply: oneshot::Sender<Option<Result<Outcome>>>,
@@ -47,12 +112,18 @@ struct Job {
 }
 
 /// The handle requests submit to; cheap to clone.
-#[derive(Debug, Clone)]
-pub(crate) struct Batcher {
-    queue: mpsc::Sender<Job>,
+#[derive(Debug)]
+pub(crate) struct Batcher<W> {
+    queue: mpsc::Sender<Job<W>>,
 }
 
-impl Batcher {
+impl<W> Clone for Batcher<W> {
+    fn clone(&self) -> Self {
+        Self { queue: self.queue.clone() }
+    }
+}
+
+impl<W: Work> Batcher<W> {
     /// Starts the gathering task; it ends when every handle is gone, after finishing its work.
     pub(crate) fn spawn(db: Db, config: &ServerArgs, render: Render) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
@@ -71,8 +142,8 @@ impl Batcher {
         Self { queue }
     }
 
-    /// Decides one order within a batch. `None` when it must run on its own instead.
-    pub(crate) async fn submit(&self, req: NewReservation, key: Option<Keyed>) -> Option<Result<Outcome>> {
+    /// Decides one request within a batch. `None` when it must run on its own instead.
+    pub(crate) async fn submit(&self, req: W, key: Option<Keyed>) -> Option<Result<Outcome>> {
         let (reply, answer) = oneshot::channel();
         let origin = if crate::telemetry::exporting() { tracing::Span::current() } else { tracing::Span::none() };
         self.queue.send(Job { req, key, reply, origin }).await.ok()?;
@@ -80,8 +151,8 @@ impl Batcher {
     }
 }
 
-struct Gather {
-    rx: mpsc::Receiver<Job>,
+struct Gather<W> {
+    rx: mpsc::Receiver<Job<W>>,
     max: usize,
     window: Duration,
     slots: std::sync::Arc<Semaphore>,
@@ -91,10 +162,10 @@ struct Gather {
     render: Render,
 }
 
-impl Gather {
+impl<W: Work> Gather<W> {
     async fn run(mut self) {
-        // An order that could not join the previous batch (same order id or key) starts the next.
-        let mut carried: Option<Job> = None;
+        // A request that could not join the previous batch (a clash) starts the next.
+        let mut carried: Option<Job<W>> = None;
         loop {
             let first = match carried.take() {
                 Some(job) => job,
@@ -134,7 +205,7 @@ impl Gather {
                 }
             }
             for (part, slot) in split(batch, slots.len()).into_iter().zip(slots) {
-                metrics::histogram!(crate::metrics::BATCH_SIZE).record(part.len() as f64);
+                metrics::histogram!(W::SIZES).record(part.len() as f64);
                 let (db, render) = (self.db.clone(), self.render);
                 let span = batch_span(&part);
                 tokio::spawn(
@@ -153,7 +224,7 @@ impl Gather {
 /// common SKU (directly or through other orders) stay in one part, in arrival order, so an
 /// earlier order is always decided before a later one that wants the same stock. Groups are
 /// dealt largest first to the least loaded part; empty parts are dropped.
-fn split<T: HasSkus>(batch: Vec<T>, parts: usize) -> Vec<Vec<T>> {
+fn split<T: Linked>(batch: Vec<T>, parts: usize) -> Vec<Vec<T>> {
     if parts <= 1 {
         return vec![batch];
     }
@@ -181,20 +252,20 @@ fn split<T: HasSkus>(batch: Vec<T>, parts: usize) -> Vec<Vec<T>> {
     out
 }
 
-/// What [`split`] needs of an order: its SKUs.
-trait HasSkus {
-    fn skus(&self) -> impl Iterator<Item = &str>;
+/// What [`split`] needs of a request: what links it to others.
+trait Linked {
+    fn links(&self) -> Vec<u64>;
 }
 
-impl HasSkus for Job {
-    fn skus(&self) -> impl Iterator<Item = &str> {
-        self.req.lines.iter().map(|l| l.sku.as_str())
+impl<W: Work> Linked for Job<W> {
+    fn links(&self) -> Vec<u64> {
+        self.req.links()
     }
 }
 
-/// For each order, a group number: orders share a group exactly when they are linked through
-/// common SKUs (union-find over the orders, joined by SKU).
-fn connected_groups<T: HasSkus>(orders: &[T]) -> Vec<usize> {
+/// For each request, a group number: requests share a group exactly when they are linked
+/// (union-find over the requests, joined by link).
+fn connected_groups<T: Linked>(orders: &[T]) -> Vec<usize> {
     fn root(parent: &mut [usize], mut i: usize) -> usize {
         while parent[i] != i {
             parent[i] = parent[parent[i]];
@@ -203,16 +274,16 @@ fn connected_groups<T: HasSkus>(orders: &[T]) -> Vec<usize> {
         i
     }
     let mut parent: Vec<usize> = (0..orders.len()).collect();
-    let mut first_with: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut first_with: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
     for (i, order) in orders.iter().enumerate() {
-        for sku in order.skus() {
-            match first_with.get(sku) {
+        for link in order.links() {
+            match first_with.get(&link) {
                 Some(&j) => {
                     let (a, b) = (root(&mut parent, i), root(&mut parent, j));
                     parent[a.max(b)] = a.min(b);
                 }
                 None => {
-                    first_with.insert(sku, i);
+                    first_with.insert(link, i);
                 }
             }
         }
@@ -222,7 +293,7 @@ fn connected_groups<T: HasSkus>(orders: &[T]) -> Vec<usize> {
 
 /// The span of a batch, in the trace of its first order and linked to the others' (one
 /// transaction decides them all, so it has one parent).
-fn batch_span(batch: &[Job]) -> tracing::Span {
+fn batch_span<W>(batch: &[Job<W>]) -> tracing::Span {
     let span =
         tracing::debug_span!(parent: batch.first().and_then(|job| job.origin.id()), "batch", orders = batch.len());
     if !span.is_disabled() {
@@ -233,13 +304,13 @@ fn batch_span(batch: &[Job]) -> tracing::Span {
     span
 }
 
-/// Two orders that cannot share a transaction: the same order id or the same key.
-fn clashes(a: &Job, b: &Job) -> bool {
-    a.req.order_id == b.req.order_id || matches!((&a.key, &b.key), (Some(x), Some(y)) if x.key == y.key)
+/// Two requests that cannot share a transaction: clashing work or the same key.
+fn clashes<W: Work>(a: &Job<W>, b: &Job<W>) -> bool {
+    a.req.clashes(&b.req) || matches!((&a.key, &b.key), (Some(x), Some(y)) if x.key == y.key)
 }
 
-async fn execute(db: &Db, batch: Vec<Job>, render: Render) {
-    let (work, replies): (Vec<(NewReservation, Option<Keyed>)>, Vec<_>) =
+async fn execute<W: Work>(db: &Db, batch: Vec<Job<W>>, render: Render) {
+    let (work, replies): (Vec<(W, Option<Keyed>)>, Vec<_>) =
         batch.into_iter().map(|j| ((j.req, j.key), j.reply)).unzip();
     let ctx = (work, render);
     // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
@@ -255,20 +326,20 @@ async fn execute(db: &Db, batch: Vec<Job>, render: Render) {
         // The batch may have committed: every order gets that answer (running them again
         // could apply them twice; a keyed retry replays whatever was stored).
         Err(Error::OutcomeUnknown(cause)) => {
-            tracing::warn!(%cause, orders = ctx.0.len(), "a reservation batch's commit outcome is unknown");
+            tracing::warn!(%cause, requests = ctx.0.len(), "a batch's commit outcome is unknown");
             for reply in replies {
                 let _ = reply.send(Some(Err(Error::OutcomeUnknown(cause.clone()))));
             }
         }
         // Nobody gets a connection: running each order alone would only fail again, slower.
         Err(err) if err.is_database_down() => {
-            tracing::warn!(error = %err, orders = ctx.0.len(), "a reservation batch found the database down");
+            tracing::warn!(error = %err, requests = ctx.0.len(), "a batch found the database down");
             for reply in replies {
                 let _ = reply.send(Some(Err(Error::Unavailable(err.to_string()))));
             }
         }
         Err(err) => {
-            tracing::warn!(error = %err, orders = ctx.0.len(), "a reservation batch failed; each order runs on its own");
+            tracing::warn!(error = %err, requests = ctx.0.len(), "a batch failed; each request runs on its own");
             metrics::counter!(crate::metrics::BATCH_FALLBACKS).increment(1);
             for reply in replies {
                 let _ = reply.send(None);
@@ -278,11 +349,7 @@ async fn execute(db: &Db, batch: Vec<Job>, render: Render) {
 }
 
 /// The batch transaction body.
-async fn decide(
-    conn: &mut PgConnection,
-    work: &[(NewReservation, Option<Keyed>)],
-    render: Render,
-) -> Result<Vec<Outcome>> {
+async fn decide<W: Work>(conn: &mut PgConnection, work: &[(W, Option<Keyed>)], render: Render) -> Result<Vec<Outcome>> {
     let keyed: Vec<&Keyed> = work.iter().filter_map(|(_, k)| k.as_ref()).collect();
     let mut claims = if keyed.is_empty() { Vec::new() } else { idempotency::claim_many(conn, &keyed).await? };
     claims.reverse();
@@ -290,10 +357,10 @@ async fn decide(
     let mut decided: Vec<Option<Outcome>> =
         work.iter().map(|(_, key)| if key.is_some() { claims.pop().flatten() } else { None }).collect();
     let runs: Vec<bool> = decided.iter().map(Option::is_none).collect();
-    let live: Vec<&NewReservation> = work.iter().zip(&runs).filter(|(_, run)| **run).map(|((req, _), _)| req).collect();
-    let mut results = reservations::reserve_many(conn, &live).await?.into_iter();
+    let live: Vec<&W> = work.iter().zip(&runs).filter(|(_, run)| **run).map(|((req, _), _)| req).collect();
+    let mut results = W::run_many(conn, &live).await?.into_iter();
     for slot in decided.iter_mut().filter(|d| d.is_none()) {
-        let result = results.next().ok_or_else(|| Error::Bug("an order got no answer".into()))?;
+        let result = results.next().ok_or_else(|| Error::Bug("a request got no answer".into()))?;
         *slot = Some(Outcome::executed(result)?);
     }
     let outcomes: Vec<Outcome> = decided.into_iter().flatten().collect();
@@ -314,9 +381,9 @@ mod tests {
     #[derive(Debug, Clone, PartialEq)]
     struct Order(usize, Vec<&'static str>);
 
-    impl HasSkus for Order {
-        fn skus(&self) -> impl Iterator<Item = &str> {
-            self.1.iter().copied()
+    impl Linked for Order {
+        fn links(&self) -> Vec<u64> {
+            self.1.iter().map(hash_of).collect()
         }
     }
 

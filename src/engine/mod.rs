@@ -46,7 +46,9 @@ use crate::store::webhooks::{Webhook, WebhookUpsert};
 pub(crate) struct Engine {
     db: Db,
     /// Gathers reservations into batches; `None` when batching is off (`batch_max` 1).
-    batcher: Option<Batcher>,
+    batcher: Option<Batcher<NewReservation>>,
+    /// Gathers fulfils and releases into batches, likewise.
+    settler: Option<Batcher<SettleRequest>>,
     render: Render,
 }
 
@@ -55,7 +57,8 @@ impl Engine {
     /// down for replay the way it is answered.
     pub fn start(db: Db, config: &ServerArgs, render: Render) -> Self {
         let batcher = (config.batch_max > 1).then(|| Batcher::spawn(db.clone(), config, render));
-        Self { db, batcher, render }
+        let settler = (config.batch_max > 1).then(|| Batcher::spawn(db.clone(), config, render));
+        Self { db, batcher, settler, render }
     }
 
     /// Runs `op` as one transaction, once per key.
@@ -86,7 +89,9 @@ impl Engine {
         self.run(key, req, |tx, req| Box::pin(reservations::plan(tx, req))).await
     }
 
-    /// Fulfils or releases what a reservation holds (all of it when `parts` is `None`).
+    /// Fulfils or releases what a reservation holds (all of it when `parts` is `None`): in a
+    /// batch with concurrent settles when batching is on, alone when it is off or the batch
+    /// failed as a whole.
     #[tracing::instrument(level = "debug", skip_all, fields(reservation = %id, kind = kind.verb(), keyed = key.is_some()))]
     pub(crate) async fn settle(
         &self,
@@ -96,6 +101,11 @@ impl Engine {
         key: Option<&Keyed>,
     ) -> Result<Outcome> {
         let req = SettleRequest { id, kind, parts };
+        if let Some(settler) = &self.settler
+            && let Some(outcome) = settler.submit(req.clone(), key.cloned()).await
+        {
+            return outcome;
+        }
         self.run(key, &req, |tx, req| Box::pin(reservations::settle(tx, req))).await
     }
 

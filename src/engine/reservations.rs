@@ -29,7 +29,7 @@ pub struct NewReservation {
 
 /// A validated `{sku, warehouse, quantity}` of a partial fulfil or release.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PartLine {
+pub struct PartLine {
     pub sku: String,
     pub warehouse: String,
     pub quantity: i64,
@@ -393,7 +393,7 @@ pub(crate) const SWEEP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::
 pub struct SettleRequest {
     pub id: Uuid,
     pub kind: Settle,
-    pub(crate) parts: Option<Vec<PartLine>>,
+    pub parts: Option<Vec<PartLine>>,
 }
 
 /// Settles one reservation.
@@ -408,7 +408,7 @@ pub(crate) async fn settle(conn: &mut PgConnection, req: &SettleRequest) -> Resu
 /// Settles several reservations (each at most once) in one transaction, each all or nothing and
 /// with its own answer, in the order given: reservation rows locked in id order, then every
 /// level they take from, in (sku, warehouse) order; everything written in one statement.
-pub(crate) async fn settle_many(
+pub async fn settle_many(
     conn: &mut PgConnection,
     reqs: &[&SettleRequest],
 ) -> Result<Vec<Result<Reservation, Refusal>>> {

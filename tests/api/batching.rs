@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use inventory::config::ServerArgs;
+use inventory::domain::Settle;
 use inventory::domain::allocation::{Line, Strategy};
 use inventory::engine::Refusal;
-use inventory::engine::reservations::{NewReservation, reserve_many};
+use inventory::engine::reservations::{NewReservation, PartLine, SettleRequest, reserve_many, settle_many};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -81,6 +82,122 @@ async fn one_batch_decides_orders_in_arrival_order_and_a_refused_order_leaves_no
             app.post("/v1/reservations", json!({"order_id": refused, "lines": [{"sku": "A", "quantity": 1}]})).await;
         assert_eq!(status, StatusCode::CONFLICT, "{refused}: its order id is free, the stock is not");
     }
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn one_settle_batch_answers_each_on_its_own_merits_and_a_refused_one_leaves_no_trace() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 10).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let body = json!({"order_id": format!("s{n}"), "lines": [{"sku": "A", "quantity": 2}]});
+        let (status, r) = app.post("/v1/reservations", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+    }
+    let (status, _) = app.call(reqwest::Method::POST, &format!("/v1/reservations/{}/release", ids[4]), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let part = |quantity| Some(vec![PartLine { sku: "A".into(), warehouse: "W1".into(), quantity }]);
+    let settles = [
+        SettleRequest { id: ids[0], kind: Settle::Fulfil, parts: None }, // ships 2
+        SettleRequest { id: ids[1], kind: Settle::Release, parts: part(1) }, // gives 1 back
+        SettleRequest { id: ids[2], kind: Settle::Fulfil, parts: part(3) }, // holds 2: refused
+        SettleRequest { id: uuid::Uuid::now_v7(), kind: Settle::Fulfil, parts: None }, // unknown
+        SettleRequest { id: ids[4], kind: Settle::Fulfil, parts: None }, // released before
+        SettleRequest { id: ids[3], kind: Settle::Fulfil, parts: part(1) }, // ships 1 of 2
+    ];
+    let refs: Vec<&SettleRequest> = settles.iter().collect();
+    let mut tx = app.db.begin().await.unwrap();
+    let answers = settle_many(&mut tx, &refs).await.expect("the batch itself succeeds");
+    tx.commit().await.unwrap();
+
+    let outcomes: Vec<Result<String, &str>> =
+        answers.iter().map(|a| a.as_ref().map(|r| r.status.clone()).map_err(|e| e.code())).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Ok("fulfilled".into()),
+            Ok("active".into()),
+            Err("over_fulfilment"),
+            Err("not_found"),
+            Err("reservation_not_active"),
+            Ok("active".into()),
+        ]
+    );
+    // 10 received; 2 + 1 shipped; held: s1 1, s2 2, s3 1.
+    assert_eq!(app.level("A", "W1").await, (7, 4));
+    let (_, s2) = app.get(&format!("/v1/reservations/{}", ids[2])).await;
+    assert_eq!(s2["lines"][0]["allocations"][0]["fulfilled"], 0, "the refused settle left s2 alone: {s2}");
+    let entries: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, reference FROM ledger WHERE kind IN ('fulfil', 'release') ORDER BY at, id")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    let expected: Vec<(String, String)> = [("release", 4), ("fulfil", 0), ("release", 1), ("fulfil", 3)]
+        .iter()
+        .map(|(kind, n)| ((*kind).to_owned(), ids[*n].to_string()))
+        .collect();
+    assert_eq!(entries, expected, "one entry per settle that went through, none for the refused");
+    app.assert_invariants().await;
+}
+
+#[tokio::test]
+async fn concurrent_settles_in_one_batch_window_keep_every_invariant() {
+    // A long window puts the concurrent settles below into as few batches as clashes allow.
+    let server = ServerArgs { batch_window_us: 200_000, ..ServerArgs::default() };
+    let app = TestApp::spawn_with(server).await;
+    app.warehouse("W1", 1).await;
+    app.warehouse("W2", 2).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    app.receive("A", "W1", 30).await;
+    app.receive("A", "W2", 30).await;
+    app.receive("B", "W1", 40).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let body =
+            json!({"order_id": format!("c{n}"), "lines": [{"sku": "A", "quantity": 3}, {"sku": "B", "quantity": 2}]});
+        let (status, r) = app.post("/v1/reservations", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{r}");
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    // Every reservation fulfilled or released twice at once (one of each pair wins), and every
+    // fifth also over-released.
+    let calls = ids.iter().enumerate().flat_map(|(n, id)| {
+        let verb = if n % 2 == 0 { "fulfil" } else { "release" };
+        let mut calls = vec![(n, format!("/v1/reservations/{id}/{verb}"), None); 2];
+        if n % 5 == 0 {
+            let body = json!({"lines": [{"sku": "B", "warehouse": "W1", "quantity": 3}]});
+            calls.push((n, format!("/v1/reservations/{id}/release"), Some(body)));
+        }
+        calls
+    });
+    let answers = join_all(calls.map(|(n, path, body)| {
+        let app = &app;
+        async move { (n, app.call(reqwest::Method::POST, &path, body).await) }
+    }))
+    .await;
+    for n in 0..20 {
+        let mine: Vec<(StatusCode, &str)> = answers
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, (status, body))| (*status, body["code"].as_str().unwrap_or("")))
+            .collect();
+        let ok = mine.iter().filter(|(s, _)| *s == StatusCode::OK).count();
+        assert_eq!(ok, 1, "exactly one settle of reservation {n} went through: {mine:?}");
+        for (status, code) in mine.iter().filter(|(s, _)| *s != StatusCode::OK) {
+            assert_eq!(*status, StatusCode::CONFLICT);
+            assert!(["reservation_not_active", "over_release"].contains(code), "{code}");
+        }
+    }
+    // Ten fulfilled (3 A + 2 B each), ten released: nothing held, 30 A and 20 B shipped.
+    let shipped_a = 60 - app.level("A", "W1").await.0 - app.level("A", "W2").await.0;
+    assert_eq!(shipped_a, 30);
+    assert_eq!(app.level("B", "W1").await, (20, 0));
+    assert_eq!(app.level("A", "W1").await.1 + app.level("A", "W2").await.1, 0);
     app.assert_invariants().await;
 }
 
