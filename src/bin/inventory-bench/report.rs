@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::load::Tally;
-use crate::pgbench::Baseline;
+use crate::pgbench::{Baseline, Workload};
 use crate::scenarios::Scenario;
 
 #[derive(Debug, Clone, Serialize)]
@@ -25,6 +25,9 @@ impl Latency {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BaselineRow {
+    /// The script pgbench ran.
+    pub workload: Workload,
+    /// Script runs per second.
     pub tps: f64,
     pub transactions: u64,
     pub latency: Latency,
@@ -34,7 +37,13 @@ pub struct BaselineRow {
 
 impl BaselineRow {
     pub fn of(mut b: Baseline) -> Self {
-        Self { tps: b.tps, transactions: b.tally.ops, latency: Latency::of(&mut b.tally), wal_kb_per_tx: None }
+        Self {
+            workload: b.workload,
+            tps: b.tps,
+            transactions: b.tally.ops,
+            latency: Latency::of(&mut b.tally),
+            wal_kb_per_tx: None,
+        }
     }
 }
 
@@ -186,6 +195,7 @@ impl Report {
                 r.set_limit_ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
             );
         }
+        self.baselines_markdown(&mut md);
         if !self.open_loop.is_empty() {
             md.push_str(
                 "\nOpen loop, uniform one-line reservations at a fixed arrival rate (latency from the moment each \
@@ -214,6 +224,30 @@ impl Report {
             let _ = writeln!(md, "- {v}");
         }
         md
+    }
+
+    /// One line per pgbench baseline of the table: what it ran, and for which scenarios.
+    fn baselines_markdown(&self, md: &mut String) {
+        let mut workloads: Vec<(Workload, Vec<String>)> = Vec::new();
+        for r in &self.scenarios {
+            let Some(b) = &r.pgbench else { continue };
+            match workloads.iter_mut().find(|(w, _)| *w == b.workload) {
+                Some((_, scenarios)) => scenarios.push(r.scenario.to_string()),
+                None => workloads.push((b.workload, vec![r.scenario.to_string()])),
+            }
+        }
+        if workloads.is_empty() {
+            return;
+        }
+        md.push_str(
+            "\npgbench baselines, with the scenario's clients on a copy of the data: its database work in plain SQL \
+             (level updates, reservation and ledger inserts; not the allocation and event rows the service also \
+             writes), one order per transaction. tps and p99 are per script run (a whole lifecycle in \
+             `lifecycle`), the service's p99 per request:\n\n",
+        );
+        for (workload, scenarios) in workloads {
+            let _ = writeln!(md, "- `{workload}` ({}): {}", scenarios.join(", "), workload.description());
+        }
     }
 
     /// Writes `<dir>/<timestamp>-<commit>.{md,json}`; returns the Markdown path.

@@ -12,9 +12,16 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use crate::load::{Client, Tally};
+use crate::pgbench::Workload;
 
 /// The one warehouse holding the hot SKUs.
 pub const HOT_WAREHOUSE: &str = "WH0";
+
+/// Lines of a `multi5` order (1 unit each of a random SKU).
+pub const MULTI5_LINES: usize = 5;
+
+/// SKUs of one availability read.
+pub const AVAILABILITY_SKUS: usize = 10;
 
 /// This run's hot SKUs (new in every run, so a reused data set starts them afresh).
 #[derive(Debug, Clone)]
@@ -72,12 +79,15 @@ impl Scenario {
         matches!(self, Self::Uniform | Self::Hot | Self::HotSoldOut)
     }
 
-    /// Whether pgbench runs the same single-row reservation for comparison.
-    pub fn baseline(self) -> Option<&'static str> {
+    /// What pgbench runs for comparison: the same database work in plain SQL.
+    pub fn baseline(self) -> Workload {
         match self {
-            Self::Uniform => Some("uniform"),
-            Self::Hot | Self::HotSoldOut => Some("hot"),
-            _ => None,
+            Self::Uniform => Workload::Uniform,
+            Self::Multi5 => Workload::Multi5,
+            Self::Hot | Self::HotSoldOut => Workload::Hot,
+            Self::Lifecycle => Workload::Lifecycle,
+            Self::Availability => Workload::Availability,
+            Self::Mixed => Workload::Mixed,
         }
     }
 }
@@ -125,7 +135,8 @@ pub async fn run_client(scenario: Scenario, shared: Arc<Shared>, client_no: usiz
                 sim.reserve(&mut client, vec![line], None).await.is_some()
             }
             Scenario::Multi5 => {
-                let lines = (0..5).map(|_| json!({"sku": sku(rng.random_range(0..shared.skus)), "quantity": 1}));
+                let lines =
+                    (0..MULTI5_LINES).map(|_| json!({"sku": sku(rng.random_range(0..shared.skus)), "quantity": 1}));
                 sim.reserve(&mut client, lines.collect(), None).await.is_some()
             }
             Scenario::Hot => {
@@ -204,7 +215,7 @@ impl Sim<'_> {
 
     async fn availability(&mut self, client: &mut Client, rng: &mut SmallRng) -> bool {
         let query: Vec<String> =
-            (0..10).map(|_| format!("sku={}", sku(rng.random_range(0..self.shared.skus)))).collect();
+            (0..AVAILABILITY_SKUS).map(|_| format!("sku={}", sku(rng.random_range(0..self.shared.skus)))).collect();
         let path = format!("/v1/availability?{}", query.join("&"));
         client.send(Method::GET, &path, None).await.is_some_and(|a| a.status == 200)
     }
