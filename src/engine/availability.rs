@@ -9,6 +9,8 @@
 //! service adds no wait. A query that fails answers nobody with its error: each of its requests
 //! then reads on its own, as without coalescing.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -103,9 +105,18 @@ async fn answer(reads: &Reads, asks: Vec<Ask>) {
     let skus = skus.as_slice();
     match reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await {
         Ok(rows) => {
+            // Each SKU's rows are adjacent (the query orders by SKU first).
+            let mut of_sku: HashMap<&str, Range<usize>> = HashMap::with_capacity(skus.len());
+            let mut start = 0;
+            for end in 1..=rows.len() {
+                if end == rows.len() || rows[end].sku != rows[start].sku {
+                    of_sku.insert(rows[start].sku.as_str(), start..end);
+                    start = end;
+                }
+            }
             for ask in asks {
-                let mine = rows.iter().filter(|r| ask.skus.binary_search(&r.sku).is_ok()).cloned().collect();
-                let _ = ask.reply.send(Some(mine));
+                let mine = ask.skus.iter().filter_map(|sku| of_sku.get(sku.as_str())).flat_map(|r| rows[r.clone()].iter());
+                let _ = ask.reply.send(Some(mine.cloned().collect()));
             }
         }
         Err(err) => {
