@@ -16,6 +16,12 @@
 //! 5. the ledger, event and new allocation rows written with them, in the same statement
 //!    (`levels::write`) — new rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
 //!    advisory lock and touches only committed events.
+//!
+//! A first load (`import::claim_first_load`, into a database without stock levels) instead
+//! takes the skus, warehouses, stock_levels and ledger tables exclusively, right after step 1
+//! and before any row lock, in one statement. Should it deadlock with a transaction that holds
+//! one of them and waits for another, or wait longer than the lock timeout, it lets go of them
+//! and imports row by row.
 
 pub(crate) mod catalogue;
 pub(crate) mod channels;

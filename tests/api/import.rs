@@ -452,3 +452,83 @@ async fn import_and_adjustment_report_the_same_stock_crossings() {
     assert!(crossing >= 20, "the cases cross every rule often: {crossing} of {}", cases.len());
     assert!(seen.is_empty(), "events for levels no case changed: {seen:?}");
 }
+
+/// The foreign keys of the levels and the ledger, as the catalog states them.
+async fn foreign_keys(app: &TestApp) -> Vec<(String, String, String, bool)> {
+    sqlx::query_as(
+        "SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid), convalidated FROM pg_constraint
+          WHERE contype = 'f' AND conrelid IN ('stock_levels'::regclass, 'ledger'::regclass) ORDER BY 1, 2",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap()
+}
+
+/// A first load drops the foreign keys of the levels and the ledger while it writes: they are
+/// back, checked, after it commits, and after it is refused.
+#[tokio::test]
+async fn a_first_load_leaves_the_foreign_keys_as_they_were_and_writes_what_any_import_writes() {
+    let app = TestApp::spawn().await;
+    let keys = foreign_keys(&app).await;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    let (status, problem) = import(&app, "?create_missing=true", "A,W1,5\nB,W1,1\nA,W1,6\n").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(foreign_keys(&app).await, keys, "refused");
+    let skus: i64 = sqlx::query_scalar("SELECT count(*) FROM skus").fetch_one(&app.db).await.unwrap();
+    assert_eq!(skus, 0, "nothing applied");
+
+    let csv = "sku,warehouse,on_hand,reorder_point\nA,W1,5,2\nA,W2,0,2\nB,W1,1\n";
+    let (status, report) = import(&app, "?create_missing=true", csv).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(foreign_keys(&app).await, keys, "imported");
+    assert_eq!((report["levels_created"].clone(), report["ledger_entries"].clone()), (json!(3), json!(2)));
+    let (_, ledger) = app.get(&format!("/v1/ledger?reference={}", report["import_id"].as_str().unwrap())).await;
+    let mut entries: Vec<(&str, &str, &str, i64)> = ledger["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let text = |k: &str| e[k].as_str().unwrap();
+            (text("sku"), text("warehouse"), text("kind"), e["on_hand_delta"].as_i64().unwrap())
+        })
+        .collect();
+    entries.sort();
+    assert_eq!(entries, [("A", "W1", "receive", 5), ("B", "W1", "receive", 1)]);
+    // A new level with stock on hand is back in stock; nothing comes below its reorder point.
+    let events: Vec<(String, String, String, sqlx::types::Json<Value>)> =
+        sqlx::query_as("SELECT type, sku, warehouse, data FROM events ORDER BY sku, warehouse, type")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    let back = |sku: &str, on_hand: i64, reorder_point: i64| {
+        let data = json!({"available_before": 0, "available": on_hand, "on_hand": on_hand, "reserved": 0,
+                          "reorder_point": reorder_point});
+        ("stock.back_in_stock".to_owned(), sku.to_owned(), "W1".to_owned(), sqlx::types::Json(data))
+    };
+    assert_eq!(events, [back("A", 5, 2), back("B", 1, 0)]);
+
+    // The next import is not a first load: it counts.
+    let (status, report) = import(&app, "", "A,W1,1\nA,W2,3\n").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["levels_created"].clone(), report["ledger_entries"].clone()), (json!(0), json!(2)));
+    assert_eq!(foreign_keys(&app).await, keys);
+    assert_eq!((app.level("A", "W1").await, app.level("A", "W2").await), ((1, 0), (3, 0)));
+    app.assert_invariants().await;
+}
+
+/// While another transaction holds one of the tables a first load takes, it waits no longer
+/// than the lock timeout, then imports row by row.
+#[tokio::test]
+async fn a_first_load_that_cannot_have_the_tables_imports_row_by_row() {
+    let app = TestApp::spawn().await;
+    let keys = foreign_keys(&app).await;
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ledger IN ACCESS SHARE MODE").execute(&mut *holder).await.unwrap();
+    let (status, report) = import(&app, "?create_missing=true", "A,W1,5\nB,W1,0\n").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["levels_created"].clone(), report["ledger_entries"].clone()), (json!(2), json!(1)));
+    holder.rollback().await.unwrap();
+    assert_eq!(foreign_keys(&app).await, keys);
+    assert_eq!((app.level("A", "W1").await, app.level("B", "W1").await), ((5, 0), (0, 0)));
+    app.assert_invariants().await;
+}
