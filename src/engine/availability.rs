@@ -115,7 +115,8 @@ async fn answer(reads: &Reads, asks: Vec<Ask>) {
                 }
             }
             for ask in asks {
-                let mine = ask.skus.iter().filter_map(|sku| of_sku.get(sku.as_str())).flat_map(|r| rows[r.clone()].iter());
+                let mine =
+                    ask.skus.iter().filter_map(|sku| of_sku.get(sku.as_str())).flat_map(|r| rows[r.clone()].iter());
                 let _ = ask.reply.send(Some(mine.cloned().collect()));
             }
         }
