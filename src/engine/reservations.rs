@@ -742,8 +742,8 @@ pub(crate) async fn modify(conn: &mut PgConnection, id: Uuid, edit: &Edit) -> Re
         reservation_id: Some(id),
         data: serde_json::json!({ "order_id": header.order_id, "channel": header.channel, "status": "active" }),
     });
-    book.flush(conn).await?;
-    store::replace_allocations(conn, id, &rows).await?;
+    store::clear_allocations(conn, id).await?;
+    book.flush_with(conn, &store::RowWrites { inserted: &rows, ..Default::default() }).await?;
     if let Some(ttl) = edit.ttl_seconds {
         header.expires_at = store::extend(conn, id, ttl).await?;
     }

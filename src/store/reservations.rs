@@ -318,30 +318,10 @@ pub(crate) async fn allocations(conn: &mut PgConnection, ids: &[Uuid]) -> Result
     .await
 }
 
-pub(crate) async fn insert_allocations(conn: &mut PgConnection, rows: &[Allocation]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO reservation_allocations (reservation_id, sku, warehouse, line_no, seq, quantity)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::int8[])",
-    )
-    .bind(rows.iter().map(|r| r.reservation_id).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.warehouse.as_str()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.line_no).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.seq).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.quantity).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Replaces a (locked) reservation's allocations with `rows`, as an order edit leaves them.
-pub(crate) async fn replace_allocations(
-    conn: &mut PgConnection,
-    id: Uuid,
-    rows: &[Allocation],
-) -> Result<(), sqlx::Error> {
+/// Removes a (locked) reservation's allocations, for an order edit to write its new ones (see
+/// [`RowWrites::inserted`]), and marks the reservation updated.
+pub(crate) async fn clear_allocations(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM reservation_allocations WHERE reservation_id = $1").bind(id).execute(&mut *conn).await?;
-    insert_allocations(conn, rows).await?;
     sqlx::query("UPDATE reservations SET updated_at = now() WHERE id = $1").bind(id).execute(conn).await?;
     Ok(())
 }
