@@ -33,7 +33,49 @@ struct Ask {
     /// Sorted, without duplicates.
     skus: Vec<String>,
     /// `None`: the query failed; read on your own.
-    reply: oneshot::Sender<Option<Vec<AvailableRow>>>,
+    reply: oneshot::Sender<Option<Found>>,
+}
+
+/// The rows of one availability query, shared by every request it answered (no request copies
+/// another's rows): look a SKU's rows up with [`Found::of`].
+#[derive(Debug, Clone)]
+pub(crate) struct Found(Arc<Table>);
+
+#[derive(Debug)]
+struct Table {
+    /// Every SKU asked for, sorted (Rust's order), without duplicates; `ranges` is parallel.
+    skus: Vec<String>,
+    /// Where each SKU's rows are in `rows` (empty for a SKU without levels).
+    ranges: Vec<Range<usize>>,
+    /// In the query's order: by SKU, then warehouse priority.
+    rows: Vec<AvailableRow>,
+}
+
+impl Found {
+    /// `rows` answer `skus` (sorted, without duplicates) in [`stock::availability`]'s order:
+    /// each SKU's rows adjacent, its warehouses by priority.
+    pub(crate) fn new(skus: Vec<String>, rows: Vec<AvailableRow>) -> Self {
+        // The database's collation orders the SKUs, not Rust: find each one's rows by name.
+        let mut of_sku: HashMap<&str, Range<usize>> = HashMap::with_capacity(skus.len());
+        let mut start = 0;
+        for end in 1..=rows.len() {
+            if end == rows.len() || rows[end].sku != rows[start].sku {
+                of_sku.insert(rows[start].sku.as_str(), start..end);
+                start = end;
+            }
+        }
+        let ranges = skus.iter().map(|sku| of_sku.get(sku.as_str()).cloned().unwrap_or(0..0)).collect();
+        Self(Arc::new(Table { skus, ranges, rows }))
+    }
+
+    /// `sku`'s rows, its warehouses by priority; none for a SKU not asked for or without levels.
+    pub(crate) fn of(&self, sku: &str) -> &[AvailableRow] {
+        let table = &*self.0;
+        match table.skus.binary_search_by(|s| s.as_str().cmp(sku)) {
+            Ok(i) => &table.rows[table.ranges[i].clone()],
+            Err(_) => &[],
+        }
+    }
 }
 
 /// The handle requests submit to; cheap to clone.
@@ -53,15 +95,24 @@ impl Coalescer {
 
     /// Availability of `skus` (sorted, without duplicates) in active warehouses, as
     /// [`stock::availability`] answers it.
-    pub(crate) async fn availability(&self, skus: &[String]) -> Result<Vec<AvailableRow>, sqlx::Error> {
+    pub(crate) async fn availability(&self, skus: &[String]) -> Result<Found, sqlx::Error> {
         let (reply, answer) = oneshot::channel();
         if self.queue.send(Ask { skus: skus.to_vec(), reply }).await.is_ok()
-            && let Ok(Some(rows)) = answer.await
+            && let Ok(Some(found)) = answer.await
         {
-            return Ok(rows);
+            return Ok(found);
         }
-        self.reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await
+        // Rare (the query failed, or the service is stopping): boxed, so that the common path's
+        // future stays small.
+        Box::pin(read(&self.reads, skus.to_vec())).await
     }
+}
+
+/// One query for `skus` (sorted, without duplicates).
+async fn read(reads: &Reads, skus: Vec<String>) -> Result<Found, sqlx::Error> {
+    let asked = skus.as_slice();
+    let rows = reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, asked).await }).await?;
+    Ok(Found::new(skus, rows))
 }
 
 async fn gather(mut rx: mpsc::Receiver<Ask>, reads: Reads, slots: Arc<Semaphore>) {
@@ -96,28 +147,16 @@ async fn gather(mut rx: mpsc::Receiver<Ask>, reads: Reads, slots: Arc<Semaphore>
     }
 }
 
-/// Runs one query for every SKU of `asks` and hands each its own rows.
-async fn answer(reads: &Reads, asks: Vec<Ask>) {
+/// Runs one query for every SKU of `asks` and hands each the shared answer.
+async fn answer(reads: &Reads, mut asks: Vec<Ask>) {
     metrics::histogram!(crate::metrics::COALESCED_READS).record(asks.len() as f64);
-    let mut skus: Vec<String> = asks.iter().flat_map(|a| a.skus.iter().cloned()).collect();
+    let mut skus: Vec<String> = asks.iter_mut().flat_map(|a| std::mem::take(&mut a.skus)).collect();
     skus.sort_unstable();
     skus.dedup();
-    let skus = skus.as_slice();
-    match reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, skus).await }).await {
-        Ok(rows) => {
-            // Each SKU's rows are adjacent (the query orders by SKU first).
-            let mut of_sku: HashMap<&str, Range<usize>> = HashMap::with_capacity(skus.len());
-            let mut start = 0;
-            for end in 1..=rows.len() {
-                if end == rows.len() || rows[end].sku != rows[start].sku {
-                    of_sku.insert(rows[start].sku.as_str(), start..end);
-                    start = end;
-                }
-            }
+    match read(reads, skus).await {
+        Ok(found) => {
             for ask in asks {
-                let mine =
-                    ask.skus.iter().filter_map(|sku| of_sku.get(sku.as_str())).flat_map(|r| rows[r.clone()].iter());
-                let _ = ask.reply.send(Some(mine.cloned().collect()));
+                let _ = ask.reply.send(Some(found.clone()));
             }
         }
         Err(err) => {
@@ -126,5 +165,28 @@ async fn answer(reads: &Reads, asks: Vec<Ask>) {
                 let _ = ask.reply.send(None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(sku: &str, warehouse: &str, available: i64) -> AvailableRow {
+        AvailableRow { sku: sku.into(), warehouse: warehouse.into(), available }
+    }
+
+    #[test]
+    fn each_sku_finds_its_own_rows_whatever_order_the_database_sorted_them_in() {
+        // A collation may sort `a-1` after `A2` or `a1`; the rows still come grouped by SKU.
+        let skus: Vec<String> = ["A2", "a-1", "a1", "none"].iter().map(|s| s.to_string()).collect();
+        let rows = vec![row("a1", "W2", 5), row("a1", "W1", 3), row("a-1", "W1", 7), row("A2", "W3", 0)];
+        let found = Found::new(skus, rows);
+        let names = |sku| found.of(sku).iter().map(|r| (r.warehouse.as_str(), r.available)).collect::<Vec<_>>();
+        assert_eq!(names("a1"), [("W2", 5), ("W1", 3)]);
+        assert_eq!(names("a-1"), [("W1", 7)]);
+        assert_eq!(names("A2"), [("W3", 0)]);
+        assert!(found.of("none").is_empty());
+        assert!(found.of("not-asked").is_empty());
     }
 }

@@ -20,6 +20,7 @@ use crate::domain::{
     AdjustReason, ChannelCode, Code, Delta, MAX_QUANTITY, Quantity, Sku, Validator, WarehouseCode, text,
 };
 use crate::engine::Refusal;
+use crate::engine::availability::Found;
 use crate::engine::import;
 use crate::engine::stock::{Adjust, Receive, Transfer};
 use crate::store::catalogue;
@@ -319,10 +320,10 @@ pub(crate) async fn availability(
     State(state): State<AppState>,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let mut requested = Vec::new();
+    let mut requested: Vec<&str> = Vec::new();
     let mut channel = None;
     // Other parameters (cache busters and the like) are ignored: a product page never breaks.
-    for (key, value) in pairs {
+    for (key, value) in &pairs {
         if key == "channel" {
             match ChannelCode::parse(value.as_str()) {
                 Ok(code) if channel.is_none() => channel = Some(code),
@@ -335,7 +336,7 @@ pub(crate) async fn availability(
                 if let Err(err) = Sku::parse(sku) {
                     return Err(ApiError::field("sku", format!("`{sku}` {err}")));
                 }
-                requested.push(sku.to_owned());
+                requested.push(sku);
             }
         }
     }
@@ -345,33 +346,43 @@ pub(crate) async fn availability(
     if requested.len() > MAX_AVAILABILITY_SKUS {
         return Err(ApiError::field("sku", format!("at most {MAX_AVAILABILITY_SKUS} skus per request")));
     }
-    let mut unique = requested.clone();
+    let mut unique: Vec<String> = requested.iter().map(|&sku| sku.to_owned()).collect();
     unique.sort_unstable();
     unique.dedup();
-    let skus = unique.as_slice();
-    let rows = match &channel {
-        None => state.availability.availability(skus).await?,
-        Some(code) => {
-            let name = code.as_str();
-            state
-                .reads
-                .find(None, |pool| async move {
-                    stock::availability_in_channel(&mut *pool.acquire().await?, skus, name).await
-                })
-                .await?
-                .ok_or_else(|| Refusal::UnknownChannel(code.to_string()))?
-        }
+    let found = match &channel {
+        None => state.availability.availability(&unique).await?,
+        Some(code) => Box::pin(availability_in_channel(&state, unique, code)).await?,
     };
     let items = requested
         .into_iter()
         .map(|sku| {
-            let mine = || rows.iter().filter(|r| r.sku == sku);
-            let available = mine().map(|r| r.available).sum();
-            let warehouses = mine().map(|r| (r.warehouse.clone(), r.available)).collect();
-            AvailabilityItem { sku: sku.clone(), available, warehouses }
+            let rows = found.of(sku);
+            let available = rows.iter().map(|r| r.available).sum();
+            let warehouses = rows.iter().map(|r| (r.warehouse.as_str(), r.available)).collect();
+            AvailabilityItem { sku, available, warehouses }
         })
         .collect();
     Ok(axum::Json(Availability { items }).into_response())
+}
+
+/// Availability of `skus` (sorted, without duplicates) in `channel`'s active warehouses; an
+/// unknown channel is refused.
+async fn availability_in_channel(
+    state: &AppState,
+    skus: Vec<String>,
+    channel: &ChannelCode,
+) -> Result<Found, ApiError> {
+    let name = channel.as_str();
+    let asked = skus.as_slice();
+    let rows = state
+        .reads
+        .find(
+            None,
+            |pool| async move { stock::availability_in_channel(&mut *pool.acquire().await?, asked, name).await },
+        )
+        .await?
+        .ok_or_else(|| Refusal::UnknownChannel(channel.to_string()))?;
+    Ok(Found::new(skus, rows))
 }
 
 /// The CSV body of an import, as the document describes it.

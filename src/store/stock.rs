@@ -156,7 +156,7 @@ pub(crate) async fn is_in_the_future(conn: &mut PgConnection, at: DateTime<Utc>)
 }
 
 /// One SKU's availability per active warehouse.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub(crate) struct AvailableRow {
     pub sku: String,
     pub warehouse: String,
@@ -166,8 +166,9 @@ pub(crate) struct AvailableRow {
 /// Availability of many SKUs in active warehouses: the product-page read path. One statement,
 /// an index range scan per SKU on the primary key.
 pub(crate) async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<AvailableRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
+    // Columns by position, not by name: this runs for every product page.
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved
            FROM stock_levels l
            JOIN warehouses w ON w.code = l.warehouse AND w.active
           WHERE l.sku = ANY($1)
@@ -175,7 +176,8 @@ pub(crate) async fn availability(conn: &mut PgConnection, skus: &[String]) -> Re
     )
     .bind(skus)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|(sku, warehouse, available)| AvailableRow { sku, warehouse, available }).collect())
 }
 
 /// [`availability`] in one sales channel: only its active warehouses, in its order of
