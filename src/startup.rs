@@ -309,7 +309,7 @@ pub async fn serve_with_reads(
     ));
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
-    let state = AppState {
+    let state = AppState::new(http::state::Shared {
         db: pool,
         availability: engine::availability::Coalescer::spawn(reads.clone()),
         reads,
@@ -319,7 +319,7 @@ pub async fn serve_with_reads(
         keys: Arc::new(keys),
         engine,
         feed,
-    };
+    });
     let app = http::app(state);
     // Draining starts with the signal: not ready at once (load balancers stop sending), still
     // serving for the drain delay; then background tasks and event streams stop, no new

@@ -1,12 +1,15 @@
 //! Request ids and the request span: every request gets an `x-request-id` (the client's, when it
 //! sends a sane one, or a new UUIDv7), echoed in the response and put in every problem body.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::{Counter, Histogram};
 use tracing::Instrument;
 
 pub(crate) const HEADER: &str = "x-request-id";
@@ -43,15 +46,12 @@ pub(crate) async fn layer(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
-    let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str()).to_owned();
+    let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str());
     let elapsed = started.elapsed();
-    crate::telemetry::finish_request(&span, &method, &route, status);
-    // Label values come from fixed sets only (known methods, route templates, status codes), so
-    // no client can grow the number of series: an unknown method is `other`, an unmatched path
-    // is `unmatched`.
-    let labels = [("method", method_label(&method)), ("route", route), ("status", status.to_string())];
-    metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(crate::metrics::HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
+    crate::telemetry::finish_request(&span, &method, route, status);
+    let (requests, duration) = http_metrics(method_label(&method), route, status);
+    requests.increment(1);
+    duration.record(elapsed.as_secs_f64());
     span.in_scope(|| {
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         // Successes are the bulk at flash-sale rates: an access log of every request costs a
@@ -71,31 +71,53 @@ pub(crate) async fn layer(request: Request, next: Next) -> Response {
     response
 }
 
+/// The request counter and duration histogram of one method, route and status. Label values
+/// come from fixed sets only (known methods, route templates, status codes), so no client can
+/// grow the number of series: an unknown method is `other`, an unmatched path is `unmatched`.
+/// Each series is registered once and its handles kept: a request only counts.
+fn http_metrics(method: &'static str, route: &str, status: u16) -> (Counter, Histogram) {
+    type Series = HashMap<(&'static str, u16), (Counter, Histogram)>;
+    static KNOWN: LazyLock<RwLock<HashMap<Box<str>, Series>>> = LazyLock::new(Default::default);
+    let known = KNOWN.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(handles) = known.get(route).and_then(|series| series.get(&(method, status))) {
+        return handles.clone();
+    }
+    drop(known);
+    let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+    let handles = (
+        metrics::counter!(crate::metrics::HTTP_REQUESTS, &labels),
+        metrics::histogram!(crate::metrics::HTTP_DURATION, &labels),
+    );
+    let mut known = KNOWN.write().unwrap_or_else(|e| e.into_inner());
+    known.entry(route.into()).or_default().insert((method, status), handles.clone());
+    handles
+}
+
 /// The method as a metrics label: one of the standard methods, else `other`.
-fn method_label(method: &axum::http::Method) -> String {
+fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
-    let known = [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::CONNECT,
+    const KNOWN: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::HEAD, "HEAD"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::PATCH, "PATCH"),
+        (Method::DELETE, "DELETE"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::TRACE, "TRACE"),
+        (Method::CONNECT, "CONNECT"),
     ];
-    if known.contains(method) { method.as_str().to_owned() } else { "other".to_owned() }
+    KNOWN.iter().find(|(known, _)| known == method).map_or("other", |&(_, label)| label)
 }
 
 /// The matched route template of a request, carried out on its response.
 #[derive(Debug, Clone)]
-struct Route(String);
+struct Route(MatchedPath);
 
 /// Route-level middleware: records the matched route template (never the raw path) in the span
 /// and hands it to the outer layer for metrics.
 pub(crate) async fn record_route(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = request.extensions().get::<MatchedPath>().cloned();
     if let Some(route) = &route {
         tracing::Span::current().record("route", route.as_str());
     }

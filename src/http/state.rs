@@ -8,9 +8,28 @@ use super::error::ApiError;
 use crate::config::ServerArgs;
 use crate::engine::Engine;
 
-/// What every handler can reach.
+/// What every handler can reach: cloned for every request (by each layer and extractor that
+/// takes it), so one shared allocation rather than a dozen reference counts.
 #[derive(Debug, Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub(crate) fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+#[derive(Debug)]
+pub(crate) struct Shared {
     /// The primary: every write, and the reads that must see their own writes.
     pub db: Db,
     /// The reads that tolerate a bounded lag: on the read replica while it is fresh.
