@@ -238,7 +238,7 @@ async fn import_command(
         // A local file has no size limit (that one protects the service from its clients).
         let staged = engine::import::stage(Box::pin(chunks), usize::MAX).await?;
         // A writer of ledger entries and events: readers of both wait for it (see db::begin_writer).
-        let mut tx = db::begin_writer(&pool, None).await?;
+        let mut tx = db::begin_writer(&pool, db::WriterSetup::default()).await?;
         let report = engine::import::apply(&mut tx, &staged, create_missing).await?;
         tx.commit().await.map_err(engine::Error::from_commit)?;
         Ok::<_, engine::Error>(report)

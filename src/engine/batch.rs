@@ -24,7 +24,7 @@ use super::idempotency::{self, Keyed, Outcome, Render};
 use super::reservations::{self, NewReservation, SettleRequest};
 use super::tx::{TxFuture, transact_with};
 use crate::config::ServerArgs;
-use crate::store::db::Db;
+use crate::store::db::{Db, WriterSetup};
 use crate::store::reservations::Reservation;
 
 /// What can be decided in a batch: many requests in one transaction, each with its own answer.
@@ -316,8 +316,8 @@ async fn execute<W: Work>(db: &Db, batch: Vec<Job<W>>, render: Render) {
     // A batch waits for rows other batches hold for a few milliseconds at most. Waiting longer
     // means a stuck row: give up early, so the batch's other rows are not held hostage, and let
     // each order run alone under the normal lock timeout.
-    let cap = Some(BATCH_LOCK_TIMEOUT);
-    match transact_with(db, cap, &ctx, |conn, (work, render)| Box::pin(decide(conn, work, *render))).await {
+    let setup = WriterSetup { lock_cap: Some(BATCH_LOCK_TIMEOUT), generic_plans: true };
+    match transact_with(db, setup, &ctx, |conn, (work, render)| Box::pin(decide(conn, work, *render))).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Some(Ok(outcome)));

@@ -7,7 +7,7 @@ use crate::store::db::Db;
 use tracing::Instrument;
 
 use super::error::{Error, Result};
-use crate::store::db::begin_writer;
+use crate::store::db::{WriterSetup, begin_writer};
 
 /// How many times a transaction that hit a deadlock or serialization failure is run in all.
 const MAX_ATTEMPTS: u32 = 5;
@@ -32,11 +32,11 @@ where
     C: Sync + ?Sized,
     F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
 {
-    transact_with(pool, None, ctx, body).await
+    transact_with(pool, WriterSetup::default(), ctx, body).await
 }
 
-/// [`transact`], waiting at most `lock_cap` for any row lock (a configured shorter wait stays).
-pub(crate) async fn transact_with<C, T, F>(pool: &Db, lock_cap: Option<Duration>, ctx: &C, mut body: F) -> Result<T>
+/// [`transact`], begun as `setup` says (a cap on row lock waits, generic plans).
+pub(crate) async fn transact_with<C, T, F>(pool: &Db, setup: WriterSetup, ctx: &C, mut body: F) -> Result<T>
 where
     C: Sync + ?Sized,
     F: for<'c> FnMut(&'c mut sqlx::PgConnection, &'c C) -> TxFuture<'c, T>,
@@ -50,7 +50,7 @@ where
             tracing::debug_span!("transaction", attempt = tries, sqlstate = tracing::field::Empty)
         };
         let attempt = async {
-            let mut tx = begin_writer(pool, lock_cap).await?;
+            let mut tx = begin_writer(pool, setup).await?;
             match body(&mut tx, ctx).await {
                 Ok(out) => {
                     tx.commit().await.map_err(Error::from_commit)?;
