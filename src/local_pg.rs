@@ -330,10 +330,14 @@ impl LocalPostgres {
         Err(last_error.unwrap_or(LocalPgError::NoBinaries))
     }
 
-    /// How full-page images in the WAL are compressed: lz4 when this PostgreSQL was built with it
-    /// (Debian's and most packages are), else pglz. Under random updates of a large table pglz
-    /// costs about a tenth of all CPU (profiled: `pglz_compress`); lz4 a fraction of that.
+    /// How full-page images in the WAL are compressed: lz4 when this PostgreSQL takes it (15 or
+    /// newer, built with lz4: Debian's and most packages are), else the default (pglz). Under
+    /// random updates of a large table pglz costs about a tenth of all CPU (profiled:
+    /// `pglz_compress`); lz4 a fraction of that.
     fn wal_compression(&self) -> &'static str {
+        let major = std::fs::read_to_string(self.cluster_dir.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok());
         let configure = Command::new(self.bin_dir.join("pg_config"))
             .arg("--configure")
             .stdin(Stdio::null())
@@ -341,7 +345,7 @@ impl LocalPostgres {
             .ok()
             .filter(|out| out.status.success())
             .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
-        wal_compression_for(configure.as_deref())
+        wal_compression_for(major, configure.as_deref())
     }
 
     /// `<data dir>/pg.port`: the port of the last start, taken again by the next one when free.
@@ -435,11 +439,12 @@ pub fn describe_data_dir(data_dir: &Path) -> String {
     out
 }
 
-/// The `wal_compression` setting for a server built with `configure` (the output of
-/// `pg_config --configure`, if it could be read).
-fn wal_compression_for(configure: Option<&str>) -> &'static str {
+/// The `wal_compression` setting for a server of this major version built with `configure`
+/// (the output of `pg_config --configure`), as far as either could be read. `on` (pglz) is what
+/// every version takes; `lz4` only 15 and newer (14 knows `--with-lz4`, for TOAST only).
+fn wal_compression_for(major: Option<u32>, configure: Option<&str>) -> &'static str {
     let has_lz4 = configure.is_some_and(|flags| flags.split_whitespace().any(|f| f.trim_matches('\'') == "--with-lz4"));
-    if has_lz4 { "lz4" } else { "pglz" }
+    if has_lz4 && major.is_some_and(|m| m >= 15) { "lz4" } else { "on" }
 }
 
 /// Finds the directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -518,12 +523,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wal_compression_is_lz4_only_when_the_server_was_built_with_it() {
+    fn wal_compression_is_lz4_only_when_the_server_takes_it() {
         let debian = "'--prefix=/usr' '--with-icu' '--with-lz4' '--with-zstd' '--enable-nls'";
-        assert_eq!(wal_compression_for(Some(debian)), "lz4");
-        assert_eq!(wal_compression_for(Some("'--prefix=/usr' '--with-lz4-extra' '--with-zstd'")), "pglz");
-        assert_eq!(wal_compression_for(Some("")), "pglz");
-        assert_eq!(wal_compression_for(None), "pglz");
+        assert_eq!(wal_compression_for(Some(15), Some(debian)), "lz4");
+        assert_eq!(wal_compression_for(Some(17), Some(debian)), "lz4");
+        // 14 has the flag, but its wal_compression is a boolean: lz4 would stop it starting.
+        assert_eq!(wal_compression_for(Some(14), Some(debian)), "on");
+        assert_eq!(wal_compression_for(None, Some(debian)), "on");
+        assert_eq!(wal_compression_for(Some(15), Some("'--prefix=/usr' '--with-lz4-extra' '--with-zstd'")), "on");
+        assert_eq!(wal_compression_for(Some(15), Some("")), "on");
+        assert_eq!(wal_compression_for(Some(15), None), "on");
     }
 
     #[test]
