@@ -296,7 +296,7 @@ pub(crate) struct WriterSetup {
     /// (`plan_cache_mode = force_generic_plan`) instead of being planned again for its
     /// arguments. For the batches: their statements find rows by key from arrays, whose plan does
     /// not depend on the arrays' contents, while planning their many-CTE statements for every
-    /// batch cost ~5 % of PostgreSQL's CPU. Ignored behind a transaction pooler: no statement is
+    /// batch took ~5 % of all CPU under load. Ignored behind a transaction pooler: no statement is
     /// kept there, each is planned anyway, and a generic plan would only lose the arguments.
     pub generic_plans: bool,
 }
