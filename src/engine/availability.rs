@@ -55,6 +55,7 @@ impl Found {
     /// `rows` answer `skus` (sorted, without duplicates) in [`stock::availability`]'s order:
     /// each SKU's rows adjacent, its warehouses by priority.
     pub(crate) fn new(skus: Vec<String>, rows: Vec<AvailableRow>) -> Self {
+        debug_assert!(skus.windows(2).all(|w| w[0] < w[1]), "the SKUs come sorted, without duplicates");
         // The database's collation orders the SKUs, not Rust: find each one's rows by name.
         let mut of_sku: HashMap<&str, Range<usize>> = HashMap::with_capacity(skus.len());
         let mut start = 0;

@@ -13,9 +13,7 @@ use super::tx::transact_with;
 use crate::store::reservations::{SweepSkips, expiry_lag, held_levels, overdue_ids};
 
 /// The sweep's transactions wait at most [`SWEEP_LOCK_TIMEOUT`] for a row.
-fn sweep_setup() -> WriterSetup {
-    WriterSetup { lock_cap: Some(SWEEP_LOCK_TIMEOUT), generic_plans: false }
-}
+const SWEEP: WriterSetup = WriterSetup { lock_cap: Some(SWEEP_LOCK_TIMEOUT), generic_plans: false };
 
 /// How long the sweep leaves alone a level it found locked by someone else.
 const STUCK_LEVEL_PAUSE: Duration = Duration::from_secs(2);
@@ -62,9 +60,7 @@ impl Sweeper {
         while rounds < MAX_ROUNDS {
             rounds += 1;
             let ctx = (self.batch, self.skips());
-            match transact_with(pool, sweep_setup(), &ctx, |tx, (batch, skips)| Box::pin(expire_due(tx, *batch, skips)))
-                .await
-            {
+            match transact_with(pool, SWEEP, &ctx, |tx, (batch, skips)| Box::pin(expire_due(tx, *batch, skips))).await {
                 Ok(n) => {
                     record(n);
                     if (n as i64) < self.batch {
@@ -112,7 +108,7 @@ impl Sweeper {
             let mut skips = self.skips();
             skips.only = Some(id);
             let ctx = skips;
-            match transact_with(pool, sweep_setup(), &ctx, |tx, skips| Box::pin(expire_due(tx, 1, skips))).await {
+            match transact_with(pool, SWEEP, &ctx, |tx, skips| Box::pin(expire_due(tx, 1, skips))).await {
                 Ok(n) => record(n),
                 Err(err) if err.is_database_down() => return Err(err),
                 Err(err) if err.is_busy() => {
