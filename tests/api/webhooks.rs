@@ -52,6 +52,11 @@ pub(crate) struct Seen {
     pub(crate) delay_ms: AtomicU64,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) max_in_flight: AtomicUsize,
+    /// The event ids of the requests in the handler now, one entry per request.
+    in_flight_ids: Mutex<Vec<i64>>,
+    /// The most distinct events in the handler at once: two requests of the same event can
+    /// overlap when an instance killed mid-delivery had already sent it and another sends it again.
+    pub(crate) max_distinct_in_flight: AtomicUsize,
 }
 
 /// A webhook receiver on 127.0.0.1, recording what it gets as it arrives.
@@ -72,6 +77,8 @@ impl Receiver {
             delay_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            in_flight_ids: Mutex::new(Vec::new()),
+            max_distinct_in_flight: AtomicUsize::new(0),
         });
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(seen.clone());
@@ -96,9 +103,23 @@ impl Receiver {
 async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let status = seen.answer.load(Ordering::SeqCst);
-    seen.requests.lock().unwrap().push(Delivery { headers, body, status });
+    let delivery = Delivery { headers, body, status: seen.answer.load(Ordering::SeqCst) };
+    let (id, status) = (delivery.id(), delivery.status);
+    {
+        let mut ids = seen.in_flight_ids.lock().unwrap();
+        ids.push(id);
+        let mut distinct = ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        seen.max_distinct_in_flight.fetch_max(distinct.len(), Ordering::SeqCst);
+    }
+    seen.requests.lock().unwrap().push(delivery);
     tokio::time::sleep(Duration::from_millis(seen.delay_ms.load(Ordering::SeqCst))).await;
+    {
+        let mut ids = seen.in_flight_ids.lock().unwrap();
+        let at = ids.iter().position(|i| *i == id).unwrap();
+        ids.swap_remove(at);
+    }
     seen.in_flight.fetch_sub(1, Ordering::SeqCst);
     StatusCode::from_u16(status).unwrap()
 }
