@@ -129,7 +129,9 @@ impl Feed {
     }
 
     /// Numbers what has committed, then takes every event after the head into memory (also
-    /// those another instance numbered).
+    /// those another instance numbered) — while a stream is open to read it. With none open
+    /// only the head moves and the memory is emptied (it must never have a gap): a stream that
+    /// opens later reads from the database up to the head, and from memory after it.
     async fn relay_once(&self, db: &Db) -> Result<()> {
         let relayed = events::relay(db).await?;
         metrics::counter!(crate::metrics::EVENTS_RELAYED).increment(relayed);
@@ -137,6 +139,14 @@ impl Feed {
         if !self.inner.known.load(Ordering::SeqCst) {
             self.inner.head.send_replace(events::last_id(&mut conn).await?);
             self.inner.known.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
+        if self.streaming() == 0 {
+            let last = events::last_id(&mut conn).await?;
+            if last != *self.inner.head.borrow() {
+                self.inner.recent.write().unwrap_or_else(|e| e.into_inner()).clear();
+                self.inner.head.send_replace(last);
+            }
             return Ok(());
         }
         loop {
@@ -249,6 +259,11 @@ impl Feed {
             .map(|e| Arc::new(Framed::new(e)))
             .collect();
         Ok(Slice { events, scanned_to })
+    }
+
+    /// How many streams are open.
+    fn streaming(&self) -> usize {
+        self.inner.streams.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 
     /// Opens a stream slot for `caller`, or says which limit is reached.

@@ -227,9 +227,18 @@ async fn the_stream_is_live_and_resumes_after_last_event_id() {
     let ids = read_sse_ids(&mut res, 2).await;
     assert_eq!(ids, [2, 3]);
     drop(res);
+    // Events while no stream is open (the feed then keeps no memory, only the head).
+    for order in ["gap1", "gap2"] {
+        app.post("/v1/reservations", json!({"order_id": order, "lines": [{"sku": "A", "quantity": 1}]})).await;
+    }
+    let (_, page) = app.get("/v1/events?after=3").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 2, "{page}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let mut resumed = app.client.get(app.url("/v1/events/stream")).header("last-event-id", "2").send().await.unwrap();
-    assert_eq!(read_sse_ids(&mut resumed, 1).await, [3], "resumes right after the last seen id");
+    assert_eq!(read_sse_ids(&mut resumed, 3).await, [3, 4, 5], "resumes right after the last seen id");
+    app.post("/v1/reservations", json!({"order_id": "live3", "lines": [{"sku": "A", "quantity": 1}]})).await;
+    assert_eq!(read_sse_ids(&mut resumed, 1).await, [6], "and goes on live");
 }
 
 #[tokio::test]
