@@ -35,32 +35,70 @@ pub(crate) struct Event {
     pub data: serde_json::Value,
 }
 
+/// Events numbered by one relay run at most. Large: each run looks at every event still without
+/// an id (and those numbered since the horizon last moved), so a backlog (a million levels
+/// imported) is numbered in one run rather than rescanned by a hundred.
+const RELAY_BATCH: i64 = 1_000_000;
+
 /// Gives the next public ids to committed events, in one short transaction; returns how many.
 ///
 /// Ids are handed out here, after the commit, as `max(id) + n` in `seq` order, by one relay at a
 /// time (advisory lock; several service instances can run it): an event that commits later gets
 /// a larger id at a later run, so a reader paging with `after` never misses one, and no running
 /// transaction — however long — holds the feed back. (Events of one entity stay in order: the
-/// change that follows another waits for its commit.)
+/// change that follows another waits for its commit.) An id is a row of `event_ids`; the event
+/// row itself is never written again. The events waiting for one are found from the relay's
+/// writer horizon (see `migrations/0011_event_ids.sql`), which a run that numbers everything it
+/// sees moves up.
 pub(crate) async fn relay(pool: &Db) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
         return Ok(0);
     }
+    // Where the last complete run left off (the planner sees the values, so it walks the few
+    // newest rows of both tables by index).
+    let (below, after): (i64, i64) =
+        sqlx::query_as("SELECT horizon::text::int8, numbered_after FROM event_relay").fetch_one(&mut *tx).await?;
+    // In a statement of its own, before the events are read: every writer below it has finished
+    // by then, so the next statement sees its events.
+    let horizon: i64 = sqlx::query_scalar("SELECT writer_horizon()::text::int8").fetch_one(&mut *tx).await?;
+    // The same events as the view `unrelayed_events`.
     let done = sqlx::query(
         "WITH ready AS (
-             SELECT seq, row_number() OVER (ORDER BY seq) AS n
-               FROM (SELECT seq FROM events
-                      WHERE id IS NULL
-                      ORDER BY seq LIMIT 10000) s
-         ), top AS (SELECT coalesce(max(id), 0) AS id FROM events)
-         UPDATE events e SET id = top.id + ready.n
-           FROM ready, top
-          WHERE e.seq = ready.seq",
+             SELECT txid, seq, row_number() OVER (ORDER BY seq) AS n
+               FROM (SELECT e.txid, e.seq FROM events e
+                      WHERE e.txid >= $1::int8::text::xid8
+                        AND NOT EXISTS (SELECT 1 FROM event_ids n
+                                         WHERE n.id > $2 AND n.txid = e.txid AND n.seq = e.seq)
+                      ORDER BY e.seq LIMIT $3) s
+         ), top AS (SELECT coalesce(max(id), 0) AS id FROM event_ids)
+         INSERT INTO event_ids (id, txid, seq)
+         SELECT top.id + ready.n, ready.txid, ready.seq FROM ready, top",
     )
+    .bind(below)
+    .bind(after)
+    .bind(RELAY_BATCH)
     .execute(&mut *tx)
     .await?;
+    if done.rows_affected() < RELAY_BATCH as u64 && horizon > below {
+        // Every committed event has its id now, so has every event below `horizon`. The ids
+        // handed out to events at or above it (this run's, or earlier runs' while an older
+        // writer held the horizon back) bound what the next run compares against.
+        sqlx::query(
+            "UPDATE event_relay
+                SET horizon = $1::int8::text::xid8,
+                    numbered_after = coalesce(
+                        (SELECT min(n.id) - 1 FROM event_ids n
+                          WHERE n.id > $2 AND n.txid >= $1::int8::text::xid8),
+                        (SELECT max(n.id) FROM event_ids n),
+                        0)",
+        )
+        .bind(horizon)
+        .bind(after)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(done.rows_affected())
 }
@@ -73,9 +111,10 @@ pub(crate) async fn page(
     types: &[String],
 ) -> Result<Vec<Event>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, at, type, sku, warehouse, reservation_id, data FROM events
-          WHERE id > $1 AND (cardinality($3::text[]) = 0 OR type = ANY($3))
-          ORDER BY id LIMIT $2",
+        "SELECT n.id, e.at, e.type, e.sku, e.warehouse, e.reservation_id, e.data
+           FROM event_ids n JOIN events e ON e.txid = n.txid AND e.seq = n.seq
+          WHERE n.id > $1 AND (cardinality($3::text[]) = 0 OR e.type = ANY($3))
+          ORDER BY n.id LIMIT $2",
     )
     .bind(after)
     .bind(limit)
@@ -86,7 +125,7 @@ pub(crate) async fn page(
 
 /// The highest relayed id (0 when none).
 pub(crate) async fn last_id(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(conn).await
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM event_ids").fetch_one(conn).await
 }
 
 /// Events after `after` matching `types` (all when empty), at most `limit`, looking at no more
@@ -128,16 +167,23 @@ pub(crate) async fn scan(
     Ok((found, cursor))
 }
 
-/// Deletes relayed events older than the retention, but never the newest one (it carries the
-/// counter the next ids continue from) nor one a webhook subscription has still to deliver.
-pub(crate) async fn purge(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
+/// Deletes relayed events older than the retention, oldest ids first, but never the newest one
+/// (its id is the counter the next ids continue from) nor one a webhook subscription has still
+/// to deliver. An event and its id go together.
+pub async fn purge(conn: &mut PgConnection, retention_secs: i64, batch: i64) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "DELETE FROM events WHERE seq IN (
-             SELECT seq FROM events
-              WHERE at < now() - make_interval(secs => $1)
-                AND id IS NOT NULL AND id < (SELECT max(id) FROM events)
-                AND id <= (SELECT coalesce(min(delivered_through), 9223372036854775807) FROM webhook_progress)
-              ORDER BY at LIMIT $2)",
+        "WITH old AS (
+             SELECT n.id, n.txid, n.seq FROM event_ids n
+              WHERE n.id < (SELECT max(id) FROM event_ids)
+                AND n.id <= (SELECT coalesce(min(delivered_through), 9223372036854775807) FROM webhook_progress)
+              ORDER BY n.id LIMIT $2
+         ), gone AS (
+             DELETE FROM events e USING old
+              WHERE e.txid = old.txid AND e.seq = old.seq AND e.at < now() - make_interval(secs => $1)
+              RETURNING e.txid, e.seq
+         )
+         DELETE FROM event_ids n USING gone JOIN old ON old.txid = gone.txid AND old.seq = gone.seq
+          WHERE n.id = old.id",
     )
     .bind(retention_secs as f64)
     .bind(batch)

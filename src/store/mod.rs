@@ -15,7 +15,7 @@
 //!    transaction is invisible to others until commit, so locking it first cannot deadlock;
 //! 5. the ledger, event and new allocation rows written with them, in the same statement
 //!    (`levels::write`) — new rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
-//!    advisory lock and touches only committed events.
+//!    advisory lock, reads only committed events and inserts their ids (`event_ids`).
 //!
 //! A first load (`import::claim_first_load`, into a database without stock levels) instead
 //! takes the skus, warehouses, stock_levels and ledger tables exclusively, right after step 1
@@ -26,7 +26,7 @@
 pub(crate) mod catalogue;
 pub(crate) mod channels;
 pub mod db;
-pub(crate) mod events;
+pub mod events;
 pub(crate) mod idempotency;
 pub mod import;
 pub mod invariants;

@@ -50,8 +50,8 @@ pub(crate) struct WebhookUpsert {
 }
 
 const VIEW: &str = "SELECT w.name, w.url, w.types, p.delivered_through,
-            (SELECT count(*) FROM (SELECT 1 FROM events e
-              WHERE e.id > p.delivered_through AND (w.types IS NULL OR e.type = ANY(w.types))
+            (SELECT count(*) FROM (SELECT 1 FROM event_ids n JOIN events e ON e.txid = n.txid AND e.seq = n.seq
+              WHERE n.id > p.delivered_through AND (w.types IS NULL OR e.type = ANY(w.types))
               LIMIT 100000) AS behind) AS pending,
             p.last_status, p.last_error, p.last_attempt_at, p.attempts, p.next_attempt_at,
             w.created_at, w.updated_at
@@ -76,7 +76,7 @@ pub(crate) async fn upsert(conn: &mut PgConnection, w: &WebhookUpsert) -> Result
     if created {
         sqlx::query(
             "INSERT INTO webhook_progress (name, delivered_through)
-             VALUES ($1, (SELECT coalesce(max(id), 0) FROM events))",
+             VALUES ($1, (SELECT coalesce(max(id), 0) FROM event_ids))",
         )
         .bind(w.name.as_str())
         .execute(&mut *conn)
@@ -126,7 +126,7 @@ pub(crate) async fn claim_due(conn: &mut PgConnection) -> Result<Option<Claimed>
         "SELECT p.name, w.url, w.secret, w.types, p.delivered_through, p.attempts
            FROM webhook_progress p JOIN webhooks w USING (name)
           WHERE p.next_attempt_at <= now()
-            AND p.delivered_through < (SELECT coalesce(max(id), 0) FROM events)
+            AND p.delivered_through < (SELECT coalesce(max(id), 0) FROM event_ids)
           ORDER BY p.next_attempt_at
           LIMIT 1
           FOR UPDATE OF p SKIP LOCKED",

@@ -31,7 +31,7 @@ async fn wait_relayed(app: &TestApp) {
     loop {
         app.get("/v1/events?limit=1").await;
         let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM events WHERE id IS NULL").fetch_one(&app.db).await.unwrap();
+            sqlx::query_scalar("SELECT count(*) FROM unrelayed_events").fetch_one(&app.db).await.unwrap();
         if pending == 0 {
             return;
         }
@@ -345,4 +345,57 @@ async fn two_hundred_open_streams_share_one_relay_and_all_get_each_event() {
     app.receive("A", "W1", 5).await;
     let ids = join_all(streams.iter_mut().map(|res| read_sse_ids(res, 1))).await;
     assert!(ids.iter().all(|got| got == &[1]), "every stream got the back-in-stock event");
+}
+
+#[tokio::test]
+async fn purged_events_leave_the_newest_id_and_what_a_webhook_has_still_to_deliver() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 100).await;
+    for i in 0..5 {
+        let order = json!({"order_id": format!("p{i}"), "lines": [{"sku": "A", "quantity": 1}]});
+        assert_eq!(app.post("/v1/reservations", order).await.0, StatusCode::CREATED);
+    }
+    wait_relayed(&app).await;
+    let ids =
+        |page: Value| page["items"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(ids(app.get("/v1/events").await.1), [1, 2, 3, 4, 5, 6]);
+    let age = async |through: i64| {
+        sqlx::query(
+            "UPDATE events e SET at = now() - interval '2 days'
+               FROM event_ids n WHERE n.txid = e.txid AND n.seq = e.seq AND n.id <= $1",
+        )
+        .bind(through)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    };
+    let purge = async || {
+        let mut conn = app.db.acquire().await.unwrap();
+        inventory::store::events::purge(&mut conn, 86_400, 1_000).await.unwrap()
+    };
+    age(4).await;
+    // A subscription (its receiver down) that has delivered events up to 2.
+    let hook = json!({"url": "http://127.0.0.1:9/hook", "secret": crate::webhooks::new_secret()});
+    assert_eq!(app.put("/v1/webhooks/behind", hook).await.0, StatusCode::CREATED);
+    sqlx::query("UPDATE webhook_progress SET delivered_through = 2").execute(&app.db).await.unwrap();
+
+    assert_eq!(purge().await, 2, "old events the webhook has delivered");
+    assert_eq!(ids(app.get("/v1/events").await.1), [3, 4, 5, 6]);
+    assert_eq!(app.call(reqwest::Method::DELETE, "/v1/webhooks/behind", None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(purge().await, 2, "the rest of the old events");
+    age(6).await;
+    assert_eq!(purge().await, 1, "every old event but the newest");
+    assert_eq!(purge().await, 0);
+    assert_eq!(ids(app.get("/v1/events").await.1), [6]);
+    let left: (i64, i64) = sqlx::query_as("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM event_ids)")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(left, (1, 1), "an event and its id go together");
+    // The ids go on from the newest.
+    let order = json!({"order_id": "after", "lines": [{"sku": "A", "quantity": 1}]});
+    assert_eq!(app.post("/v1/reservations", order).await.0, StatusCode::CREATED);
+    assert_eq!(ids(app.get("/v1/events?after=6").await.1), [7]);
 }

@@ -28,3 +28,34 @@ fn landed_migrations_are_never_edited() {
         "migrations {unlisted:?} are not in tests/api/landed_migrations.txt: add `version checksum` lines for them"
     );
 }
+
+/// 0011 moves event ids out of the event rows: ids already handed out stay, committed events
+/// that had none yet get the next ones from the relay, in order, and nothing is numbered twice.
+#[tokio::test]
+async fn events_numbered_before_0011_keep_their_ids_and_the_rest_get_the_next_ones() {
+    let url = crate::helpers::empty_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    inventory::store::db::MIGRATOR.run_to(10, &db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (type, data) SELECT 'stock.low', jsonb_build_object('n', n) FROM generate_series(1, 5) n",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    // The relay of that version had numbered the first three.
+    sqlx::query("UPDATE events SET id = (data->>'n')::int8 WHERE (data->>'n')::int8 <= 3").execute(&db).await.unwrap();
+    inventory::store::db::MIGRATOR.run(&db).await.unwrap();
+
+    let app = crate::helpers::TestApp::spawn_through(inventory::config::ServerArgs::default(), url.clone(), &url).await;
+    sqlx::query("INSERT INTO events (type, data) VALUES ('stock.low', '{\"n\": 6}')").execute(&db).await.unwrap();
+    let (_, page) = app.get("/v1/events").await;
+    let got: Vec<(i64, i64)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["id"].as_i64().unwrap(), e["data"]["n"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)], "{page}");
+    let unrelayed: i64 = sqlx::query_scalar("SELECT count(*) FROM unrelayed_events").fetch_one(&db).await.unwrap();
+    assert_eq!(unrelayed, 0);
+}

@@ -461,7 +461,7 @@ async fn settle(url: &str) -> Result<(), String> {
     let mut conn = PgConnection::connect(url).await.map_err(|e| e.to_string())?;
     let started = Instant::now();
     loop {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id IS NULL")
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM unrelayed_events")
             .fetch_one(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
@@ -523,7 +523,7 @@ fn per_op_kb(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
 /// The highest event id relayed so far (0 when unknown).
 async fn feed_head(url: &str) -> i64 {
     let Ok(mut conn) = PgConnection::connect(url).await else { return 0 };
-    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM events").fetch_one(&mut conn).await.unwrap_or(0)
+    sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM event_ids").fetch_one(&mut conn).await.unwrap_or(0)
 }
 
 /// The largest `inventory_expiry_lag_seconds` (the oldest overdue hold at a sweep) seen once a second
