@@ -1,7 +1,8 @@
-//! The event feed of one process: ONE task relays committed events into the public order and
-//! keeps the most recent ones in memory; live streams are woken by it and read from that
-//! memory, so a thousand open streams cost no more database work than one. A stream that is far
-//! behind catches up from the database a page at a time, then joins the others.
+//! The event feed of one process: ONE task relays committed events into the public order and,
+//! while any stream is open, keeps the most recent ones in memory; live streams are woken by it
+//! and read from that memory, so a thousand open streams cost no more database work than one. A
+//! stream that is far behind (or opened while the memory was empty) catches up from the database
+//! a page at a time, then joins the others.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,9 +31,11 @@ pub(crate) struct Feed {
 
 #[derive(Debug)]
 struct Inner {
-    /// The newest relayed events, ids contiguous and ascending, each with its SSE frame.
+    /// The newest relayed events, ids contiguous and ascending up to `head`, each with its SSE
+    /// frame; empty while no stream is open.
     recent: RwLock<VecDeque<Arc<Framed>>>,
-    /// The highest id in `recent` (or known at start); streams wait for it to move.
+    /// The highest relayed id (the last of `recent` when it is not empty); streams wait for it
+    /// to move.
     head: watch::Sender<i64>,
     /// `head` has been read from the database (history before it is not kept in memory).
     known: AtomicBool,

@@ -167,7 +167,8 @@ impl Engine {
     }
 
     /// Creates or updates a webhook subscription; the flag tells whether it was created. (A plain
-    /// transaction: it writes no ledger entries, so it does not announce itself as a writer.)
+    /// transaction: it writes no ledger entries or events, so it does not announce itself as a
+    /// writer.)
     #[tracing::instrument(level = "debug", skip_all, fields(webhook = %upsert.name))]
     pub(crate) async fn upsert_webhook(&self, upsert: &WebhookUpsert) -> Result<(Webhook, bool)> {
         let mut tx = self.db.begin().await?;

@@ -301,16 +301,17 @@ pub(crate) struct WriterSetup {
     pub generic_plans: bool,
 }
 
-/// BEGIN for a transaction that may write ledger entries: it announces itself as a writer (a
-/// shared advisory lock, taken right after BEGIN, before it has a transaction id), so readers of
-/// the ledger wait for it and for nobody else (see `writer_horizon()` in migrations 0006, 0007).
-/// `setup` may cap the lock wait and choose generic plans. BEGIN, the announcement and the
-/// settings travel in one message.
+/// BEGIN for a transaction that may write ledger entries or events: it announces itself as a
+/// writer (a shared advisory lock, taken right after BEGIN, before it has a transaction id), so
+/// readers of the ledger and the event relay wait for it and for nobody else (see
+/// `writer_horizon()` in migrations 0006, 0007, 0011); `inventory.writer` lets it insert events
+/// (0011's trigger refuses anyone else). `setup` may cap the lock wait and choose generic plans.
+/// BEGIN, the announcement and the settings travel in one message.
 pub(crate) async fn begin_writer(
     db: &Db,
     setup: WriterSetup,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let mut then = String::from("SELECT pg_advisory_xact_lock_shared(7041, 2)");
+    let mut then = String::from("SELECT pg_advisory_xact_lock_shared(7041, 2); SET LOCAL inventory.writer = on");
     if let Some(cap) = setup.lock_cap {
         let ms = cap.as_millis();
         then.push_str(&format!(

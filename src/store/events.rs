@@ -35,9 +35,9 @@ pub(crate) struct Event {
     pub data: serde_json::Value,
 }
 
-/// Events numbered by one relay run at most. Large: each run looks at every event still without
-/// an id (and those numbered since the horizon last moved), so a backlog (a million levels
-/// imported) is numbered in one run rather than rescanned by a hundred.
+/// Events numbered by one relay run at most. Large: a run that stops short leaves the frontier
+/// where it was, so the next run looks at the whole backlog again (a million levels imported are
+/// a million events: one run).
 const RELAY_BATCH: i64 = 1_000_000;
 
 /// Gives the next public ids to committed events, in one short transaction; returns how many.
@@ -48,53 +48,64 @@ const RELAY_BATCH: i64 = 1_000_000;
 /// transaction — however long — holds the feed back. (Events of one entity stay in order: the
 /// change that follows another waits for its commit.) An id is a row of `event_ids`; the event
 /// row itself is never written again. The events waiting for one are found from the relay's
-/// writer horizon (see `migrations/0011_event_ids.sql`), which a run that numbers everything it
-/// sees moves up.
+/// frontier (`event_relay`, see `migrations/0011_event_ids.sql`), which a run that numbers
+/// everything it sees moves up to the writer frontier it took before looking.
 pub(crate) async fn relay(pool: &Db) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7041, 1)").fetch_one(&mut *tx).await?;
     if !locked {
         return Ok(0);
     }
-    // Where the last complete run left off (the planner sees the values, so it walks the few
-    // newest rows of both tables by index).
-    let (below, after): (i64, i64) =
-        sqlx::query_as("SELECT horizon::text::int8, numbered_after FROM event_relay").fetch_one(&mut *tx).await?;
-    // In a statement of its own, before the events are read: every writer below it has finished
-    // by then, so the next statement sees its events.
-    let horizon: i64 = sqlx::query_scalar("SELECT writer_horizon()::text::int8").fetch_one(&mut *tx).await?;
-    // The same events as the view `unrelayed_events`.
+    // A backlog (an import's events) is numbered in one statement, however long it takes.
+    sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *tx).await?;
+    // Where the last complete run left off, as values the planner sees: it probes the newest
+    // rows of both tables by index.
+    let (horizon, running, after): (i64, Vec<i64>, i64) =
+        sqlx::query_as("SELECT horizon::text::int8, running::text[]::int8[], numbered_after FROM event_relay")
+            .fetch_one(&mut *tx)
+            .await?;
+    // In a statement of its own, before the events are read: every writer below it that is not
+    // among `now_running` has finished by then, so the next statement sees its events.
+    let (now_next, now_running): (i64, Vec<i64>) =
+        sqlx::query_as("SELECT next_id::text::int8, running::text[]::int8[] FROM writer_frontier()")
+            .fetch_one(&mut *tx)
+            .await?;
+    // The same events as `unrelayed_events()`.
     let done = sqlx::query(
         "WITH ready AS (
              SELECT txid, seq, row_number() OVER (ORDER BY seq) AS n
                FROM (SELECT e.txid, e.seq FROM events e
-                      WHERE e.txid >= $1::int8::text::xid8
+                      WHERE (e.txid >= $1::int8::text::xid8 OR e.txid = ANY ($2::int8[]::text[]::xid8[]))
                         AND NOT EXISTS (SELECT 1 FROM event_ids n
-                                         WHERE n.id > $2 AND n.txid = e.txid AND n.seq = e.seq)
-                      ORDER BY e.seq LIMIT $3) s
+                                         WHERE n.id > $3 AND n.txid = e.txid AND n.seq = e.seq)
+                      ORDER BY e.seq LIMIT $4) s
          ), top AS (SELECT coalesce(max(id), 0) AS id FROM event_ids)
          INSERT INTO event_ids (id, txid, seq)
          SELECT top.id + ready.n, ready.txid, ready.seq FROM ready, top",
     )
-    .bind(below)
+    .bind(horizon)
+    .bind(&running)
     .bind(after)
     .bind(RELAY_BATCH)
     .execute(&mut *tx)
     .await?;
-    if done.rows_affected() < RELAY_BATCH as u64 && horizon > below {
-        // Every committed event has its id now, so has every event below `horizon`. The ids
-        // handed out to events at or above it (this run's, or earlier runs' while an older
-        // writer held the horizon back) bound what the next run compares against.
+    if done.rows_affected() < RELAY_BATCH as u64 {
+        // Every committed event has its id now, so has every event below `now_next` except
+        // those of `now_running`. The ids handed out to events of the frontier's open part (in
+        // this run, or in earlier ones while a writer was running) bound what the next run
+        // compares against.
         sqlx::query(
             "UPDATE event_relay
-                SET horizon = $1::int8::text::xid8,
+                SET horizon = $1::int8::text::xid8, running = $2::int8[]::text[]::xid8[],
                     numbered_after = coalesce(
                         (SELECT min(n.id) - 1 FROM event_ids n
-                          WHERE n.id > $2 AND n.txid >= $1::int8::text::xid8),
+                          WHERE n.id > $3
+                            AND (n.txid >= $1::int8::text::xid8 OR n.txid = ANY ($2::int8[]::text[]::xid8[]))),
                         (SELECT max(n.id) FROM event_ids n),
                         0)",
         )
-        .bind(horizon)
+        .bind(now_next)
+        .bind(&now_running)
         .bind(after)
         .execute(&mut *tx)
         .await?;

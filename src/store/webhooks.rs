@@ -52,7 +52,7 @@ pub(crate) struct WebhookUpsert {
 const VIEW: &str = "SELECT w.name, w.url, w.types, p.delivered_through,
             (SELECT count(*) FROM (SELECT 1 FROM event_ids n JOIN events e ON e.txid = n.txid AND e.seq = n.seq
               WHERE n.id > p.delivered_through AND (w.types IS NULL OR e.type = ANY(w.types))
-              LIMIT 100000) AS behind) AS pending,
+              ORDER BY n.id LIMIT 100000) AS behind) AS pending,
             p.last_status, p.last_error, p.last_attempt_at, p.attempts, p.next_attempt_at,
             w.created_at, w.updated_at
        FROM webhooks w JOIN webhook_progress p USING (name)";

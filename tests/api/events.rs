@@ -31,7 +31,7 @@ async fn wait_relayed(app: &TestApp) {
     loop {
         app.get("/v1/events?limit=1").await;
         let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM unrelayed_events").fetch_one(&app.db).await.unwrap();
+            sqlx::query_scalar("SELECT count(*) FROM unrelayed_events()").fetch_one(&app.db).await.unwrap();
         if pending == 0 {
             return;
         }
@@ -398,4 +398,36 @@ async fn purged_events_leave_the_newest_id_and_what_a_webhook_has_still_to_deliv
     let order = json!({"order_id": "after", "lines": [{"sku": "A", "quantity": 1}]});
     assert_eq!(app.post("/v1/reservations", order).await.0, StatusCode::CREATED);
     assert_eq!(ids(app.get("/v1/events?after=6").await.1), [7]);
+}
+
+#[tokio::test]
+async fn an_event_of_a_writer_that_commits_long_after_later_ones_still_gets_its_id() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.receive("A", "W1", 100).await;
+    // A writer announced as the service's are writes an event and stays open…
+    let mut slow = app.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *slow).await.unwrap();
+    sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *slow).await.unwrap();
+    sqlx::query("INSERT INTO events (type, data) VALUES ('stock.low', '{\"slow\": true}')")
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+    // …while later events commit and are numbered, over several relay runs.
+    for i in 0..3 {
+        let order = json!({"order_id": format!("s{i}"), "lines": [{"sku": "A", "quantity": 1}]});
+        assert_eq!(app.post("/v1/reservations", order).await.0, StatusCode::CREATED);
+        wait_relayed(&app).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let (_, before) = app.get("/v1/events").await;
+    assert_eq!(before["items"].as_array().unwrap().len(), 4, "{before}");
+    slow.commit().await.unwrap();
+    wait_relayed(&app).await;
+    let (_, after) = app.get("/v1/events").await;
+    let items = after["items"].as_array().unwrap();
+    let ids: Vec<i64> = items.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "{after}");
+    assert_eq!(items[4]["data"], json!({"slow": true}), "the late commit gets the next id");
 }

@@ -47,7 +47,16 @@ async fn events_numbered_before_0011_keep_their_ids_and_the_rest_get_the_next_on
     inventory::store::db::MIGRATOR.run(&db).await.unwrap();
 
     let app = crate::helpers::TestApp::spawn_through(inventory::config::ServerArgs::default(), url.clone(), &url).await;
-    sqlx::query("INSERT INTO events (type, data) VALUES ('stock.low', '{\"n\": 6}')").execute(&db).await.unwrap();
+    // From now on only an announced writer may insert events: the relay's frontier would pass
+    // another while it runs.
+    let event = "INSERT INTO events (type, data) VALUES ('stock.low', '{\"n\": 6}')";
+    let refused = sqlx::query(event).execute(&db).await.unwrap_err();
+    assert!(refused.to_string().contains("announced writers"), "{refused}");
+    let mut writer = db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *writer).await.unwrap();
+    sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *writer).await.unwrap();
+    sqlx::query(event).execute(&mut *writer).await.unwrap();
+    writer.commit().await.unwrap();
     let (_, page) = app.get("/v1/events").await;
     let got: Vec<(i64, i64)> = page["items"]
         .as_array()
@@ -56,6 +65,6 @@ async fn events_numbered_before_0011_keep_their_ids_and_the_rest_get_the_next_on
         .map(|e| (e["id"].as_i64().unwrap(), e["data"]["n"].as_i64().unwrap()))
         .collect();
     assert_eq!(got, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)], "{page}");
-    let unrelayed: i64 = sqlx::query_scalar("SELECT count(*) FROM unrelayed_events").fetch_one(&db).await.unwrap();
+    let unrelayed: i64 = sqlx::query_scalar("SELECT count(*) FROM unrelayed_events()").fetch_one(&db).await.unwrap();
     assert_eq!(unrelayed, 0);
 }

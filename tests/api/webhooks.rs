@@ -159,7 +159,7 @@ pub(crate) async fn feed_after(app: &TestApp, after: i64) -> Vec<Value> {
     eventually("every committed event is relayed", async || {
         app.get("/v1/events?limit=1").await;
         let unrelayed: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM unrelayed_events").fetch_one(&app.db).await.unwrap();
+            sqlx::query_scalar("SELECT count(*) FROM unrelayed_events()").fetch_one(&app.db).await.unwrap();
         (unrelayed == 0).then_some(())
     })
     .await;
