@@ -48,7 +48,7 @@ async fn one_batch_decides_orders_in_arrival_order_and_a_refused_order_leaves_no
         order("late", &[("B", 1)]),               // nothing left
     ];
     let refs: Vec<&NewReservation> = orders.iter().collect();
-    let mut tx = app.db.begin().await.unwrap();
+    let mut tx = app.begin_writer().await;
     let answers = reserve_many(&mut tx, &refs).await.expect("the batch itself succeeds");
     tx.commit().await.unwrap();
 
@@ -110,7 +110,7 @@ async fn one_settle_batch_answers_each_on_its_own_merits_and_a_refused_one_leave
         SettleRequest { id: ids[3], kind: Settle::Fulfil, parts: part(1) }, // ships 1 of 2
     ];
     let refs: Vec<&SettleRequest> = settles.iter().collect();
-    let mut tx = app.db.begin().await.unwrap();
+    let mut tx = app.begin_writer().await;
     let answers = settle_many(&mut tx, &refs).await.expect("the batch itself succeeds");
     tx.commit().await.unwrap();
 

@@ -407,9 +407,7 @@ async fn an_event_of_a_writer_that_commits_long_after_later_ones_still_gets_its_
     app.sku("A").await;
     app.receive("A", "W1", 100).await;
     // A writer announced as the service's are writes an event and stays open…
-    let mut slow = app.db.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *slow).await.unwrap();
-    sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *slow).await.unwrap();
+    let mut slow = app.begin_writer().await;
     sqlx::query("INSERT INTO events (type, data) VALUES ('stock.low', '{\"slow\": true}')")
         .execute(&mut *slow)
         .await

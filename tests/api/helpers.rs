@@ -346,6 +346,15 @@ impl TestApp {
     }
 
     /// The contract's invariants over the whole test database: panics listing every violation.
+    /// A transaction begun as the service begins its writers (`db::begin_writer`): announced,
+    /// so the ledger's and the event relay's horizon wait for it, and allowed to insert events.
+    pub async fn begin_writer(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.db.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await.unwrap();
+        sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *tx).await.unwrap();
+        tx
+    }
+
     pub async fn assert_invariants(&self) {
         let mut conn = self.db.acquire().await.unwrap();
         let violations = inventory::store::invariants::violations(&mut conn).await.unwrap();

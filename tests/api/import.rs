@@ -175,7 +175,7 @@ async fn an_existing_level_is_counted_even_when_its_row_carries_the_import_trans
     app.sku("A").await;
     app.sku("B").await;
     app.receive("A", "W1", 5).await;
-    let mut tx = app.db.begin().await.unwrap();
+    let mut tx = app.begin_writer().await;
     sqlx::query("UPDATE stock_levels SET updated_at = now() WHERE sku = 'A'").execute(&mut *tx).await.unwrap();
     let chunks = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("A,W1,7\nB,W1,3\n"))]);
     let staged = inventory::engine::import::stage(chunks, usize::MAX).await.unwrap();
