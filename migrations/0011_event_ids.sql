@@ -6,16 +6,17 @@
 -- inserts a small (id, txid, seq) row into `event_ids` (one index: the id).
 --
 -- Which events still need an id: the relay keeps, in `event_relay`, a frontier — every event of
--- a transaction below `horizon` has its id, except those of the writers in `running` (the
--- announced writers still running when the horizon was taken) — and an id below which no event
--- of the frontier's open part was numbered. The events still waiting are the committed events
+-- a transaction below `horizon` has its id, except those of the transactions in `running` (the
+-- announced writers still running when the horizon was taken, and, to be safe, any transaction
+-- of that snapshot whose id showed no lock yet) — and an id below which no event of the
+-- frontier's open part was numbered. The events still waiting are the committed events
 -- at or above the horizon or of those writers that are not among the ids above that one: a few
 -- index probes of the newest rows, however large both tables grow and however long a writer
 -- runs (`unrelayed_events()`).
 --
--- Only an announced writer (db::begin_writer: the advisory lock (7041, 2) and
--- `inventory.writer`) may insert events: the trigger below refuses any other transaction, whose
--- events the frontier could pass while it runs.
+-- Only an announced writer (db::begin_writer: the advisory lock (7041, 2) and, set with
+-- SET LOCAL next to it, `inventory.writer`) may insert events: the trigger below refuses any
+-- other transaction, whose events the frontier could pass while it runs.
 --
 -- Stop instances of an older version before this runs: they would number events in the column
 -- dropped here. It holds the events table exclusively while it copies the ids (seconds for

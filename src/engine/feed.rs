@@ -32,7 +32,7 @@ pub(crate) struct Feed {
 #[derive(Debug)]
 struct Inner {
     /// The newest relayed events, ids contiguous and ascending up to `head`, each with its SSE
-    /// frame; empty while no stream is open.
+    /// frame; emptied by the first relay run that moves the head while no stream is open.
     recent: RwLock<VecDeque<Arc<Framed>>>,
     /// The highest relayed id (the last of `recent` when it is not empty); streams wait for it
     /// to move.

@@ -303,10 +303,13 @@ pub(crate) struct WriterSetup {
 
 /// BEGIN for a transaction that may write ledger entries or events: it announces itself as a
 /// writer (a shared advisory lock, taken right after BEGIN, before it has a transaction id), so
-/// readers of the ledger and the event relay wait for it and for nobody else (see
-/// `writer_horizon()` in migrations 0006, 0007, 0011); `inventory.writer` lets it insert events
-/// (0011's trigger refuses anyone else). `setup` may cap the lock wait and choose generic plans.
-/// BEGIN, the announcement and the settings travel in one message.
+/// ledger pages wait for it and for nobody else (`writer_horizon()`, migrations 0006, 0007,
+/// 0011), and the event relay keeps it among the writers still running, whose events it looks
+/// for again (`writer_frontier()`, 0011). `inventory.writer` lets it insert events: 0011's
+/// trigger refuses anyone else. Set it only like this, with `SET LOCAL` next to the lock — a
+/// transaction that had it without the lock could insert events the relay has already passed.
+/// `setup` may cap the lock wait and choose generic plans. BEGIN, the announcement and the
+/// settings travel in one message.
 pub(crate) async fn begin_writer(
     db: &Db,
     setup: WriterSetup,

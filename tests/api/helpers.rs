@@ -345,9 +345,9 @@ impl TestApp {
         assert_eq!(self.deadlocks().await - before, 0, "PostgreSQL detected deadlocks (retried by the service)");
     }
 
-    /// The contract's invariants over the whole test database: panics listing every violation.
     /// A transaction begun as the service begins its writers (`db::begin_writer`): announced,
-    /// so the ledger's and the event relay's horizon wait for it, and allowed to insert events.
+    /// so ledger pages wait for it and the event relay keeps it among the running writers, and
+    /// allowed to insert events.
     pub async fn begin_writer(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut tx = self.db.begin().await.unwrap();
         sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await.unwrap();
@@ -355,6 +355,7 @@ impl TestApp {
         tx
     }
 
+    /// The contract's invariants over the whole test database: panics listing every violation.
     pub async fn assert_invariants(&self) {
         let mut conn = self.db.acquire().await.unwrap();
         let violations = inventory::store::invariants::violations(&mut conn).await.unwrap();
