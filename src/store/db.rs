@@ -289,7 +289,7 @@ pub(crate) fn connect_settings(
 
 /// How a writer transaction starts (see [`begin_writer`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct WriterSetup {
+pub struct WriterSetup {
     /// Lowers the transaction's `lock_timeout` to this (a configured shorter one stays).
     pub lock_cap: Option<Duration>,
     /// Every statement of the transaction runs its connection's generic plan
@@ -310,7 +310,7 @@ pub(crate) struct WriterSetup {
 /// transaction that had it without the lock could insert events the relay has already passed.
 /// `setup` may cap the lock wait and choose generic plans. BEGIN, the announcement and the
 /// settings travel in one message.
-pub(crate) async fn begin_writer(
+pub async fn begin_writer(
     db: &Db,
     setup: WriterSetup,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {

@@ -349,10 +349,8 @@ impl TestApp {
     /// so ledger pages wait for it and the event relay keeps it among the running writers, and
     /// allowed to insert events.
     pub async fn begin_writer(&self) -> sqlx::Transaction<'static, sqlx::Postgres> {
-        let mut tx = self.db.begin().await.unwrap();
-        sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *tx).await.unwrap();
-        sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *tx).await.unwrap();
-        tx
+        let db = inventory::store::db::Db::from(self.db.clone());
+        inventory::store::db::begin_writer(&db, Default::default()).await.unwrap()
     }
 
     /// The contract's invariants over the whole test database: panics listing every violation.

@@ -52,9 +52,8 @@ async fn events_numbered_before_0011_keep_their_ids_and_the_rest_get_the_next_on
     let event = "INSERT INTO events (type, data) VALUES ('stock.low', '{\"n\": 6}')";
     let refused = sqlx::query(event).execute(&db).await.unwrap_err();
     assert!(refused.to_string().contains("announced writers"), "{refused}");
-    let mut writer = db.begin().await.unwrap();
-    sqlx::query("SELECT pg_advisory_xact_lock_shared(7041, 2)").execute(&mut *writer).await.unwrap();
-    sqlx::query("SET LOCAL inventory.writer = on").execute(&mut *writer).await.unwrap();
+    let service_db = inventory::store::db::Db::from(db.clone());
+    let mut writer = inventory::store::db::begin_writer(&service_db, Default::default()).await.unwrap();
     sqlx::query(event).execute(&mut *writer).await.unwrap();
     writer.commit().await.unwrap();
     let (_, page) = app.get("/v1/events").await;
