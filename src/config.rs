@@ -343,6 +343,12 @@ pub struct ServerArgs {
     #[arg(long, env = "INVENTORY_BATCH_CONCURRENCY", default_value_t = 4, help_heading = "Batching")]
     pub batch_concurrency: usize,
 
+    /// Availability queries in flight at once, each answering every request that arrived while
+    /// the earlier ones ran (each holds one database connection). Fewer means larger queries:
+    /// more requests answered per statement, less database work per request.
+    #[arg(long, env = "INVENTORY_COALESCED_READ_CONCURRENCY", default_value_t = 2, help_heading = "Batching")]
+    pub coalesced_read_concurrency: usize,
+
     /// Most live event streams open at once (more are answered 429).
     #[arg(long, env = "INVENTORY_MAX_EVENT_STREAMS", default_value_t = DEFAULT_MAX_EVENT_STREAMS, help_heading = "Limits")]
     pub max_event_streams: usize,

@@ -311,7 +311,7 @@ pub async fn serve_with_reads(
     let drain_delay = std::time::Duration::from_secs(server.drain_delay_secs);
     let state = AppState::new(http::state::Shared {
         db: pool,
-        availability: engine::availability::Coalescer::spawn(reads.clone()),
+        availability: engine::availability::Coalescer::spawn(reads.clone(), server.coalesced_read_concurrency),
         reads,
         config: Arc::new(server),
         shutdown: stop_rx,

@@ -3,10 +3,10 @@
 //!
 //! A request joins the next query to *start*, never one already running, so every answer comes
 //! from a statement that began after the request arrived: it sees every change committed
-//! before the request, exactly as a direct read would. At most [`SLOTS`] queries run at once;
-//! requests that arrive meanwhile queue, and the next free slot takes all of them (up to
-//! [`MAX_SKUS`] SKUs) into one query. When a slot is free, a request goes at once: an idle
-//! service adds no wait. A query that fails answers nobody with its error: each of its requests
+//! before the request, exactly as a direct read would. At most `--coalesced-read-concurrency`
+//! queries run at once; requests that arrive meanwhile queue, and the next free slot takes all
+//! of them (up to [`MAX_SKUS`] SKUs) into one query. When a slot is free, a request goes at
+//! once: an idle service adds no wait. A query that fails answers nobody with its error: each of its requests
 //! then reads on its own, as without coalescing.
 
 use std::collections::HashMap;
@@ -17,9 +17,6 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::replica::Reads;
 use crate::store::stock::{self, AvailableRow};
-
-/// Coalesced queries running at once (each holds one database connection).
-const SLOTS: usize = 4;
 
 /// Most SKUs one coalesced query asks for (a single request may ask for as many on its own).
 const MAX_SKUS: usize = 1_000;
@@ -87,10 +84,11 @@ pub(crate) struct Coalescer {
 }
 
 impl Coalescer {
-    /// Starts the gathering task; it ends when every handle is gone.
-    pub(crate) fn spawn(reads: Reads) -> Self {
+    /// Starts the gathering task, which runs at most `concurrency` queries at once (each holds
+    /// one database connection); it ends when every handle is gone.
+    pub(crate) fn spawn(reads: Reads, concurrency: usize) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(gather(rx, reads.clone(), Arc::new(Semaphore::new(SLOTS))));
+        tokio::spawn(gather(rx, reads.clone(), Arc::new(Semaphore::new(concurrency.max(1)))));
         Self { queue, reads }
     }
 
