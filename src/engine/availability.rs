@@ -10,13 +10,12 @@
 //! then reads on its own, as without coalescing.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::replica::Reads;
-use crate::store::stock::{self, AvailableRow};
+use crate::store::stock::{self, SkuAvailability};
 
 /// Most SKUs one coalesced query asks for (a single request may ask for as many on its own).
 const MAX_SKUS: usize = 1_000;
@@ -33,46 +32,40 @@ struct Ask {
     reply: oneshot::Sender<Option<Found>>,
 }
 
-/// The rows of one availability query, shared by every request it answered (no request copies
-/// another's rows): look a SKU's rows up with [`Found::of`].
+/// The answer of one availability query, shared by every request it answered (no request
+/// copies another's): look a SKU's warehouses up with [`Found::of`].
 #[derive(Debug, Clone)]
 pub(crate) struct Found(Arc<Table>);
 
 #[derive(Debug)]
 struct Table {
-    /// Every SKU asked for, sorted (Rust's order), without duplicates; `ranges` is parallel.
+    /// Every SKU asked for, sorted (Rust's order), without duplicates; `found` is parallel.
     skus: Vec<String>,
-    /// Where each SKU's rows are in `rows` (empty for a SKU without levels).
-    ranges: Vec<Range<usize>>,
-    /// In the query's order: by SKU, then warehouse priority.
-    rows: Vec<AvailableRow>,
+    /// Where each SKU's levels are in `levels` (`None` for a SKU without levels).
+    found: Vec<Option<usize>>,
+    /// One entry per SKU that has levels, in the database's order.
+    levels: Vec<SkuAvailability>,
 }
 
 impl Found {
-    /// `rows` answer `skus` (sorted, without duplicates) in [`stock::availability`]'s order:
-    /// each SKU's rows adjacent, its warehouses by priority.
-    pub(crate) fn new(skus: Vec<String>, rows: Vec<AvailableRow>) -> Self {
+    /// `levels` answer `skus` (sorted, without duplicates): at most one entry per SKU.
+    pub(crate) fn new(skus: Vec<String>, levels: Vec<SkuAvailability>) -> Self {
         debug_assert!(skus.windows(2).all(|w| w[0] < w[1]), "the SKUs come sorted, without duplicates");
-        // The database's collation orders the SKUs, not Rust: find each one's rows by name.
-        let mut of_sku: HashMap<&str, Range<usize>> = HashMap::with_capacity(skus.len());
-        let mut start = 0;
-        for end in 1..=rows.len() {
-            if end == rows.len() || rows[end].sku != rows[start].sku {
-                of_sku.insert(rows[start].sku.as_str(), start..end);
-                start = end;
-            }
-        }
-        let ranges = skus.iter().map(|sku| of_sku.get(sku.as_str()).cloned().unwrap_or(0..0)).collect();
-        Self(Arc::new(Table { skus, ranges, rows }))
+        // The database's collation orders the SKUs, not Rust: find each one's entry by name.
+        let of_sku: HashMap<&str, usize> = levels.iter().enumerate().map(|(i, l)| (l.sku.as_str(), i)).collect();
+        let found = skus.iter().map(|sku| of_sku.get(sku.as_str()).copied()).collect();
+        Self(Arc::new(Table { skus, found, levels }))
     }
 
-    /// `sku`'s rows, its warehouses by priority; none for a SKU not asked for or without levels.
-    pub(crate) fn of(&self, sku: &str) -> &[AvailableRow] {
+    /// `sku`'s available units per active warehouse, in no particular order; none for a SKU not
+    /// asked for or without levels.
+    pub(crate) fn of(&self, sku: &str) -> impl Iterator<Item = (&str, i64)> {
         let table = &*self.0;
-        match table.skus.binary_search_by(|s| s.as_str().cmp(sku)) {
-            Ok(i) => &table.rows[table.ranges[i].clone()],
-            Err(_) => &[],
-        }
+        let levels = match table.skus.binary_search_by(|s| s.as_str().cmp(sku)) {
+            Ok(i) => table.found[i].map(|at| &table.levels[at]),
+            Err(_) => None,
+        };
+        levels.into_iter().flat_map(|l| l.warehouses.iter().map(String::as_str).zip(l.available.iter().copied()))
     }
 }
 
@@ -110,8 +103,9 @@ impl Coalescer {
 /// One query for `skus` (sorted, without duplicates).
 async fn read(reads: &Reads, skus: Vec<String>) -> Result<Found, sqlx::Error> {
     let asked = skus.as_slice();
-    let rows = reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, asked).await }).await?;
-    Ok(Found::new(skus, rows))
+    let levels =
+        reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, asked).await }).await?;
+    Ok(Found::new(skus, levels))
 }
 
 async fn gather(mut rx: mpsc::Receiver<Ask>, reads: Reads, slots: Arc<Semaphore>) {
@@ -171,21 +165,25 @@ async fn answer(reads: &Reads, mut asks: Vec<Ask>) {
 mod tests {
     use super::*;
 
-    fn row(sku: &str, warehouse: &str, available: i64) -> AvailableRow {
-        AvailableRow { sku: sku.into(), warehouse: warehouse.into(), available }
+    fn levels(sku: &str, rows: &[(&str, i64)]) -> SkuAvailability {
+        SkuAvailability {
+            sku: sku.into(),
+            warehouses: rows.iter().map(|(w, _)| (*w).to_owned()).collect(),
+            available: rows.iter().map(|(_, a)| *a).collect(),
+        }
     }
 
     #[test]
-    fn each_sku_finds_its_own_rows_whatever_order_the_database_sorted_them_in() {
-        // A collation may sort `a-1` after `A2` or `a1`; the rows still come grouped by SKU.
+    fn each_sku_finds_its_own_levels_whatever_order_the_database_sorted_them_in() {
+        // A collation may sort `a-1` after `A2` or `a1`.
         let skus: Vec<String> = ["A2", "a-1", "a1", "none"].iter().map(|s| s.to_string()).collect();
-        let rows = vec![row("a1", "W2", 5), row("a1", "W1", 3), row("a-1", "W1", 7), row("A2", "W3", 0)];
+        let rows = vec![levels("a1", &[("W2", 5), ("W1", 3)]), levels("a-1", &[("W1", 7)]), levels("A2", &[("W3", 0)])];
         let found = Found::new(skus, rows);
-        let names = |sku| found.of(sku).iter().map(|r| (r.warehouse.as_str(), r.available)).collect::<Vec<_>>();
+        let names = |sku| found.of(sku).collect::<Vec<_>>();
         assert_eq!(names("a1"), [("W2", 5), ("W1", 3)]);
         assert_eq!(names("a-1"), [("W1", 7)]);
         assert_eq!(names("A2"), [("W3", 0)]);
-        assert!(found.of("none").is_empty());
-        assert!(found.of("not-asked").is_empty());
+        assert_eq!(found.of("none").count(), 0);
+        assert_eq!(found.of("not-asked").count(), 0);
     }
 }

@@ -1,5 +1,7 @@
 //! Ops stock operations and stock reads.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -356,9 +358,8 @@ pub(crate) async fn availability(
     let items = requested
         .into_iter()
         .map(|sku| {
-            let rows = found.of(sku);
-            let available = rows.iter().map(|r| r.available).sum();
-            let warehouses = rows.iter().map(|r| (r.warehouse.as_str(), r.available)).collect();
+            let warehouses: BTreeMap<&str, i64> = found.of(sku).collect();
+            let available = warehouses.values().sum();
             AvailabilityItem { sku, available, warehouses }
         })
         .collect();
