@@ -246,7 +246,8 @@ async fn open_loop_runs(args: &Args, addr: SocketAddr, rows: &[ScenarioRow]) -> 
         let mut tally = load::open_loop(addr, rate, duration, args.clients, |n| {
             let line = json!({"sku": scenarios::sku(rng.random_range(0..skus)), "quantity": 1,
                               "warehouse": scenarios::warehouse(rng.random_range(0..warehouses))});
-            let body = json!({"order_id": format!("{tag}-{n}"), "lines": [line]});
+            let body = json!({"order_id": format!("{tag}-{n}"), "lines": [line],
+                              "ttl_seconds": scenarios::UNFINISHED_TTL_SECS});
             (hyper::Method::POST, "/v1/reservations".to_owned(), Some(body.to_string()))
         })
         .await;
