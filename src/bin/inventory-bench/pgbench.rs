@@ -67,7 +67,7 @@ impl Workload {
                 .into(),
             Self::Availability => format!(
                 "the service's availability statement (levels of {AVAILABILITY_SKUS} random SKUs in active \
-                 warehouses), no transaction around it"
+                 warehouses, one row per SKU), no transaction around it"
             ),
             Self::Mixed => "90 % the `availability` script, 10 % the `lifecycle` script, drawn per run".into(),
             Self::Set => format!(
@@ -185,11 +185,11 @@ fn availability_script() -> String {
     }
     let skus: Vec<String> = (1..=AVAILABILITY_SKUS).map(|i| format!("'SKU-' || lpad(:a{i}::text, 6, '0')")).collect();
     out + &format!(
-        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved AS available
+        "SELECT l.sku, array_agg(l.warehouse), array_agg(l.on_hand - l.reserved)
   FROM stock_levels l
   JOIN warehouses w ON w.code = l.warehouse AND w.active
  WHERE l.sku = ANY(ARRAY[{}])
- ORDER BY l.sku, w.priority, l.warehouse;
+ GROUP BY l.sku;
 ",
         skus.join(", ")
     )
