@@ -3,10 +3,10 @@
 //!
 //! A request joins the next query to *start*, never one already running, so every answer comes
 //! from a statement that began after the request arrived: it sees every change committed
-//! before the request, exactly as a direct read would. At most `--coalesced-read-concurrency`
-//! queries run at once; requests that arrive meanwhile queue, and the next free slot takes all
-//! of them (up to [`MAX_SKUS`] SKUs) into one query. When a slot is free, a request goes at
-//! once: an idle service adds no wait. A query that fails answers nobody with its error: each of its requests
+//! before the request, exactly as a direct read would. At most
+//! `--coalesced-read-concurrency` queries run at once; requests that arrive meanwhile queue,
+//! and the next free slot takes all of them (up to [`MAX_SKUS`] SKUs) into one query. When a
+//! slot is free, a request goes at once: an idle service adds no wait. A query that fails answers nobody with its error: each of its requests
 //! then reads on its own, as without coalescing.
 
 use std::collections::HashMap;
@@ -53,6 +53,7 @@ impl Found {
         debug_assert!(skus.windows(2).all(|w| w[0] < w[1]), "the SKUs come sorted, without duplicates");
         // The database's collation orders the SKUs, not Rust: find each one's entry by name.
         let of_sku: HashMap<&str, usize> = levels.iter().enumerate().map(|(i, l)| (l.sku.as_str(), i)).collect();
+        debug_assert_eq!(of_sku.len(), levels.len(), "one entry per SKU");
         let found = skus.iter().map(|sku| of_sku.get(sku.as_str()).copied()).collect();
         Self(Arc::new(Table { skus, found, levels }))
     }

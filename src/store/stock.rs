@@ -172,8 +172,9 @@ pub(crate) async fn availability(
     conn: &mut PgConnection,
     skus: &[String],
 ) -> Result<Vec<SkuAvailability>, sqlx::Error> {
-    // Columns by position, not by name: this runs for every product page. Both aggregates take
-    // the same rows in the same order, so the two arrays are parallel.
+    // Columns by position, not by name: this runs for every product page. The two arrays are
+    // parallel: PostgreSQL computes every aggregate of a group in one pass over its rows, and
+    // neither has an ORDER BY or DISTINCT of its own that would sort its input apart.
     let rows: Vec<(String, Vec<String>, Vec<i64>)> = sqlx::query_as(
         "SELECT l.sku, array_agg(l.warehouse), array_agg(l.on_hand - l.reserved)
            FROM stock_levels l
@@ -184,6 +185,7 @@ pub(crate) async fn availability(
     .bind(skus)
     .fetch_all(conn)
     .await?;
+    debug_assert!(rows.iter().all(|(_, w, a)| w.len() == a.len()), "parallel arrays");
     Ok(rows.into_iter().map(|(sku, warehouses, available)| SkuAvailability { sku, warehouses, available }).collect())
 }
 
