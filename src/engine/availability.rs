@@ -6,8 +6,9 @@
 //! before the request, exactly as a direct read would. At most
 //! `--coalesced-read-concurrency` queries run at once; requests that arrive meanwhile queue,
 //! and the next free slot takes all of them (up to [`MAX_SKUS`] SKUs) into one query. When a
-//! slot is free, a request goes at once: an idle service adds no wait. A query that fails answers nobody with its error: each of its requests
-//! then reads on its own, as without coalescing.
+//! slot is free, a request goes at once: an idle service adds no wait. A query that fails
+//! answers nobody with its error: each of its requests then reads on its own, as without
+//! coalescing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
