@@ -1,9 +1,7 @@
-//! The authentication layer: 401 without a valid API key, 403 when its role does not allow
+//! Authentication: 401 without a valid API key, 403 when its role does not allow
 //! the call (keys and roles: `crate::auth`).
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::Request;
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -13,14 +11,15 @@ use crate::auth::required_role;
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub String);
 
-/// Middleware: 401 without a valid key, 403 when its role does not allow the call. With no
-/// keys configured every call is allowed (the server refuses to start like that off loopback).
-pub(crate) async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// 401 without a valid key, 403 when its role does not allow the call; else the request, with
+/// its [`Caller`] when keys are configured. With no keys configured every call is allowed (the
+/// server refuses to start like that off loopback).
+pub(crate) fn admit(state: &AppState, mut request: Request) -> Result<Request, ApiError> {
     if state.keys.is_empty() {
-        return next.run(request).await;
+        return Ok(request);
     }
     let Some(needed) = required_role(request.method(), request.uri().path(), state.config.metrics_public) else {
-        return next.run(request).await;
+        return Ok(request);
     };
     let presented = request
         .headers()
@@ -29,20 +28,17 @@ pub(crate) async fn layer(State(state): State<AppState>, request: Request, next:
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     let Some(entry) = presented.and_then(|secret| state.keys.find(secret)) else {
-        return ApiError::Unauthorized("a valid API key is required: Authorization: Bearer <key>".into())
-            .into_response();
+        return Err(ApiError::Unauthorized("a valid API key is required: Authorization: Bearer <key>".into()));
     };
     if !entry.role.allows(needed) {
-        return ApiError::Forbidden(format!(
+        return Err(ApiError::Forbidden(format!(
             "the key `{}` has role {}, this call needs {}",
             entry.name,
             entry.role.as_str(),
             needed.as_str()
-        ))
-        .into_response();
+        )));
     }
     tracing::Span::current().record("api_key", entry.name.as_str());
-    let mut request = request;
     request.extensions_mut().insert(Caller(entry.name.clone()));
-    next.run(request).await
+    Ok(request)
 }

@@ -298,7 +298,40 @@ pub(crate) struct AvailabilityItem<'a> {
     pub sku: &'a str,
     /// Sum over active warehouses.
     pub available: i64,
-    pub warehouses: BTreeMap<&'a str, i64>,
+    #[schema(value_type = BTreeMap<String, i64>)]
+    pub warehouses: ByWarehouse<'a>,
+}
+
+/// Available units by warehouse code, written as a JSON object in code order: sorted once in
+/// place, where a map would build a tree for every item of every answer.
+#[derive(Debug)]
+pub(crate) struct ByWarehouse<'a>(Vec<(&'a str, i64)>);
+
+impl ByWarehouse<'_> {
+    pub(crate) fn total(&self) -> i64 {
+        self.0.iter().map(|(_, units)| units).sum()
+    }
+}
+
+/// From one entry per warehouse, in any order.
+impl<'a> FromIterator<(&'a str, i64)> for ByWarehouse<'a> {
+    fn from_iter<I: IntoIterator<Item = (&'a str, i64)>>(entries: I) -> Self {
+        let mut entries: Vec<(&'a str, i64)> = entries.into_iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        debug_assert!(entries.windows(2).all(|w| w[0].0 != w[1].0), "one entry per warehouse");
+        Self(entries)
+    }
+}
+
+impl Serialize for ByWarehouse<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (warehouse, units) in &self.0 {
+            map.serialize_entry(warehouse, units)?;
+        }
+        map.end()
+    }
 }
 
 // Borrows the rows it answers from: an answer is written without copying them.

@@ -28,9 +28,13 @@ fn usable(value: &HeaderValue) -> Option<String> {
     (!s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic())).then(|| s.to_owned())
 }
 
-/// Outermost middleware: assigns the id, opens the request span (continuing the caller's trace
-/// when spans are exported), logs the outcome.
-pub(crate) async fn layer(request: Request, next: Next) -> Response {
+/// The outermost step of every request: assigns the id, opens the request span (continuing the
+/// caller's trace when spans are exported), runs `serve` in both, logs the outcome.
+pub(crate) async fn scope<F, Fut>(request: Request, serve: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let id = request.headers().get(HEADER).and_then(usable).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let method = request.method().clone();
     let span = tracing::info_span!(
@@ -44,7 +48,7 @@ pub(crate) async fn layer(request: Request, next: Next) -> Response {
     );
     crate::telemetry::continue_trace(&span, request.headers());
     let started = Instant::now();
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request).instrument(span.clone())).await;
+    let mut response = REQUEST_ID.scope(id.clone(), serve(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
     let route = response.extensions().get::<Route>().map_or("unmatched", |r| r.0.as_str());
     let elapsed = started.elapsed();

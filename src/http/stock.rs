@@ -1,7 +1,5 @@
 //! Ops stock operations and stock reads.
 
-use std::collections::BTreeMap;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,8 +11,8 @@ use super::answer::respond;
 use super::error::ApiError;
 use super::extract::{Body, IdempotencyKey, OptionalJson, Path, Query, whole_number};
 use super::openapi::{
-    Availability, AvailabilityItem, BodyErrors, LevelPage, PageErrors, Problem, QueryErrors, StockView, Totals,
-    UnknownSkuOrWarehouse,
+    Availability, AvailabilityItem, BodyErrors, ByWarehouse, LevelPage, PageErrors, Problem, QueryErrors, StockView,
+    Totals, UnknownSkuOrWarehouse,
 };
 use super::schemas::{self, Count, LevelCursor, Text};
 use super::state::{AppState, page_limit};
@@ -358,8 +356,8 @@ pub(crate) async fn availability(
     let items = requested
         .into_iter()
         .map(|sku| {
-            let warehouses: BTreeMap<&str, i64> = found.of(sku).collect();
-            let available = warehouses.values().sum();
+            let warehouses: ByWarehouse<'_> = found.of(sku).collect();
+            let available = warehouses.total();
             AvailabilityItem { sku, available, warehouses }
         })
         .collect();
