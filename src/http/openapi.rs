@@ -308,6 +308,7 @@ pub(crate) struct AvailabilityItem<'a> {
 pub(crate) struct ByWarehouse<'a>(Vec<(&'a str, i64)>);
 
 impl ByWarehouse<'_> {
+    /// The units of every warehouse together.
     pub(crate) fn total(&self) -> i64 {
         self.0.iter().map(|(_, units)| units).sum()
     }
@@ -400,6 +401,19 @@ mod tests {
     use crate::engine::{Error, Refusal};
     use crate::http::error::ApiError;
     use utoipa::PartialSchema;
+
+    #[test]
+    fn warehouses_are_written_as_the_map_they_replace_in_code_order_whatever_order_they_came_in() {
+        // A channel hands its warehouses over in its order of preference, not by code.
+        let came = [("WH2", 5), ("A-1", 0), ("WH10", -2), ("wh1", 7)];
+        let written: ByWarehouse<'_> = came.into_iter().collect();
+        let map: BTreeMap<&str, i64> = came.into_iter().collect();
+        assert_eq!(serde_json::to_string(&written).unwrap(), serde_json::to_string(&map).unwrap());
+        assert_eq!(serde_json::to_string(&written).unwrap(), r#"{"A-1":0,"WH10":-2,"WH2":5,"wh1":7}"#);
+        assert_eq!(written.total(), 10);
+        let none: ByWarehouse<'_> = std::iter::empty().collect();
+        assert_eq!((serde_json::to_string(&none).unwrap().as_str(), none.total()), ("{}", 0));
+    }
 
     #[test]
     fn every_code_answered_is_a_documented_problem_code() {

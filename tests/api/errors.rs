@@ -96,6 +96,26 @@ async fn an_oversized_body_is_413() {
     assert_eq!(app.ledger_count().await, 0);
 }
 
+/// No GET or DELETE handler reads a body, yet a client may send one: it is read and dropped
+/// before the answer goes out (a body left unread made the server reset the connection,
+/// which could cut the answer off), and one over the limit is 413.
+#[tokio::test]
+async fn a_body_sent_with_a_get_or_delete_is_dropped_and_one_over_the_limit_is_413() {
+    let app = app().await;
+    for round in 0..3 {
+        // A new connection each time: nothing is left to a reused one to absorb.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        let res = client.get(app.url("/v1/availability?sku=A")).body("x".repeat(3000)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "round {round}");
+        let answer: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(answer["items"][0]["sku"], "A", "round {round}: {answer}");
+        let res = client.delete(app.url("/v1/webhooks/nope")).body("{}").send().await.unwrap();
+        assert_problem(res, StatusCode::NOT_FOUND, "not_found").await;
+    }
+    let res = app.client.get(app.url("/v1/availability?sku=A")).body("x".repeat(5000)).send().await.unwrap();
+    assert_problem(res, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_declared_json_is_415() {
     let app = app().await;
