@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn warehouses_are_written_as_the_map_they_replace_in_code_order_whatever_order_they_came_in() {
-        // A channel hands its warehouses over in its order of preference, not by code.
+        // The database hands a SKU's warehouses over in no particular order.
         let came = [("WH2", 5), ("A-1", 0), ("WH10", -2), ("wh1", 7)];
         let written: ByWarehouse<'_> = came.into_iter().collect();
         let map: BTreeMap<&str, i64> = came.into_iter().collect();

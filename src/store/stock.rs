@@ -189,8 +189,8 @@ pub(crate) async fn availability(
     Ok(rows.into_iter().map(|(sku, warehouses, available)| SkuAvailability { sku, warehouses, available }).collect())
 }
 
-/// [`availability`] in one sales channel: only its active warehouses, in its order of
-/// preference. `None` when the channel does not exist.
+/// [`availability`] in one sales channel: only its active warehouses, in no particular order
+/// (the answer lists them by code). `None` when the channel does not exist.
 pub(crate) async fn availability_in_channel(
     conn: &mut PgConnection,
     skus: &[String],
@@ -204,7 +204,7 @@ pub(crate) async fn availability_in_channel(
                       JOIN stock_levels l ON l.warehouse = m.warehouse AND l.sku = ANY($1))
                   ON m.channel = c.code
           WHERE c.code = $2
-          ORDER BY l.sku, coalesce(m.priority, w.priority), l.warehouse",
+          ORDER BY l.sku",
     )
     .bind(skus)
     .bind(channel)
