@@ -23,7 +23,7 @@ async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invarian
     let name = format!("bench_smoke_{}", std::process::id());
 
     let output = Command::new(env!("CARGO_BIN_EXE_inventory-bench"))
-        .args(["--smoke", "--database-name", &name])
+        .args(["--smoke", "--rounds", "2", "--database-name", &name])
         .arg("--database-url")
         .arg(&server)
         .arg("--inventory-bin")
@@ -65,9 +65,20 @@ async fn the_benchmark_smoke_run_exercises_every_scenario_and_keeps_the_invarian
         assert!(row["ratio"].as_f64().unwrap() > 0.0, "{}: no service/pgbench ratio", row["scenario"]);
         let one_line = ["uniform", "hot", "hot-sold-out"].contains(&row["scenario"].as_str().unwrap());
         assert_eq!(row["set_limit_ratio"].is_number(), one_line, "{}: ratio to the set-based limit", row["scenario"]);
+        // Two rounds, each with its own baseline, except the sold-out run's (its SKU stays sold
+        // out); the row gives their medians, and counts both.
+        let rounds = row["rounds"].as_array().unwrap();
+        let expected = if row["scenario"] == "hot-sold-out" { 1 } else { 2 };
+        assert_eq!(rounds.len(), expected, "{}: rounds {rounds:?}", row["scenario"]);
+        let each = |k: &str| -> Vec<f64> { rounds.iter().map(|r| r[k].as_f64().unwrap()).collect() };
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+        assert!((row["throughput"].as_f64().unwrap() - mean(each("throughput"))).abs() < 1e-6, "{row}");
+        assert!((row["ratio"].as_f64().unwrap() - mean(each("ratio"))).abs() < 1e-9, "{row}");
+        assert!(each("pgbench_tps").iter().all(|t| *t > 0.0), "{row}");
     }
     let limit = &report["set_limit"];
     assert!(limit["reservations_per_sec"].as_f64().unwrap() > 0.0, "the set-based anchor ran: {limit}");
+    assert_eq!(limit["rounds"].as_array().unwrap().len(), 2, "the set-based anchor ran in each round: {limit}");
     let per_tx = limit["reservations_per_transaction"].as_f64().unwrap();
     assert!((9.0..=10.0).contains(&per_tx), "about 10 reservations per transaction: {per_tx}");
     let open: Vec<(u64, f64)> = report["open_loop"]

@@ -86,6 +86,13 @@ struct Args {
     /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
     #[arg(long)]
     smoke: bool,
+    /// Runs of the whole sequence (the set-based anchor, then each scenario after its pgbench
+    /// baseline). The table gives each figure's median over the rounds, each ratio the median of
+    /// the ratios taken side by side within a round, and lists every round's figures: on a
+    /// machine whose speed drifts between minutes, one round can decide a verdict by chance.
+    /// The sold-out run runs in the first round only (its SKU stays sold out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 impl Args {
@@ -121,6 +128,7 @@ fn main() -> ExitCode {
 }
 
 /// The server and the URLs of the two databases.
+#[derive(Debug)]
 struct Databases {
     local: Option<LocalPostgres>,
     admin_url: String,
@@ -155,7 +163,7 @@ async fn benchmark(
     let mut config = json!({
         "duration_secs": args.duration_secs, "clients": args.clients, "hot_clients": args.hot_clients,
         "skus": args.skus, "warehouses": args.warehouses, "on_hand": args.on_hand,
-        "sold_out_stock": args.sold_out_stock, "service_log": args.service_log,
+        "sold_out_stock": args.sold_out_stock, "service_log": args.service_log, "rounds": args.rounds,
         "database": if args.database_url.is_some() { "DATABASE_URL" } else { "own cluster, durable commits" },
     });
     step("applying migrations");
@@ -199,7 +207,8 @@ async fn benchmark(
         stop(&mut service);
         return Err(err);
     }
-    let outcome = run_scenarios(args, work, dbs, pgbench.as_deref(), service.id(), addr, &hot).await;
+    let target = Target { args, work, dbs, pgbench: pgbench.as_deref(), pid: service.id(), addr, hot: &hot };
+    let outcome = run_scenarios(&target).await;
     let open_loop = match &outcome {
         Ok((rows, ..)) if !args.no_open_loop => open_loop_runs(args, addr, rows).await,
         _ => Vec::new(),
@@ -269,150 +278,189 @@ async fn open_loop_runs(args: &Args, addr: SocketAddr, rows: &[ScenarioRow]) -> 
     runs
 }
 
-async fn run_scenarios(
-    args: &Args,
-    work: &Path,
-    dbs: &Databases,
-    pgbench: Option<&Path>,
+/// What every scenario runs against.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    args: &'a Args,
+    work: &'a Path,
+    dbs: &'a Databases,
+    pgbench: Option<&'a Path>,
+    /// The service's process.
     pid: u32,
     addr: SocketAddr,
-    hot: &HotSkus,
-) -> Result<(Vec<ScenarioRow>, Option<u64>, Option<SetLimit>), String> {
-    let mut rows = Vec::new();
+    hot: &'a HotSkus,
+}
+
+async fn run_scenarios(target: &Target<'_>) -> Result<(Vec<ScenarioRow>, Option<u64>, Option<SetLimit>), String> {
+    let Target { args, work, dbs, pgbench, hot, .. } = *target;
+    let mut rounds: Vec<Vec<ScenarioRow>> = args.scenarios.iter().map(|_| Vec::new()).collect();
+    let mut set_limits = Vec::new();
     let mut sold_out_created = None;
-    let mut baselines = std::collections::HashMap::new();
-    let set_limit = match pgbench {
-        Some(pgbench) if args.scenarios.iter().any(|s| s.one_line_reservations()) => {
-            Some(set_based_limit(args, work, dbs, pgbench, &hot.restocked).await?)
+    for round in 0..args.rounds {
+        if args.rounds > 1 {
+            step(&format!("round {} of {}", round + 1, args.rounds));
         }
-        _ => None,
-    };
-    for (i, &scenario) in args.scenarios.iter().enumerate() {
-        let clients = match scenario {
-            Scenario::Hot | Scenario::HotSoldOut => args.hot_clients,
-            _ => args.clients,
-        };
-        let workload = scenario.baseline();
-        let baseline = match pgbench {
-            // The hot baseline serves both hot runs.
-            Some(_) if baselines.contains_key(&(workload, clients)) => baselines.get(&(workload, clients)).cloned(),
-            Some(pgbench) => {
-                step(&format!("pgbench baseline `{workload}`, {clients} clients, {} s", args.duration_secs));
-                let run = pgbench::Run {
-                    pgbench,
-                    url: &dbs.pgbench_url,
-                    work_dir: work,
-                    workload,
-                    clients,
-                    duration_secs: args.duration_secs,
-                    skus: args.skus,
-                    warehouses: args.warehouses,
-                    hot_sku: &hot.restocked,
-                };
-                checkpoint(&dbs.admin_url).await;
-                let wal = wal_bytes(&dbs.admin_url).await;
-                let mut row = BaselineRow::of(pgbench::run(&run)?);
-                row.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, row.transactions);
-                baselines.insert((workload, clients), row.clone());
-                Some(row)
+        let set_limit = match pgbench {
+            Some(pgbench) if args.scenarios.iter().any(|s| s.one_line_reservations()) => {
+                Some(set_based_limit(args, work, dbs, pgbench, &hot.restocked).await?)
             }
-            None => None,
+            _ => None,
         };
-        step(&format!("service `{scenario}`, {clients} clients, {} s", args.duration_secs));
-        reset_peak_rss(pid);
-        let shared = Arc::new(Shared {
-            addr,
-            skus: args.skus,
-            warehouses: args.warehouses,
-            tag: format!("bench-{}-{i}", std::process::id()),
-            expire_ttl_secs: 2,
-            sold_out: AtomicBool::new(false),
-            hot: hot.clone(),
-        });
-        checkpoint(&dbs.admin_url).await;
-        let batches_before = batch_totals(addr).await;
-        let wal_before = wal_bytes(&dbs.admin_url).await;
-        let started = Instant::now();
-        // The sold-out run lasts until the row is empty, within reason.
-        let duration = match scenario {
-            Scenario::HotSoldOut => Duration::from_secs(args.duration_secs.max(60)),
-            _ => Duration::from_secs(args.duration_secs),
-        };
-        let deadline = started + duration;
-        // Live consumers: they start at the feed's current end, as a consumer resuming from its
-        // cursor does (one starting from 0 replays the whole retained history first).
-        let head = if args.event_streams > 0 { feed_head(&dbs.service_url).await } else { 0 };
-        let streams: Vec<_> =
-            (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, head, deadline))).collect();
-        let lag = tokio::spawn(watch_expiry_lag(addr, deadline));
-        let tasks: Vec<_> = (0..clients)
-            .map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline)))
-            .collect();
-        let mut tally = load::Tally::default();
-        for task in tasks {
-            tally.merge(task.await.map_err(|e| e.to_string())?);
+        let mut baselines = std::collections::HashMap::new();
+        for (i, &scenario) in args.scenarios.iter().enumerate() {
+            if scenario == Scenario::HotSoldOut && round > 0 {
+                continue;
+            }
+            let tag = format!("bench-{}-{round}-{i}", std::process::id());
+            let row = run_scenario(target, &mut baselines, set_limit.as_ref(), scenario, tag).await?;
+            if scenario == Scenario::HotSoldOut {
+                sold_out_created = Some(row.statuses.get(&201).copied().unwrap_or(0));
+            }
+            rounds[i].push(row);
         }
-        let seconds = started.elapsed().as_secs_f64();
-        let max_expiry_lag_secs = lag.await.ok();
-        let mut held = load::StreamTally::default();
-        for stream in streams {
-            let one = stream.await.map_err(|e| e.to_string())?;
-            held.held += one.held;
-            held.failed += one.failed;
-            held.events += one.events;
+        set_limits.extend(set_limit);
+    }
+    let rows = rounds.into_iter().filter(|r| !r.is_empty()).map(ScenarioRow::merged).collect();
+    let set_limit = (!set_limits.is_empty()).then(|| SetLimit::merged(set_limits));
+    Ok((rows, sold_out_created, set_limit))
+}
+
+/// One run of one scenario, after its pgbench baseline (run now unless `baselines` has it from
+/// an earlier scenario of this round).
+async fn run_scenario(
+    target: &Target<'_>,
+    baselines: &mut std::collections::HashMap<(pgbench::Workload, usize), BaselineRow>,
+    set_limit: Option<&SetLimit>,
+    scenario: Scenario,
+    tag: String,
+) -> Result<ScenarioRow, String> {
+    let Target { args, work, dbs, pgbench, pid, addr, hot } = *target;
+    let clients = match scenario {
+        Scenario::Hot | Scenario::HotSoldOut => args.hot_clients,
+        _ => args.clients,
+    };
+    let workload = scenario.baseline();
+    let baseline = match pgbench {
+        // The hot baseline serves both hot runs.
+        Some(_) if baselines.contains_key(&(workload, clients)) => baselines.get(&(workload, clients)).cloned(),
+        Some(pgbench) => {
+            step(&format!("pgbench baseline `{workload}`, {clients} clients, {} s", args.duration_secs));
+            let run = pgbench::Run {
+                pgbench,
+                url: &dbs.pgbench_url,
+                work_dir: work,
+                workload,
+                clients,
+                duration_secs: args.duration_secs,
+                skus: args.skus,
+                warehouses: args.warehouses,
+                hot_sku: &hot.restocked,
+            };
+            checkpoint(&dbs.admin_url).await;
+            let wal = wal_bytes(&dbs.admin_url).await;
+            let mut row = BaselineRow::of(pgbench::run(&run)?);
+            row.wal_kb_per_tx = per_op_kb(wal, wal_bytes(&dbs.admin_url).await, row.transactions);
+            baselines.insert((workload, clients), row.clone());
+            Some(row)
         }
-        let wal_kb_per_op = per_op_kb(wal_before, wal_bytes(&dbs.admin_url).await, tally.ops);
-        let (sum, count) = batch_totals(addr).await;
-        let mean_batch = (count > batches_before.1).then(|| (sum - batches_before.0) / (count - batches_before.1));
-        if scenario == Scenario::HotSoldOut {
-            sold_out_created = Some(tally.by_status.get(&201).copied().unwrap_or(0));
-        }
-        let throughput = tally.ops as f64 / seconds;
-        let ratio = baseline.as_ref().filter(|b| b.tps > 0.0).map(|b| throughput / b.tps);
-        let set_limit_ratio = set_limit
-            .as_ref()
-            .filter(|l| scenario.one_line_reservations() && l.reservations_per_sec > 0.0)
-            .map(|l| throughput / l.reservations_per_sec);
-        rows.push(ScenarioRow {
-            scenario,
-            unit: scenario.unit(),
-            clients,
-            seconds,
-            ops: tally.ops,
+        None => None,
+    };
+    step(&format!("service `{scenario}`, {clients} clients, {} s", args.duration_secs));
+    reset_peak_rss(pid);
+    let shared = Arc::new(Shared {
+        addr,
+        skus: args.skus,
+        warehouses: args.warehouses,
+        tag,
+        expire_ttl_secs: 2,
+        sold_out: AtomicBool::new(false),
+        hot: hot.clone(),
+    });
+    checkpoint(&dbs.admin_url).await;
+    let batches_before = batch_totals(addr).await;
+    let wal_before = wal_bytes(&dbs.admin_url).await;
+    let started = Instant::now();
+    // The sold-out run lasts until the row is empty, within reason.
+    let duration = match scenario {
+        Scenario::HotSoldOut => Duration::from_secs(args.duration_secs.max(60)),
+        _ => Duration::from_secs(args.duration_secs),
+    };
+    let deadline = started + duration;
+    // Live consumers: they start at the feed's current end, as a consumer resuming from its
+    // cursor does (one starting from 0 replays the whole retained history first).
+    let head = if args.event_streams > 0 { feed_head(&dbs.service_url).await } else { 0 };
+    let streams: Vec<_> =
+        (0..args.event_streams).map(|n| tokio::spawn(load::hold_stream(addr, n, head, deadline))).collect();
+    let lag = tokio::spawn(watch_expiry_lag(addr, deadline));
+    let tasks: Vec<_> =
+        (0..clients).map(|c| tokio::spawn(scenarios::run_client(scenario, Arc::clone(&shared), c, deadline))).collect();
+    let mut tally = load::Tally::default();
+    for task in tasks {
+        tally.merge(task.await.map_err(|e| e.to_string())?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let max_expiry_lag_secs = lag.await.ok();
+    let mut held = load::StreamTally::default();
+    for stream in streams {
+        let one = stream.await.map_err(|e| e.to_string())?;
+        held.held += one.held;
+        held.failed += one.failed;
+        held.events += one.events;
+    }
+    let wal_kb_per_op = per_op_kb(wal_before, wal_bytes(&dbs.admin_url).await, tally.ops);
+    let (sum, count) = batch_totals(addr).await;
+    let mean_batch = (count > batches_before.1).then(|| (sum - batches_before.0) / (count - batches_before.1));
+    let throughput = tally.ops as f64 / seconds;
+    let ratio = baseline.as_ref().filter(|b| b.tps > 0.0).map(|b| throughput / b.tps);
+    let set_limit_ratio = set_limit
+        .filter(|l| scenario.one_line_reservations() && l.reservations_per_sec > 0.0)
+        .map(|l| throughput / l.reservations_per_sec);
+    let latency = Latency::of(&mut tally);
+    let row = ScenarioRow {
+        rounds: vec![report::Round {
             throughput,
-            requests: tally.requests(),
-            requests_per_sec: tally.requests() as f64 / seconds,
-            latency: Latency::of(&mut tally),
-            statuses: tally.by_status.clone(),
-            service_peak_rss_mb: peak_rss_mb(pid),
-            pgbench: baseline,
+            p99_ms: latency.p99_ms,
+            pgbench_tps: baseline.as_ref().map(|b| b.tps),
             ratio,
             set_limit_ratio,
-            mean_batch,
-            wal_kb_per_op,
-            streams: (args.event_streams > 0).then_some(held),
-            max_expiry_lag_secs,
-        });
-        let row = rows.last().expect("pushed above");
+        }],
+        scenario,
+        unit: scenario.unit(),
+        clients,
+        seconds,
+        ops: tally.ops,
+        throughput,
+        requests: tally.requests(),
+        requests_per_sec: tally.requests() as f64 / seconds,
+        latency,
+        statuses: tally.by_status.clone(),
+        service_peak_rss_mb: peak_rss_mb(pid),
+        pgbench: baseline,
+        ratio,
+        set_limit_ratio,
+        mean_batch,
+        wal_kb_per_op,
+        streams: (args.event_streams > 0).then_some(held),
+        max_expiry_lag_secs,
+    };
+    println!(
+        "  {:.0} {}/s, p99 {:.1} ms, answers {:?}{}",
+        row.throughput,
+        row.unit,
+        row.latency.p99_ms,
+        row.statuses,
+        if tally.failures() > 0 { "  <- failures" } else { "" }
+    );
+    if let Some(streams) = &row.streams {
         println!(
-            "  {:.0} {}/s, p99 {:.1} ms, answers {:?}{}",
-            row.throughput,
-            row.unit,
-            row.latency.p99_ms,
-            row.statuses,
-            if tally.failures() > 0 { "  <- failures" } else { "" }
+            "  event streams: {} held, {} refused or broken, {} events delivered",
+            streams.held, streams.failed, streams.events
         );
-        if let Some(streams) = &row.streams {
-            println!(
-                "  event streams: {} held, {} refused or broken, {} events delivered",
-                streams.held, streams.failed, streams.events
-            );
-        }
-        if let Some(lag) = row.max_expiry_lag_secs.filter(|l| *l > 0.0) {
-            println!("  expiry lag (oldest overdue hold at a sweep), worst: {lag:.1} s");
-        }
     }
-    Ok((rows, sold_out_created, set_limit))
+    if let Some(lag) = row.max_expiry_lag_secs.filter(|l| *l > 0.0) {
+        println!("  expiry lag (oldest overdue hold at a sweep), worst: {lag:.1} s");
+    }
+    Ok(row)
 }
 
 /// Clients of the set-based anchor: where this machine's PostgreSQL does the most of that work.
@@ -447,6 +495,7 @@ async fn set_based_limit(
     let made = pgbench_entries(&dbs.pgbench_url).await? - entries;
     let per_tx = made as f64 / baseline.transactions.max(1) as f64;
     let limit = SetLimit {
+        rounds: vec![baseline.tps * per_tx],
         clients: SET_CLIENTS,
         reservations_per_transaction: per_tx,
         reservations_per_sec: baseline.tps * per_tx,

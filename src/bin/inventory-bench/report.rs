@@ -21,6 +21,24 @@ impl Latency {
     pub fn of(tally: &mut Tally) -> Self {
         Self { p50_ms: tally.quantile_ms(0.50), p99_ms: tally.quantile_ms(0.99), p999_ms: tally.quantile_ms(0.999) }
     }
+
+    /// Each quantile's median over the rounds.
+    fn median_of<'a>(rounds: impl Iterator<Item = &'a Latency> + Clone) -> Self {
+        let of = |f: fn(&Latency) -> f64| median(rounds.clone().map(f)).unwrap_or(0.0);
+        Self { p50_ms: of(|l| l.p50_ms), p99_ms: of(|l| l.p99_ms), p999_ms: of(|l| l.p999_ms) }
+    }
+}
+
+/// The median of the figures (the mean of the middle two for an even count); `None` for none.
+pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.filter(|v| v.is_finite()).collect();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[mid]),
+        _ => Some((values[mid - 1] + values[mid]) / 2.0),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,6 +63,18 @@ impl BaselineRow {
             wal_kb_per_tx: None,
         }
     }
+
+    /// Several rounds of one baseline as one row: medians, transactions summed.
+    fn merged<'a>(rounds: impl Iterator<Item = &'a BaselineRow> + Clone) -> Option<Self> {
+        let first = rounds.clone().next()?;
+        Some(Self {
+            workload: first.workload,
+            tps: median(rounds.clone().map(|b| b.tps)).unwrap_or(0.0),
+            transactions: rounds.clone().map(|b| b.transactions).sum(),
+            latency: Latency::median_of(rounds.clone().map(|b| &b.latency)),
+            wal_kb_per_tx: median(rounds.filter_map(|b| b.wal_kb_per_tx)),
+        })
+    }
 }
 
 /// What PostgreSQL does for one-line reservations decided set-based, with no HTTP in between.
@@ -54,6 +84,31 @@ pub struct SetLimit {
     pub reservations_per_transaction: f64,
     pub reservations_per_sec: f64,
     pub baseline: BaselineRow,
+    /// Reservations per second of each round, in the order run.
+    pub rounds: Vec<f64>,
+}
+
+impl SetLimit {
+    /// The rounds' medians (see [`ScenarioRow::merged`]).
+    pub fn merged(rounds: Vec<SetLimit>) -> Self {
+        Self {
+            clients: rounds[0].clients,
+            reservations_per_transaction: median(rounds.iter().map(|l| l.reservations_per_transaction)).unwrap_or(0.0),
+            reservations_per_sec: median(rounds.iter().map(|l| l.reservations_per_sec)).unwrap_or(0.0),
+            baseline: BaselineRow::merged(rounds.iter().map(|l| &l.baseline)).expect("at least one round"),
+            rounds: rounds.iter().flat_map(|l| l.rounds.iter().copied()).collect(),
+        }
+    }
+}
+
+/// One round of a scenario (`--rounds`): its own figures, side by side with its own baselines.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub throughput: f64,
+    pub p99_ms: f64,
+    pub pgbench_tps: Option<f64>,
+    pub ratio: Option<f64>,
+    pub set_limit_ratio: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +139,51 @@ pub struct ScenarioRow {
     pub streams: Option<crate::load::StreamTally>,
     /// The worst `expiry_lag_seconds` sampled once a second during the run.
     pub max_expiry_lag_secs: Option<f64>,
+    /// Every round's own figures, in the order run (one without `--rounds`).
+    pub rounds: Vec<Round>,
+}
+
+impl ScenarioRow {
+    /// The rounds of one scenario as one row: each figure is the median over the rounds, each
+    /// ratio the median of the rounds' own ratios (each taken side by side within its round,
+    /// not the ratio of two medians taken minutes apart); counts are summed, peaks the highest.
+    pub fn merged(rounds: Vec<ScenarioRow>) -> Self {
+        let of = |f: fn(&ScenarioRow) -> Option<f64>| median(rounds.iter().filter_map(f));
+        let mut statuses = BTreeMap::new();
+        for (status, n) in rounds.iter().flat_map(|r| &r.statuses) {
+            *statuses.entry(*status).or_default() += n;
+        }
+        let streams =
+            rounds.iter().filter_map(|r| r.streams.as_ref()).fold(None, |sum: Option<crate::load::StreamTally>, s| {
+                let mut sum = sum.unwrap_or_default();
+                sum.held += s.held;
+                sum.failed += s.failed;
+                sum.events += s.events;
+                Some(sum)
+            });
+        let first = &rounds[0];
+        Self {
+            scenario: first.scenario,
+            unit: first.unit,
+            clients: first.clients,
+            seconds: rounds.iter().map(|r| r.seconds).sum(),
+            ops: rounds.iter().map(|r| r.ops).sum(),
+            throughput: of(|r| Some(r.throughput)).unwrap_or(0.0),
+            requests: rounds.iter().map(|r| r.requests).sum(),
+            requests_per_sec: of(|r| Some(r.requests_per_sec)).unwrap_or(0.0),
+            latency: Latency::median_of(rounds.iter().map(|r| &r.latency)),
+            statuses,
+            service_peak_rss_mb: rounds.iter().filter_map(|r| r.service_peak_rss_mb).reduce(f64::max),
+            pgbench: BaselineRow::merged(rounds.iter().filter_map(|r| r.pgbench.as_ref())),
+            ratio: of(|r| r.ratio),
+            set_limit_ratio: of(|r| r.set_limit_ratio),
+            mean_batch: of(|r| r.mean_batch),
+            wal_kb_per_op: of(|r| r.wal_kb_per_op),
+            streams,
+            max_expiry_lag_secs: rounds.iter().filter_map(|r| r.max_expiry_lag_secs).reduce(f64::max),
+            rounds: rounds.into_iter().flat_map(|r| r.rounds).collect(),
+        }
+    }
 }
 
 /// Uniform one-line reservations sent open-loop at a share of the closed loop's throughput.
@@ -162,6 +262,11 @@ impl Report {
                 limit.baseline.tps,
                 limit.baseline.latency.p99_ms
             );
+            if limit.rounds.len() > 1 {
+                let each: Vec<String> = limit.rounds.iter().map(|r| format!("{r:.0}")).collect();
+                let _ =
+                    writeln!(md, "Set-based limit, each round: {} reservations/s (medians above)\n", each.join(" / "));
+            }
         }
         md.push_str(
             "| scenario | clients | throughput | p50 ms | p99 ms | p99.9 ms | answers | orders/batch | WAL KiB/op | service peak RSS | pgbench tps | pgbench p99 ms | pgbench WAL KiB/tx | service/pgbench | service/set-based limit |\n",
@@ -195,6 +300,7 @@ impl Report {
                 r.set_limit_ratio.map_or("—".to_owned(), |x| format!("{x:.2}×")),
             );
         }
+        self.rounds_markdown(&mut md);
         self.baselines_markdown(&mut md);
         if !self.open_loop.is_empty() {
             md.push_str(
@@ -224,6 +330,35 @@ impl Report {
             let _ = writeln!(md, "- {v}");
         }
         md
+    }
+
+    /// Every round's figures, when there was more than one: the table above gives their medians.
+    fn rounds_markdown(&self, md: &mut String) {
+        if self.scenarios.iter().all(|r| r.rounds.len() < 2) {
+            return;
+        }
+        md.push_str(
+            "\nEach round, in the order run (the table gives the medians; each ratio's median is taken over the \
+             rounds' own ratios): service throughput, p99 ms, pgbench tps, service/pgbench, service/set-based limit\n\n",
+        );
+        for r in &self.scenarios {
+            let each: Vec<String> = r
+                .rounds
+                .iter()
+                .map(|x| {
+                    let opt = |v: Option<f64>, f: fn(f64) -> String| v.map_or("—".to_owned(), f);
+                    format!(
+                        "{:.0}, {:.1}, {}, {}, {}",
+                        x.throughput,
+                        x.p99_ms,
+                        opt(x.pgbench_tps, |v| format!("{v:.0}")),
+                        opt(x.ratio, |v| format!("{v:.2}×")),
+                        opt(x.set_limit_ratio, |v| format!("{v:.2}×"))
+                    )
+                })
+                .collect();
+            let _ = writeln!(md, "- {}: {}", r.scenario, each.join(" · "));
+        }
     }
 
     /// One line per pgbench baseline of the table: what it ran, and for which scenarios.
@@ -269,4 +404,75 @@ fn kb(value: Option<f64>) -> String {
 
 fn mb(value: Option<f64>) -> String {
     value.map_or("—".to_owned(), |v| format!("{v:.0} MB"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_the_middle_figure_or_the_mean_of_the_middle_two() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
+        assert_eq!(median([f64::NAN, 5.0].into_iter()), Some(5.0));
+        assert_eq!(median(std::iter::empty()), None);
+    }
+
+    fn round(throughput: f64, p99_ms: f64, tps: f64) -> ScenarioRow {
+        let latency = Latency { p50_ms: p99_ms / 2.0, p99_ms, p999_ms: p99_ms * 2.0 };
+        let pgbench = BaselineRow {
+            workload: Workload::Uniform,
+            tps,
+            transactions: tps as u64,
+            latency: latency.clone(),
+            wal_kb_per_tx: None,
+        };
+        ScenarioRow {
+            scenario: Scenario::Uniform,
+            unit: "reservations",
+            clients: 64,
+            seconds: 1.0,
+            ops: throughput as u64,
+            throughput,
+            requests: throughput as u64,
+            requests_per_sec: throughput,
+            latency,
+            statuses: BTreeMap::from([(201, throughput as u64)]),
+            service_peak_rss_mb: Some(throughput / 100.0),
+            pgbench: Some(pgbench),
+            ratio: Some(throughput / tps),
+            set_limit_ratio: None,
+            mean_batch: None,
+            wal_kb_per_op: None,
+            streams: None,
+            max_expiry_lag_secs: None,
+            rounds: vec![Round {
+                throughput,
+                p99_ms,
+                pgbench_tps: Some(tps),
+                ratio: Some(throughput / tps),
+                set_limit_ratio: None,
+            }],
+        }
+    }
+
+    #[test]
+    fn rounds_merge_into_medians_with_each_ratio_taken_within_its_round() {
+        // The machine slowed down in the second round and sped up in the third: the ratio's
+        // median comes from the rounds' own ratios (2, 2.5, 3), not from the medians' ratio.
+        let merged = ScenarioRow::merged(vec![
+            round(6000.0, 20.0, 3000.0),
+            round(4000.0, 30.0, 1600.0),
+            round(9000.0, 10.0, 3000.0),
+        ]);
+        assert_eq!(merged.throughput, 6000.0);
+        assert_eq!(merged.ratio, Some(2.5));
+        assert_eq!(merged.pgbench.as_ref().map(|b| (b.tps, b.transactions)), Some((3000.0, 7600)));
+        assert_eq!(merged.latency.p99_ms, 20.0);
+        assert_eq!((merged.ops, merged.statuses.get(&201).copied()), (19000, Some(19000)));
+        assert_eq!(merged.service_peak_rss_mb, Some(90.0));
+        assert_eq!(merged.set_limit_ratio, None);
+        let throughputs: Vec<f64> = merged.rounds.iter().map(|r| r.throughput).collect();
+        assert_eq!(throughputs, [6000.0, 4000.0, 9000.0], "every round, in the order run");
+    }
 }
