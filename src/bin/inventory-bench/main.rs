@@ -80,7 +80,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     event_streams: usize,
     /// Skip the open-loop runs of the uniform scenario (at 50 % and 80 % of its closed-loop
-    /// throughput, latency from each request's due time).
+    /// throughput, the median over the rounds; once, after the last round; latency from each
+    /// request's due time).
     #[arg(long)]
     no_open_loop: bool,
     /// A quick run that only proves the benchmark works: 1 s per scenario, 2,000 SKUs.
@@ -238,7 +239,8 @@ async fn benchmark(
 }
 
 /// The uniform scenario again, open-loop, at 50 % and 80 % of the throughput its closed-loop
-/// run reached, on as many connections as it had clients.
+/// run reached (the median over the rounds), once after the last round, on as many connections
+/// as it had clients.
 async fn open_loop_runs(args: &Args, addr: SocketAddr, rows: &[ScenarioRow]) -> Vec<report::OpenLoopRow> {
     let Some(closed) = rows.iter().find(|r| r.scenario == Scenario::Uniform && r.throughput > 0.0) else {
         return Vec::new();
@@ -300,15 +302,17 @@ async fn run_scenarios(target: &Target<'_>) -> Result<(Vec<ScenarioRow>, Option<
         if args.rounds > 1 {
             step(&format!("round {} of {}", round + 1, args.rounds));
         }
+        // The sold-out run is over after the first round (its SKU stays sold out).
+        let runs = |s: &Scenario| round == 0 || *s != Scenario::HotSoldOut;
         let set_limit = match pgbench {
-            Some(pgbench) if args.scenarios.iter().any(|s| s.one_line_reservations()) => {
+            Some(pgbench) if args.scenarios.iter().filter(|s| runs(s)).any(|s| s.one_line_reservations()) => {
                 Some(set_based_limit(args, work, dbs, pgbench, &hot.restocked).await?)
             }
             _ => None,
         };
         let mut baselines = std::collections::HashMap::new();
         for (i, &scenario) in args.scenarios.iter().enumerate() {
-            if scenario == Scenario::HotSoldOut && round > 0 {
+            if !runs(&scenario) {
                 continue;
             }
             let tag = format!("bench-{}-{round}-{i}", std::process::id());

@@ -146,7 +146,8 @@ pub struct ScenarioRow {
 impl ScenarioRow {
     /// The rounds of one scenario as one row: each figure is the median over the rounds, each
     /// ratio the median of the rounds' own ratios (each taken side by side within its round,
-    /// not the ratio of two medians taken minutes apart); counts are summed, peaks the highest.
+    /// not the ratio of two medians taken minutes apart); counts (`ops`, `seconds`, answers,
+    /// events streamed) are summed, peaks and streams held the highest.
     pub fn merged(rounds: Vec<ScenarioRow>) -> Self {
         let of = |f: fn(&ScenarioRow) -> Option<f64>| median(rounds.iter().filter_map(f));
         let mut statuses = BTreeMap::new();
@@ -156,7 +157,7 @@ impl ScenarioRow {
         let streams =
             rounds.iter().filter_map(|r| r.streams.as_ref()).fold(None, |sum: Option<crate::load::StreamTally>, s| {
                 let mut sum = sum.unwrap_or_default();
-                sum.held += s.held;
+                sum.held = sum.held.max(s.held);
                 sum.failed += s.failed;
                 sum.events += s.events;
                 Some(sum)
