@@ -154,14 +154,11 @@ impl ScenarioRow {
         for (status, n) in rounds.iter().flat_map(|r| &r.statuses) {
             *statuses.entry(*status).or_default() += n;
         }
-        let streams =
-            rounds.iter().filter_map(|r| r.streams.as_ref()).fold(None, |sum: Option<crate::load::StreamTally>, s| {
-                let mut sum = sum.unwrap_or_default();
-                sum.held = sum.held.max(s.held);
-                sum.failed += s.failed;
-                sum.events += s.events;
-                Some(sum)
-            });
+        let streams = rounds.iter().filter_map(|r| r.streams).reduce(|a, b| crate::load::StreamTally {
+            held: a.held.max(b.held),
+            failed: a.failed + b.failed,
+            events: a.events + b.events,
+        });
         let first = &rounds[0];
         Self {
             scenario: first.scenario,
