@@ -3,6 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::drills::free_port;
 use crate::helpers::{TestApp, empty_database, local_postgres_or_skip};
 
 const BIN: &str = env!("CARGO_BIN_EXE_inventory");
@@ -23,10 +24,6 @@ async fn check_passes_on_a_consistent_database_and_reports_a_corrupted_row() {
     assert_eq!(bad.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert!(stdout.contains("VIOLATION A/W1: ledger_matches_level"), "{stdout}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `inventory serve <args>` on a free loopback port, quiet; returns the process and its base URL.

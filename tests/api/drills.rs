@@ -2,12 +2,12 @@
 //! row locked by someone else. Each drill is bounded in time, stays on loopback, and ends by
 //! checking the contract's invariants and that no request was applied twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -1029,8 +1029,18 @@ fn load_client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(32).build().unwrap()
 }
 
+/// A port nothing listens on now and that no earlier call in this test process handed out: the
+/// kernel can give a just-released port again, and two services told the same port would leave
+/// one of them unstarted while the other answers for both.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if handed_out.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Polls `/health/ready` until it answers 200; returns how long that took.

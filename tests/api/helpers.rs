@@ -236,7 +236,7 @@ impl TestApp {
 
     /// The service with a pool that points at nothing: the database is "down".
     pub async fn spawn_with_dead_database() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = crate::drills::free_port();
         let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
         let db =
             sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_secs(1)).connect_lazy(&db_url).unwrap();

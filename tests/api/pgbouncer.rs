@@ -12,6 +12,7 @@ use inventory::config::{DatabaseArgs, Pooler, ServerArgs};
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::drills::free_port;
 use crate::helpers::{self, TestApp, database_args, skip};
 use crate::{concurrency, events, idempotency, import};
 
@@ -125,10 +126,6 @@ fn password_of(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     let userinfo = rest.split_once('@')?.0;
     userinfo.split_once(':').map(|(_, password)| password)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn pooled() -> DatabaseArgs {

@@ -101,27 +101,43 @@ impl Receiver {
 }
 
 async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let delivery = Delivery { headers, body, status: seen.answer.load(Ordering::SeqCst) };
     let (id, status) = (delivery.id(), delivery.status);
-    {
+    let _in_flight = InFlight::enter(&seen, id);
+    seen.requests.lock().unwrap().push(delivery);
+    tokio::time::sleep(Duration::from_millis(seen.delay_ms.load(Ordering::SeqCst))).await;
+    StatusCode::from_u16(status).unwrap()
+}
+
+/// One request in the handler, until its answer is sent or its connection is gone: hyper drops
+/// the handler of a request whose sender closed the connection (an instance killed mid-delivery),
+/// and that request is no longer in flight then.
+struct InFlight<'a> {
+    seen: &'a Seen,
+    id: i64,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(seen: &'a Seen, id: i64) -> Self {
+        let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let mut ids = seen.in_flight_ids.lock().unwrap();
         ids.push(id);
         let mut distinct = ids.clone();
         distinct.sort_unstable();
         distinct.dedup();
         seen.max_distinct_in_flight.fetch_max(distinct.len(), Ordering::SeqCst);
+        Self { seen, id }
     }
-    seen.requests.lock().unwrap().push(delivery);
-    tokio::time::sleep(Duration::from_millis(seen.delay_ms.load(Ordering::SeqCst))).await;
-    {
-        let mut ids = seen.in_flight_ids.lock().unwrap();
-        let at = ids.iter().position(|i| *i == id).unwrap();
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut ids = self.seen.in_flight_ids.lock().unwrap();
+        let at = ids.iter().position(|i| *i == self.id).unwrap();
         ids.swap_remove(at);
+        self.seen.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
-    seen.in_flight.fetch_sub(1, Ordering::SeqCst);
-    StatusCode::from_u16(status).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,6 +387,11 @@ async fn a_service_killed_mid_delivery_skips_nothing_after_restart() {
     let killed = std::process::Command::new("kill").args(["-9", &service.pid().to_string()]).status().unwrap();
     assert!(killed.success());
     service.reap();
+    // The delivery its connection carried is gone with it, not in flight for ever.
+    eventually("no delivery in flight after the kill", async || {
+        (receiver.seen.in_flight.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
     let at_kill = receiver.accepted();
     assert!(at_kill.len() < feed.len(), "the kill came before the end: {at_kill:?}");
     service = Service::start(&db_url, &listen, log.path(), &args);
