@@ -106,7 +106,7 @@ impl Coalescer {
 async fn read(reads: &Reads, skus: Vec<String>) -> Result<Found, sqlx::Error> {
     let asked = skus.as_slice();
     let levels =
-        reads.read(|pool| async move { stock::availability(&mut *pool.acquire().await?, asked).await }).await?;
+        reads.read(|pool| async move { stock::availability(&mut *pool.acquire_untried().await?, asked).await }).await?;
     Ok(Found::new(skus, levels))
 }
 

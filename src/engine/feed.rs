@@ -198,7 +198,7 @@ impl Feed {
         let patience = reads.max_lag();
         Ok(reads
             .run(None, |source| async move {
-                let mut conn = source.pool.acquire().await?;
+                let mut conn = source.pool.acquire_untried().await?;
                 if source.replica && !reached(&mut conn, head, patience).await? {
                     return Ok(Answer::AskPrimary(Reason::Lagging));
                 }
@@ -250,7 +250,7 @@ impl Feed {
         let head = *self.inner.head.borrow();
         let page = reads
             .run(None, |source| async move {
-                let page = events::page(&mut *source.pool.acquire().await?, after, PAGE, &[]).await?;
+                let page = events::page(&mut *source.pool.acquire_untried().await?, after, PAGE, &[]).await?;
                 let short = (page.len() as i64) < PAGE && page.last().map_or(after, |e| e.id) < head;
                 Ok(if source.replica && short { Answer::AskPrimary(Reason::Lagging) } else { Answer::Done(page) })
             })

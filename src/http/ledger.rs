@@ -63,7 +63,7 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<LedgerQu
     let paged = state
         .reads
         .run(None, |source| async move {
-            let mut conn = source.pool.acquire().await?;
+            let mut conn = source.pool.acquire_untried().await?;
             let paged = ledger::page(&mut conn, page, source.replica.then_some(floor)).await?;
             Ok(match paged {
                 Paged::UnknownCursor if source.replica => Answer::AskPrimary(Reason::NotFound),

@@ -261,7 +261,7 @@ pub(crate) async fn get_sku_stock(
     let read = state
         .reads
         .run(primary_because, |source| async move {
-            let mut conn = source.pool.acquire().await?;
+            let mut conn = source.pool.acquire_untried().await?;
             let Some(record) = catalogue::get_sku(&mut conn, name).await? else {
                 return Ok(if source.replica { Answer::AskPrimary(Reason::NotFound) } else { Answer::Done(None) });
             };
@@ -375,10 +375,9 @@ async fn availability_in_channel(
     let asked = skus.as_slice();
     let rows = state
         .reads
-        .find(
-            None,
-            |pool| async move { stock::availability_in_channel(&mut *pool.acquire().await?, asked, name).await },
-        )
+        .find(None, |pool| async move {
+            stock::availability_in_channel(&mut *pool.acquire_untried().await?, asked, name).await
+        })
         .await?
         .ok_or_else(|| Refusal::UnknownChannel(channel.to_string()))?;
     Ok(Found::new(skus, rows))
@@ -445,8 +444,10 @@ pub(crate) async fn list(State(state): State<AppState>, Query(q): Query<ListQuer
         limit,
     };
     let page = &page;
-    let (items, more) =
-        state.reads.read(|pool| async move { stock::page_levels(&mut *pool.acquire().await?, page).await }).await?;
+    let (items, more) = state
+        .reads
+        .read(|pool| async move { stock::page_levels(&mut *pool.acquire_untried().await?, page).await })
+        .await?;
     let next_cursor = more.then(|| items.last().map(|l| encode_cursor(&l.sku, &l.warehouse))).flatten();
     Ok(axum::Json(LevelPage { items, next_cursor }).into_response())
 }

@@ -2,7 +2,7 @@
 //! writer, and what a database error means for whoever must decide what to do next.
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
@@ -110,6 +110,8 @@ pub struct Db {
     pool: PgPool,
     /// Behind a transaction pooler: the statements every BEGIN sends along.
     pooled: Option<Arc<str>>,
+    /// When a connection of `pool` was last found lost.
+    lost: Arc<LostMark>,
 }
 
 /// A connection for statements that need no transaction of their own (reads): the pooled
@@ -142,7 +144,7 @@ impl std::ops::DerefMut for Conn {
 /// A pool built elsewhere (tests, tools), used directly: no pooler in between.
 impl From<PgPool> for Db {
     fn from(pool: PgPool) -> Self {
-        Self { pool, pooled: None }
+        Self { pool, pooled: None, lost: Arc::default() }
     }
 }
 
@@ -155,6 +157,24 @@ impl Db {
     /// Whether a transaction pooler stands in between (`--database-pooler transaction`).
     pub fn pooled(&self) -> bool {
         self.pooled.is_some()
+    }
+
+    /// Whether `err` says its connection is gone rather than anything about the statement (the
+    /// server session ended, the socket broke). If so, every connection of the pool that went
+    /// idle before now is tried before it is handed out again: what ended this one's session
+    /// may have ended theirs (a restart, `pg_terminate_backend` of them all), and a statement
+    /// run again after this must not meet the next one of them.
+    pub(crate) fn lost(&self, err: &sqlx::Error) -> bool {
+        let lost = match err {
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+            // admin_shutdown (`pg_terminate_backend` too), crash_shutdown
+            sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
+            _ => false,
+        };
+        if lost {
+            *self.lost.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+        lost
     }
 
     /// BEGIN (and behind a transaction pooler this transaction's timeouts).
@@ -173,11 +193,41 @@ impl Db {
         let begin = format!("BEGIN {modes}");
         let parts = [begin.trim_end(), self.pooled.as_deref().unwrap_or(""), then];
         let sql = parts.iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join("; ");
-        if sql == "BEGIN" { self.pool.begin().await } else { self.pool.begin_with(sqlx::AssertSqlSafe(sql)).await }
+        let begin = || async {
+            if sql == "BEGIN" {
+                self.pool.begin().await
+            } else {
+                self.pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await
+            }
+        };
+        // Nothing has run on a connection found lost at its BEGIN: run it on another.
+        match begin().await {
+            Err(err) if self.lost(&err) => {
+                tracing::debug!(error = %err, "a pooled connection was lost; beginning on another");
+                begin().await
+            }
+            other => other,
+        }
     }
 
-    /// A connection for reads (see [`Conn`]).
+    /// A connection for reads (see [`Conn`]), tried first (one round trip): a read that fails
+    /// on a lost connection is not run again. One found lost is replaced ([`Db::lost`]).
     pub(crate) async fn acquire(&self) -> Result<Conn, sqlx::Error> {
+        if self.pooled.is_some() {
+            // A transaction, whose BEGIN runs again on another connection when it finds its own lost.
+            return self.acquire_untried().await;
+        }
+        let mut conn = self.pool.acquire().await?;
+        match sqlx::Connection::ping(&mut *conn).await {
+            Ok(()) => Ok(Conn::Session(conn)),
+            Err(err) if self.lost(&err) => Ok(Conn::Session(self.pool.acquire().await?)),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// [`Db::acquire`] without trying the connection first, for a read that runs again when its
+    /// connection turns out lost ([`Reads::run`](super::replica::Reads::run)).
+    pub(crate) async fn acquire_untried(&self) -> Result<Conn, sqlx::Error> {
         if self.pooled.is_some() {
             Ok(Conn::Transaction(self.begin().await?))
         } else {
@@ -204,14 +254,55 @@ impl Db {
         size: u32,
         acquire_timeout: Duration,
     ) -> Self {
-        let pool = PgPoolOptions::new()
-            .max_connections(size.max(1))
-            .min_connections(0)
-            .acquire_timeout(acquire_timeout)
-            .idle_timeout(Some(Duration::from_secs(300)))
-            .connect_lazy_with(options);
-        Self { pool, pooled }
+        let lost = Arc::<LostMark>::default();
+        let pool = pool_options(size, acquire_timeout, lost.clone()).connect_lazy_with(options);
+        Self { pool, pooled, lost }
     }
+}
+
+/// A connection that sat in the pool at least this long is tried (one round trip) before it is
+/// handed out; one used more recently is not. sqlx tries every connection on every hand-out by
+/// default: a round trip in front of every transaction and every coalesced read, about 6 % of
+/// the throughput of availability reads and of uniform reservations
+/// (`bench/results/2026-11-30-issue-12-targets.md`). Skipping it loses
+/// nothing to a restart: a connection handed out sooner than this after its last use (sqlx
+/// tries it when it comes back) can only have lost its server to a crash or restart since, and
+/// PostgreSQL is still down then — it takes longer than this to come back. A session ended on
+/// its own (`pg_terminate_backend`, a pooler recycling it) is found by the first statement
+/// instead: a BEGIN or a read that finds its connection lost runs once more, and every
+/// connection that went idle before is tried first ([`Db::lost`]).
+const TRY_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// When a connection of a pool was last found lost ([`Db::lost`]).
+#[derive(Debug, Default)]
+struct LostMark(std::sync::Mutex<Option<Instant>>);
+
+impl LostMark {
+    /// Whether a connection idle for `idle` went idle before the last loss.
+    fn predates(&self, idle: Duration) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|at| idle >= at.elapsed())
+    }
+}
+
+/// The settings of every pool of the service: at most `size` connections, none kept open when
+/// idle for five minutes, a connection tried before it is handed out only after
+/// [`TRY_AFTER_IDLE`] or when it went idle before a loss.
+fn pool_options(size: u32, acquire_timeout: Duration, lost: Arc<LostMark>) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size.max(1))
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            let suspect = meta.idle_for >= TRY_AFTER_IDLE || lost.predates(meta.idle_for);
+            Box::pin(async move {
+                if suspect {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// Builds the pool, and refuses a server older than [`MIN_SERVER_VERSION`]. Every session gets
@@ -220,11 +311,8 @@ impl Db {
 /// pool.
 pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<Db, SetupError> {
     let (options, pooled) = connect_settings(url, args)?;
-    let pool = PgPoolOptions::new()
-        .max_connections(args.db_pool_size.max(1))
-        .min_connections(0)
-        .acquire_timeout(args.acquire_timeout())
-        .idle_timeout(Some(Duration::from_secs(300)))
+    let lost = Arc::<LostMark>::default();
+    let pool = pool_options(args.db_pool_size, args.acquire_timeout(), lost.clone())
         .connect_with(options)
         .await
         .map_err(SetupError::Connect)?;
@@ -237,7 +325,7 @@ pub async fn connect(url: &str, args: &DatabaseArgs) -> Result<Db, SetupError> {
     if number.parse::<u32>().unwrap_or(0) < MIN_SERVER_VERSION * 10_000 {
         return Err(SetupError::TooOld { found });
     }
-    Ok(Db { pool, pooled })
+    Ok(Db { pool, pooled, lost })
 }
 
 /// Brings the schema up to date. Behind a transaction pooler it cannot (sqlx's migrator holds a

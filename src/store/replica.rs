@@ -240,7 +240,16 @@ impl Reads {
             },
             Err(reason) => reason,
         };
-        match read(Source { pool: self.inner.primary.clone(), replica: false }).await? {
+        let primary = || read(Source { pool: self.inner.primary.clone(), replica: false });
+        // A read changes nothing: one that found its connection lost runs again on another.
+        let answer = match primary().await {
+            Err(err) if self.inner.primary.lost(&err) => {
+                tracing::debug!(error = %err, "a pooled connection was lost; reading on another");
+                primary().await
+            }
+            other => other,
+        };
+        match answer? {
             Answer::Done(value) => {
                 self.count(reason);
                 Ok(value)

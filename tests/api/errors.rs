@@ -169,6 +169,46 @@ async fn a_database_that_is_down_is_503_and_readiness_fails() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Server sessions ended under the service while its connections sat in the pool (an operator's
+/// `pg_terminate_backend`, a pooler recycling them) fail no request: a connection used moments
+/// ago is not tried again before it is handed out, so the BEGIN or the read that finds it lost
+/// runs once more on another connection.
+#[tokio::test]
+async fn connections_ended_under_the_service_fail_no_request() {
+    let app = app().await;
+    app.receive("A", "WH1", 100).await;
+    // Not the pool the service shares with the test: its sessions are ended too.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db_url).await.unwrap();
+    // Each round ends every session of the service, then sends each kind of request, a
+    // different kind first: the first one meets a lost connection.
+    let kinds = ["write", "reservation", "coalesced read", "read"];
+    for round in 0..kinds.len() {
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'inventory'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(ended > 0, "round {round}: the service had connections to end");
+        for kind in kinds.iter().cycle().skip(round).take(kinds.len()) {
+            let (status, body) = match *kind {
+                "write" => app.post("/v1/stock/receive", json!({"sku": "A", "warehouse": "WH1", "quantity": 1})).await,
+                "reservation" => {
+                    let order = json!({"order_id": format!("lost-{round}"), "lines": [{"sku": "A", "quantity": 1}]});
+                    app.post("/v1/reservations", order).await
+                }
+                "coalesced read" => app.get("/v1/availability?sku=A").await,
+                _ => app.get("/v1/skus/A").await,
+            };
+            assert!(status.is_success(), "round {round}: a {kind} after the sessions ended: {status} {body}");
+        }
+    }
+    let (status, body) = app.get("/v1/availability?sku=A").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["items"][0]["available"], 100, "4 units received and 4 reserved, each once: {body}");
+}
+
 #[tokio::test]
 async fn the_request_id_is_echoed_and_put_in_problems() {
     let app = app().await;
