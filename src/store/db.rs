@@ -264,13 +264,13 @@ impl Db {
 /// handed out; one used more recently is not. sqlx tries every connection on every hand-out by
 /// default: a round trip in front of every transaction and every coalesced read, about 6 % of
 /// the throughput of availability reads and of uniform reservations
-/// (`bench/results/2026-11-30-issue-12-targets.md`). Skipping it loses
-/// nothing to a restart: a connection handed out sooner than this after its last use (sqlx
-/// tries it when it comes back) can only have lost its server to a crash or restart since, and
-/// PostgreSQL is still down then — it takes longer than this to come back. A session ended on
-/// its own (`pg_terminate_backend`, a pooler recycling it) is found by the first statement
-/// instead: a BEGIN or a read that finds its connection lost runs once more, and every
-/// connection that went idle before is tried first ([`Db::lost`]).
+/// (`bench/results/2026-11-30-issue-12-targets.md`). Nothing depends on that check: a
+/// connection handed out untried meets its first statement in a BEGIN or in a read run by
+/// [`Reads::run`](super::replica::Reads::run), and both run once more on another connection
+/// when they find theirs lost, after which every connection that went idle before is tried
+/// first ([`Db::lost`]); plain reads try their connection themselves ([`Db::acquire`]). The
+/// check stays for connections idle this long, where it costs little: after a quiet spell, a
+/// restart of PostgreSQL is found before any statement meets it.
 const TRY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// When a connection of a pool was last found lost ([`Db::lost`]).
