@@ -193,18 +193,28 @@ impl Db {
         let begin = format!("BEGIN {modes}");
         let parts = [begin.trim_end(), self.pooled.as_deref().unwrap_or(""), then];
         let sql = parts.iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join("; ");
-        let begin = || async {
+        self.once_more_if_lost(|| async {
             if sql == "BEGIN" {
                 self.pool.begin().await
             } else {
                 self.pool.begin_with(sqlx::AssertSqlSafe(sql.clone())).await
             }
-        };
-        // Nothing has run on a connection found lost at its BEGIN: run it on another.
-        match begin().await {
+        })
+        .await
+    }
+
+    /// Runs `op`, and once more (on another connection) when it finds its connection lost
+    /// ([`Db::lost`]): for what changes nothing unless it gets past its first statement, a BEGIN
+    /// or a read.
+    pub(crate) async fn once_more_if_lost<T, F, Fut>(&self, op: F) -> Result<T, sqlx::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        match op().await {
             Err(err) if self.lost(&err) => {
-                tracing::debug!(error = %err, "a pooled connection was lost; beginning on another");
-                begin().await
+                tracing::debug!(error = %err, "a pooled connection was lost; running again on another");
+                op().await
             }
             other => other,
         }

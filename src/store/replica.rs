@@ -240,16 +240,8 @@ impl Reads {
             },
             Err(reason) => reason,
         };
-        let primary = || read(Source { pool: self.inner.primary.clone(), replica: false });
-        // A read changes nothing: one that found its connection lost runs again on another.
-        let answer = match primary().await {
-            Err(err) if self.inner.primary.lost(&err) => {
-                tracing::debug!(error = %err, "a pooled connection was lost; reading on another");
-                primary().await
-            }
-            other => other,
-        };
-        match answer? {
+        let primary = &self.inner.primary;
+        match primary.once_more_if_lost(|| read(Source { pool: primary.clone(), replica: false })).await? {
             Answer::Done(value) => {
                 self.count(reason);
                 Ok(value)

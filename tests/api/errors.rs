@@ -171,8 +171,8 @@ async fn a_database_that_is_down_is_503_and_readiness_fails() {
 
 /// Server sessions ended under the service while its connections sat in the pool (an operator's
 /// `pg_terminate_backend`, a pooler recycling them) fail no request: a connection used moments
-/// ago is not tried again before it is handed out, so the BEGIN or the read that finds it lost
-/// runs once more on another connection.
+/// ago is not tried again before it is handed out, so the BEGIN or the routed read that finds it
+/// lost runs once more on another connection (a plain read tries its connection first).
 #[tokio::test]
 async fn connections_ended_under_the_service_fail_no_request() {
     let app = app().await;
