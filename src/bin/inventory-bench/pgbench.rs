@@ -187,8 +187,8 @@ fn availability_script() -> String {
     out + &format!(
         "SELECT l.sku, array_agg(l.warehouse), array_agg(l.on_hand - l.reserved)
   FROM stock_levels l
-  JOIN warehouses w ON w.code = l.warehouse AND w.active
  WHERE l.sku = ANY(ARRAY[{}])
+   AND l.warehouse <> ALL (ARRAY(SELECT code FROM warehouses WHERE NOT active))
  GROUP BY l.sku;
 ",
         skus.join(", ")
