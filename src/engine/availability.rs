@@ -10,13 +10,13 @@
 //! answers nobody with its error: each of its requests then reads on its own, as without
 //! coalescing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use sqlx::postgres::PgRow;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::replica::Reads;
-use crate::store::stock::{self, SkuAvailability};
+use crate::store::stock;
 
 /// Most SKUs one coalesced query asks for (a single request may ask for as many on its own).
 const MAX_SKUS: usize = 1_000;
@@ -42,33 +42,55 @@ pub(crate) struct Found(Arc<Table>);
 struct Table {
     /// Every SKU asked for, sorted (Rust's order), without duplicates; `found` is parallel.
     skus: Vec<String>,
-    /// Where each SKU's levels are in `levels` (`None` for a SKU without levels).
+    /// Which of `rows` holds each SKU's levels (`None` for a SKU without levels).
     found: Vec<Option<usize>>,
-    /// One entry per SKU that has levels, in the database's order.
-    levels: Vec<SkuAvailability>,
+    /// The query's rows, read where they lie ([`stock::levels_of`]).
+    rows: Vec<PgRow>,
 }
 
 impl Found {
-    /// `levels` answer `skus` (sorted, without duplicates): at most one entry per SKU.
-    pub(crate) fn new(skus: Vec<String>, levels: Vec<SkuAvailability>) -> Self {
-        debug_assert!(skus.windows(2).all(|w| w[0] < w[1]), "the SKUs come sorted, without duplicates");
-        // The database's collation orders the SKUs, not Rust: find each one's entry by name.
-        let of_sku: HashMap<&str, usize> = levels.iter().enumerate().map(|(i, l)| (l.sku.as_str(), i)).collect();
-        debug_assert_eq!(of_sku.len(), levels.len(), "one entry per SKU");
-        let found = skus.iter().map(|sku| of_sku.get(sku.as_str()).copied()).collect();
-        Self(Arc::new(Table { skus, found, levels }))
+    /// `rows` (of [`stock::availability`]) answer `skus` (sorted, without duplicates): at most
+    /// one row per SKU, each checked whole here.
+    pub(crate) fn new(skus: Vec<String>, rows: Vec<PgRow>) -> Result<Self, sqlx::Error> {
+        let found = rows_of(&skus, rows.iter().map(stock::sku_of))?;
+        for row in &rows {
+            stock::levels_of(row)?;
+        }
+        Ok(Self(Arc::new(Table { skus, found, rows })))
     }
 
     /// `sku`'s available units per active warehouse, in no particular order; none for a SKU not
     /// asked for or without levels.
     pub(crate) fn of(&self, sku: &str) -> impl Iterator<Item = (&str, i64)> {
         let table = &*self.0;
-        let levels = match table.skus.binary_search_by(|s| s.as_str().cmp(sku)) {
-            Ok(i) => table.found[i].map(|at| &table.levels[at]),
+        let row = match table.skus.binary_search_by(|s| s.as_str().cmp(sku)) {
+            Ok(i) => table.found[i].map(|at| &table.rows[at]),
             Err(_) => None,
         };
-        levels.into_iter().flat_map(|l| l.warehouses.iter().map(String::as_str).zip(l.available.iter().copied()))
+        // Checked by `new`: a row's levels always read.
+        row.and_then(|row| stock::levels_of(row).ok()).into_iter().flatten()
     }
+}
+
+/// For each of `skus` (sorted, without duplicates), which row holds it, given each row's SKU in
+/// the database's order: the database's collation orders the SKUs, not Rust, so each row is
+/// looked up by name. A SKU not asked for, or asked for twice, is an error.
+fn rows_of<'r>(
+    skus: &[String],
+    row_skus: impl Iterator<Item = Result<&'r str, sqlx::Error>>,
+) -> Result<Vec<Option<usize>>, sqlx::Error> {
+    debug_assert!(skus.windows(2).all(|w| w[0] < w[1]), "the SKUs come sorted, without duplicates");
+    let mut found = vec![None; skus.len()];
+    for (at, sku) in row_skus.enumerate() {
+        let sku = sku?;
+        let i = skus
+            .binary_search_by(|s| s.as_str().cmp(sku))
+            .map_err(|_| sqlx::Error::Decode(format!("availability of `{sku}`, which was not asked for").into()))?;
+        if found[i].replace(at).is_some() {
+            return Err(sqlx::Error::Decode(format!("two availability rows for `{sku}`").into()));
+        }
+    }
+    Ok(found)
 }
 
 /// The handle requests submit to; cheap to clone.
@@ -105,9 +127,9 @@ impl Coalescer {
 /// One query for `skus` (sorted, without duplicates).
 async fn read(reads: &Reads, skus: Vec<String>) -> Result<Found, sqlx::Error> {
     let asked = skus.as_slice();
-    let levels =
+    let rows =
         reads.read(|pool| async move { stock::availability(&mut *pool.acquire_untried().await?, asked).await }).await?;
-    Ok(Found::new(skus, levels))
+    Found::new(skus, rows)
 }
 
 async fn gather(mut rx: mpsc::Receiver<Ask>, reads: Reads, slots: Arc<Semaphore>) {
@@ -167,25 +189,18 @@ async fn answer(reads: &Reads, mut asks: Vec<Ask>) {
 mod tests {
     use super::*;
 
-    fn levels(sku: &str, rows: &[(&str, i64)]) -> SkuAvailability {
-        SkuAvailability {
-            sku: sku.into(),
-            warehouses: rows.iter().map(|(w, _)| (*w).to_owned()).collect(),
-            available: rows.iter().map(|(_, a)| *a).collect(),
-        }
+    #[test]
+    fn each_sku_finds_its_own_row_whatever_order_the_database_sorted_them_in() {
+        // A collation may sort `a-1` after `A2` or `a1`.
+        let skus: Vec<String> = ["A2", "a-1", "a1", "none"].iter().map(|s| s.to_string()).collect();
+        let rows = ["a1", "a-1", "A2"].map(Ok);
+        assert_eq!(rows_of(&skus, rows.into_iter()).unwrap(), [Some(2), Some(1), Some(0), None]);
     }
 
     #[test]
-    fn each_sku_finds_its_own_levels_whatever_order_the_database_sorted_them_in() {
-        // A collation may sort `a-1` after `A2` or `a1`.
-        let skus: Vec<String> = ["A2", "a-1", "a1", "none"].iter().map(|s| s.to_string()).collect();
-        let rows = vec![levels("a1", &[("W2", 5), ("W1", 3)]), levels("a-1", &[("W1", 7)]), levels("A2", &[("W3", 0)])];
-        let found = Found::new(skus, rows);
-        let names = |sku| found.of(sku).collect::<Vec<_>>();
-        assert_eq!(names("a1"), [("W2", 5), ("W1", 3)]);
-        assert_eq!(names("a-1"), [("W1", 7)]);
-        assert_eq!(names("A2"), [("W3", 0)]);
-        assert_eq!(found.of("none").count(), 0);
-        assert_eq!(found.of("not-asked").count(), 0);
+    fn a_row_not_asked_for_or_twice_is_an_error() {
+        let skus: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        assert!(rows_of(&skus, ["a", "c"].map(Ok).into_iter()).is_err());
+        assert!(rows_of(&skus, ["b", "b"].map(Ok).into_iter()).is_err());
     }
 }

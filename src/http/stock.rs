@@ -380,7 +380,7 @@ async fn availability_in_channel(
         })
         .await?
         .ok_or_else(|| Refusal::UnknownChannel(channel.to_string()))?;
-    Ok(Found::new(skus, rows))
+    Ok(Found::new(skus, rows)?)
 }
 
 /// The CSV body of an import, as the document describes it.

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::postgres::{PgRow, PgValueFormat};
+use sqlx::{PgConnection, Row, ValueRef};
 
 use crate::domain::{Sku, WarehouseCode};
 
@@ -155,31 +156,20 @@ pub(crate) async fn is_in_the_future(conn: &mut PgConnection, at: DateTime<Utc>)
     sqlx::query_scalar("SELECT $1::timestamptz > clock_timestamp()").bind(at).fetch_one(conn).await
 }
 
-/// One SKU's available units per active warehouse: `warehouses` and `available` are parallel,
-/// in no particular order.
-#[derive(Debug, Clone)]
-pub(crate) struct SkuAvailability {
-    pub sku: String,
-    pub warehouses: Vec<String>,
-    pub available: Vec<i64>,
-}
-
 /// Availability of many SKUs in active warehouses: the product-page read path. One statement,
 /// an index range scan per SKU on the primary key, one row per SKU that has levels there (a
 /// quarter of the rows of one per level with four warehouses: decoding rows was most of the
-/// service's work for a coalesced read).
-pub(crate) async fn availability(
-    conn: &mut PgConnection,
-    skus: &[String],
-) -> Result<Vec<SkuAvailability>, sqlx::Error> {
-    // Columns by position, not by name: this runs for every product page. The two arrays are
-    // parallel: PostgreSQL computes every aggregate of a group in one pass over its rows, and
-    // neither has an ORDER BY or DISTINCT of its own that would sort its input apart.
-    // Inactive warehouses are left out by a list read once per statement, not by a join: every
-    // level's warehouse exists (a foreign key), and the join cost a hash table built for every
-    // statement and a probe per row, and grouping by hash where the index scan already delivers
-    // each SKU's rows together (~11 % more reads per second, for this query in pgbench as well).
-    let rows: Vec<(String, Vec<String>, Vec<i64>)> = sqlx::query_as(
+/// service's work for a coalesced read). Read each row with [`sku_of`] and [`levels_of`], which
+/// copy nothing out of it.
+pub(crate) async fn availability(conn: &mut PgConnection, skus: &[String]) -> Result<Vec<PgRow>, sqlx::Error> {
+    // The two arrays are parallel: PostgreSQL computes every aggregate of a group in one pass
+    // over its rows, and neither has an ORDER BY or DISTINCT of its own that would sort its
+    // input apart. Inactive warehouses are left out by a list read once per statement, not by a
+    // join: every level's warehouse exists (a foreign key), and the join cost a hash table built
+    // for every statement and a probe per row, and grouping by hash where the index scan already
+    // delivers each SKU's rows together (~11 % more reads per second, for this query in pgbench
+    // as well).
+    sqlx::query(
         "SELECT l.sku, array_agg(l.warehouse), array_agg(l.on_hand - l.reserved)
            FROM stock_levels l
           WHERE l.sku = ANY($1)
@@ -188,27 +178,27 @@ pub(crate) async fn availability(
     )
     .bind(skus)
     .fetch_all(conn)
-    .await?;
-    debug_assert!(rows.iter().all(|(_, w, a)| w.len() == a.len()), "parallel arrays");
-    Ok(rows.into_iter().map(|(sku, warehouses, available)| SkuAvailability { sku, warehouses, available }).collect())
+    .await
 }
 
-/// [`availability`] in one sales channel: only its active warehouses, in no particular order
-/// (the answer lists them by code). `None` when the channel does not exist.
+/// [`availability`] in one sales channel: only its active warehouses. `None` when the channel
+/// does not exist.
 pub(crate) async fn availability_in_channel(
     conn: &mut PgConnection,
     skus: &[String],
     channel: &str,
-) -> Result<Option<Vec<SkuAvailability>>, sqlx::Error> {
-    let rows: Vec<(Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(
-        "SELECT l.sku, l.warehouse, l.on_hand - l.reserved
+) -> Result<Option<Vec<PgRow>>, sqlx::Error> {
+    // A channel without levels of these SKUs gives one row of NULLs, which tells it from a
+    // channel that does not exist (no row).
+    let mut rows = sqlx::query(
+        "SELECT l.sku, array_agg(l.warehouse), array_agg(l.on_hand - l.reserved)
            FROM channels c
            LEFT JOIN (channel_warehouses m
                       JOIN warehouses w ON w.code = m.warehouse AND w.active
                       JOIN stock_levels l ON l.warehouse = m.warehouse AND l.sku = ANY($1))
                   ON m.channel = c.code
           WHERE c.code = $2
-          ORDER BY l.sku",
+          GROUP BY l.sku",
     )
     .bind(skus)
     .bind(channel)
@@ -217,20 +207,114 @@ pub(crate) async fn availability_in_channel(
     if rows.is_empty() {
         return Ok(None);
     }
-    // The rows come by SKU: one entry per run of the same SKU.
-    let mut found: Vec<SkuAvailability> = Vec::new();
-    for (sku, warehouse, available) in rows {
-        let (Some(sku), Some(warehouse), Some(available)) = (sku, warehouse, available) else { continue };
-        if let Some(last) = found.last_mut()
-            && last.sku == sku
-        {
-            last.warehouses.push(warehouse);
-            last.available.push(available);
-            continue;
+    rows.retain(|row| row.try_get_raw(0).is_ok_and(|sku| !sku.is_null()));
+    Ok(Some(rows))
+}
+
+/// The SKU of a row of [`availability`].
+pub(crate) fn sku_of(row: &PgRow) -> Result<&str, sqlx::Error> {
+    row.try_get(0)
+}
+
+/// The (warehouse, available units) pairs of a row of [`availability`], read where they lie in
+/// the row (sqlx would copy every warehouse code into a `String` of its own). Checked whole
+/// before the first pair comes: a malformed row is an error, never a short answer.
+pub(crate) fn levels_of(row: &PgRow) -> Result<Levels<'_>, sqlx::Error> {
+    let column = |at: usize| -> Result<&[u8], sqlx::Error> {
+        let value = row.try_get_raw(at)?;
+        if value.format() != PgValueFormat::Binary {
+            return Err(sqlx::Error::Decode("an availability row came in text format".into()));
         }
-        found.push(SkuAvailability { sku, warehouses: vec![warehouse], available: vec![available] });
+        value.as_bytes().map_err(sqlx::Error::Decode)
+    };
+    Levels::new(column(1)?, column(2)?).map_err(|err| sqlx::Error::Decode(err.into()))
+}
+
+/// The pairs of [`levels_of`]: a warehouse code and its available units.
+#[derive(Debug, Clone)]
+pub(crate) struct Levels<'r> {
+    warehouses: Elements<'r>,
+    available: Elements<'r>,
+}
+
+impl<'r> Levels<'r> {
+    /// From the binary forms of a `text[]` and an `int8[]` of the same length, without NULLs.
+    fn new(warehouses: &'r [u8], available: &'r [u8]) -> Result<Self, &'static str> {
+        let (warehouses, available) = (Elements::new(warehouses)?, Elements::new(available)?);
+        if warehouses.left != available.left {
+            return Err("the warehouse and unit arrays differ in length");
+        }
+        for (code, units) in warehouses.clone().zip(available.clone()) {
+            std::str::from_utf8(code.ok_or("a NULL warehouse")?).map_err(|_| "a warehouse code that is not UTF-8")?;
+            if units.ok_or("NULL units")?.len() != 8 {
+                return Err("units that are not an int8");
+            }
+        }
+        Ok(Self { warehouses, available })
     }
-    Ok(Some(found))
+}
+
+impl<'r> Iterator for Levels<'r> {
+    type Item = (&'r str, i64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Checked by `new`: nothing below fails.
+        let code = std::str::from_utf8(self.warehouses.next()??).ok()?;
+        let units = i64::from_be_bytes(self.available.next()??.try_into().ok()?);
+        Some((code, units))
+    }
+}
+
+/// The elements of a one-dimensional array in PostgreSQL's binary format, in order (`None` for
+/// a NULL): the dimension header, then a length (-1 for NULL) and the bytes of each element.
+#[derive(Debug, Clone)]
+struct Elements<'r> {
+    rest: &'r [u8],
+    left: usize,
+}
+
+impl<'r> Elements<'r> {
+    /// Checks the header and that the elements fill the value exactly.
+    fn new(bytes: &'r [u8]) -> Result<Self, &'static str> {
+        let int = |at: usize| bytes.get(at..at + 4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        // Dimensions, a has-NULLs flag, the element type; per dimension its length and lower bound.
+        let elements = match int(0).ok_or("a truncated array")? {
+            0 => Self { rest: &[], left: 0 },
+            1 => {
+                let len = usize::try_from(int(12).ok_or("a truncated array")?).map_err(|_| "a negative length")?;
+                Self { rest: &bytes[20.min(bytes.len())..], left: len }
+            }
+            _ => return Err("an array of more than one dimension"),
+        };
+        let mut walk = elements.clone();
+        while walk.left > 0 {
+            walk.next().ok_or("a truncated array element")?;
+        }
+        if !walk.rest.is_empty() {
+            return Err("bytes after an array's last element");
+        }
+        Ok(elements)
+    }
+}
+
+impl<'r> Iterator for Elements<'r> {
+    type Item = Option<&'r [u8]>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let len = i32::from_be_bytes(self.rest.get(..4)?.try_into().ok()?);
+        let rest = &self.rest[4..];
+        let (element, rest) = match usize::try_from(len) {
+            Ok(len) if len <= rest.len() => (Some(&rest[..len]), &rest[len..]),
+            Ok(_) => return None,
+            Err(_) => (None, rest),
+        };
+        self.rest = rest;
+        self.left -= 1;
+        Some(element)
+    }
 }
 
 /// A filter and position for paging through stock levels in (sku, warehouse) order.
@@ -268,4 +352,57 @@ pub(crate) async fn page_levels(
     let more = rows.len() as i64 > page.limit;
     rows.truncate(page.limit as usize);
     Ok((rows, more))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-dimensional array in PostgreSQL's binary format (`None`: NULL).
+    fn array(elements: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for int in [1, i32::from(elements.iter().any(Option::is_none)), 25, elements.len() as i32, 1] {
+            out.extend_from_slice(&int.to_be_bytes());
+        }
+        for element in elements {
+            match element {
+                Some(bytes) => {
+                    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                    out.extend_from_slice(bytes);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn levels_read_in_place_pair_each_warehouse_with_its_units() {
+        let (five, minus_two) = (5i64.to_be_bytes(), (-2i64).to_be_bytes());
+        let codes = array(&[Some(b"W-EU"), Some(b"W2")]);
+        let units = array(&[Some(&five), Some(&minus_two)]);
+        let levels: Vec<(&str, i64)> = Levels::new(&codes, &units).unwrap().collect();
+        assert_eq!(levels, [("W-EU", 5), ("W2", -2)]);
+        let empty = 0i32.to_be_bytes().repeat(3);
+        assert_eq!(Levels::new(&empty, &empty).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_malformed_levels_row_is_refused_whole() {
+        let one = 1i64.to_be_bytes();
+        let codes = array(&[Some(b"W1"), Some(b"W2")]);
+        let units = array(&[Some(&one), Some(&one)]);
+        assert!(Levels::new(&codes, &units).is_ok());
+        // Lengths that differ, NULLs, units of the wrong width, bad UTF-8, truncation, extra bytes.
+        assert!(Levels::new(&codes, &array(&[Some(&one)])).is_err());
+        assert!(Levels::new(&array(&[None, Some(b"W2")]), &units).is_err());
+        assert!(Levels::new(&codes, &array(&[Some(&one), None])).is_err());
+        assert!(Levels::new(&codes, &array(&[Some(&one), Some(b"1234")])).is_err());
+        assert!(Levels::new(&array(&[Some(b"W1"), Some(&[0xff, 0xfe])]), &units).is_err());
+        assert!(Levels::new(&codes[..codes.len() - 1], &units).is_err());
+        assert!(Levels::new(&[codes.as_slice(), b"x"].concat(), &units).is_err());
+        let mut two_dimensions = codes.clone();
+        two_dimensions[3] = 2;
+        assert!(Levels::new(&two_dimensions, &units).is_err());
+    }
 }
