@@ -6,16 +6,22 @@
 //! before the request, exactly as a direct read would. At most
 //! `--coalesced-read-concurrency` queries run at once; requests that arrive meanwhile queue,
 //! and the next free slot takes all of them (up to [`MAX_SKUS`] SKUs) into one query. When a
-//! slot is free, a request goes at once: an idle service adds no wait. A query that fails
+//! slot is free, a request goes at once: an idle service adds no wait. A slot that finds more
+//! requests waiting when its query ends keeps its connection for the next query (no trip through
+//! the pool, whose check of a returned connection costs both sides a round trip); one that finds
+//! none gives it back before it waits. A query that fails
 //! answers nobody with its error: each of its requests then reads on its own, as without
 //! coalescing.
 
 use std::sync::Arc;
 
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::store::replica::Reads;
+use crate::store::db::Conn;
+use crate::store::replica::{Answer, Reads};
 use crate::store::stock;
 
 /// Most SKUs one coalesced query asks for (a single request may ask for as many on its own).
@@ -101,11 +107,14 @@ pub(crate) struct Coalescer {
 }
 
 impl Coalescer {
-    /// Starts the gathering task, which runs at most `concurrency` queries at once (each holds
-    /// one database connection); it ends when every handle is gone.
+    /// Starts `concurrency` query slots, each running one query at a time on one database
+    /// connection; they end when every handle is gone.
     pub(crate) fn spawn(reads: Reads, concurrency: usize) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(gather(rx, reads.clone(), Arc::new(Semaphore::new(concurrency.max(1)))));
+        let waiting = Arc::new(Mutex::new(Waiting { rx, carried: None }));
+        for _ in 0..concurrency.max(1) {
+            tokio::spawn(serve(waiting.clone(), reads.clone()));
+        }
         Self { queue, reads }
     }
 
@@ -120,57 +129,105 @@ impl Coalescer {
         }
         // Rare (the query failed, or the service is stopping): boxed, so that the common path's
         // future stays small.
-        Box::pin(read(&self.reads, skus.to_vec())).await
+        Box::pin(read(&self.reads, skus.to_vec(), &Kept::default())).await
     }
 }
 
-/// One query for `skus` (sorted, without duplicates).
-async fn read(reads: &Reads, skus: Vec<String>) -> Result<Found, sqlx::Error> {
+/// The connections a query slot keeps from one query to the next, one per server it read from.
+#[derive(Default)]
+struct Kept(std::sync::Mutex<[Option<PoolConnection<Postgres>>; 2]>);
+
+impl Kept {
+    fn take(&self, replica: bool) -> Option<PoolConnection<Postgres>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())[usize::from(replica)].take()
+    }
+
+    /// Keeps `conn` when it is a session of its own (behind a transaction pooler a read is a
+    /// transaction, which ends with the read).
+    fn keep(&self, replica: bool, conn: Conn) {
+        if let Conn::Session(conn) = conn {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())[usize::from(replica)] = Some(conn);
+        }
+    }
+
+    /// Gives every kept connection back to its pool.
+    fn give_back(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = [None, None];
+    }
+}
+
+/// One query for `skus` (sorted, without duplicates), on a connection `kept` holds if it has one
+/// for the server the read goes to. A connection that fails is dropped: the read runs again on
+/// another when it was lost ([`Reads::run`]).
+async fn read(reads: &Reads, skus: Vec<String>, kept: &Kept) -> Result<Found, sqlx::Error> {
     let asked = skus.as_slice();
-    let rows =
-        reads.read(|pool| async move { stock::availability(&mut *pool.acquire_untried().await?, asked).await }).await?;
+    let rows = reads
+        .run(None, |source| async move {
+            let mut conn = match kept.take(source.replica) {
+                Some(conn) => Conn::Session(conn),
+                None => source.pool.acquire_untried().await?,
+            };
+            let rows = stock::availability(&mut conn, asked).await?;
+            kept.keep(source.replica, conn);
+            Ok(Answer::Done(rows))
+        })
+        .await?;
     Found::new(skus, rows)
 }
 
-async fn gather(mut rx: mpsc::Receiver<Ask>, reads: Reads, slots: Arc<Semaphore>) {
-    // A request that did not fit into the previous query starts the next.
-    let mut carried: Option<Ask> = None;
-    loop {
-        let first = match carried.take() {
-            Some(ask) => ask,
-            None => match rx.recv().await {
-                Some(ask) => ask,
-                None => return,
-            },
-        };
-        // Waiting for a free slot lets the queue fill: the busier the database, the more
-        // requests each query answers.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        let mut skus = first.skus.len();
-        let mut asks = vec![first];
-        while let Ok(ask) = rx.try_recv() {
-            if skus + ask.skus.len() > MAX_SKUS {
-                carried = Some(ask);
+/// The requests waiting for a query, taken by whichever query slot is free first.
+struct Waiting {
+    rx: mpsc::Receiver<Ask>,
+    /// A request that did not fit into the previous query: it starts the next.
+    carried: Option<Ask>,
+}
+
+impl Waiting {
+    /// Every request waiting now, up to [`MAX_SKUS`] SKUs (none: an empty list).
+    fn take_now(&mut self) -> Vec<Ask> {
+        let mut asks: Vec<Ask> = self.carried.take().into_iter().collect();
+        let mut skus: usize = asks.iter().map(|a| a.skus.len()).sum();
+        while let Ok(ask) = self.rx.try_recv() {
+            if !asks.is_empty() && skus + ask.skus.len() > MAX_SKUS {
+                self.carried = Some(ask);
                 break;
             }
             skus += ask.skus.len();
             asks.push(ask);
         }
-        let reads = reads.clone();
-        tokio::spawn(async move {
-            answer(&reads, asks).await;
-            drop(slot);
-        });
+        asks
+    }
+}
+
+/// One query slot: takes every waiting request, answers them with one query, and goes back for
+/// more; when none is waiting, it gives its connection back and waits for the next request.
+async fn serve(waiting: Arc<Mutex<Waiting>>, reads: Reads) {
+    let kept = Kept::default();
+    loop {
+        let asks = {
+            // Only the slot holding the lock waits for a request; the others wait for the lock.
+            let mut waiting = waiting.lock().await;
+            let asks = waiting.take_now();
+            if asks.is_empty() {
+                kept.give_back();
+                let Some(first) = waiting.rx.recv().await else { return };
+                waiting.carried = Some(first);
+                waiting.take_now()
+            } else {
+                asks
+            }
+        };
+        answer(&reads, asks, &kept).await;
     }
 }
 
 /// Runs one query for every SKU of `asks` and hands each the shared answer.
-async fn answer(reads: &Reads, mut asks: Vec<Ask>) {
+async fn answer(reads: &Reads, mut asks: Vec<Ask>, kept: &Kept) {
     metrics::histogram!(crate::metrics::COALESCED_READS).record(asks.len() as f64);
     let mut skus: Vec<String> = asks.iter_mut().flat_map(|a| std::mem::take(&mut a.skus)).collect();
     skus.sort_unstable();
     skus.dedup();
-    match read(reads, skus).await {
+    match read(reads, skus, kept).await {
         Ok(found) => {
             for ask in asks {
                 let _ = ask.reply.send(Some(found.clone()));
