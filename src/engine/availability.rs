@@ -205,8 +205,16 @@ async fn serve(waiting: Arc<Mutex<Waiting>>, reads: Reads) {
     let kept = Kept::default();
     loop {
         let asks = {
-            // Only the slot holding the lock waits for a request; the others wait for the lock.
-            let mut waiting = waiting.lock().await;
+            // Only the slot holding the lock waits for a request; the others wait for the lock,
+            // without a connection: the lock is only ever held for long by a slot that found
+            // nothing waiting.
+            let mut waiting = match waiting.try_lock() {
+                Ok(waiting) => waiting,
+                Err(_) => {
+                    kept.give_back();
+                    waiting.lock().await
+                }
+            };
             let asks = waiting.take_now();
             if asks.is_empty() {
                 kept.give_back();

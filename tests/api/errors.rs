@@ -209,6 +209,56 @@ async fn connections_ended_under_the_service_fail_no_request() {
     assert_eq!(body["items"][0]["available"], 100, "4 units received and 4 reserved, each once: {body}");
 }
 
+/// Server sessions ended while availability reads keep coming fail no read. A coalesced-read
+/// slot keeps its connection from one query to the next while requests wait; a kept connection
+/// found lost is dropped and the query runs again on another, and a query that still fails
+/// leaves each of its requests to read alone. (With both of those removed, reads here fail 503.)
+#[tokio::test]
+async fn sessions_ended_under_a_stream_of_coalesced_reads_fail_no_read() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let app = app().await;
+    app.receive("A", "WH1", 100).await;
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&app.db_url).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, url, stop) = (app.client.clone(), app.url("/v1/availability?sku=A"), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let res = client.get(&url).send().await.unwrap();
+                    let status = res.status();
+                    let body: serde_json::Value = res.json().await.unwrap();
+                    assert_eq!(status, StatusCode::OK, "a read while sessions were ended: {body}");
+                    assert_eq!(body["items"][0]["available"], 100, "{body}");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut ended = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        ended += sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'inventory'",
+        )
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader.await.unwrap();
+    }
+    assert!(ended >= 10, "sessions of the service were ended while it read: {ended}");
+    assert!(reads > 100, "the readers kept reading: {reads} reads");
+}
+
 #[tokio::test]
 async fn the_request_id_is_echoed_and_put_in_problems() {
     let app = app().await;
