@@ -17,7 +17,7 @@ use crate::domain::allocation::Candidate;
 use crate::domain::{EntryKind, EventKind};
 use crate::store::events::NewEvent;
 use crate::store::levels::{self, LevelChange, LevelRow, NewEntry};
-use crate::store::reservations::RowWrites;
+use crate::store::reservations::{Allocation, RowWrites};
 
 type Key = (String, String);
 
@@ -58,6 +58,13 @@ impl Book {
     /// Locks exactly the given levels.
     pub(crate) async fn lock_levels(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Result<Self> {
         Ok(Self::from_rows(levels::lock(conn, keys).await?))
+    }
+
+    /// Reads the allocations of the given (locked) reservations and locks every level where
+    /// they still hold units.
+    pub(crate) async fn lock_held(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(Vec<Allocation>, Self)> {
+        let (allocations, rows) = levels::lock_held(conn, ids).await?;
+        Ok((allocations, Self::from_rows(rows)))
     }
 
     /// Reads levels without locking them (for plans, which change nothing).

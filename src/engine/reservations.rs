@@ -406,8 +406,9 @@ pub(crate) async fn settle(conn: &mut PgConnection, req: &SettleRequest) -> Resu
 }
 
 /// Settles several reservations (each at most once) in one transaction, each all or nothing and
-/// with its own answer, in the order given: reservation rows locked in id order, then every
-/// level they take from, in (sku, warehouse) order; everything written in one statement.
+/// with its own answer, in the order given: reservation rows locked in id order, then, with
+/// their allocations read, every level they hold units of, in (sku, warehouse) order; everything
+/// written in one statement.
 pub async fn settle_many(
     conn: &mut PgConnection,
     reqs: &[&SettleRequest],
@@ -420,11 +421,14 @@ pub async fn settle_many(
     }
     let mut headers: BTreeMap<Uuid, Header> =
         store::lock_many(conn, &ids).await?.into_iter().map(|h| (h.id, h)).collect();
+    // Every level they hold units of is locked with the allocations' read; a settle takes only
+    // from those (more than is held is refused below).
+    let (allocations, mut book) = Book::lock_held(conn, &ids).await?;
     let mut held: BTreeMap<Uuid, Vec<Allocation>> = BTreeMap::new();
-    for a in store::allocations(conn, &ids).await? {
+    for a in allocations {
         held.entry(a.reservation_id).or_default().push(a);
     }
-    // What each one takes from each level, or why it is refused (no level locked yet).
+    // What each one takes from each level, or why it is refused.
     let mut amounts: Vec<Result<Amounts, Refusal>> = Vec::with_capacity(reqs.len());
     for req in reqs {
         let Some(header) = headers.get(&req.id) else {
@@ -438,9 +442,6 @@ pub async fn settle_many(
             Err(err) => return Err(err),
         });
     }
-    let keys: Vec<(&str, &str)> =
-        amounts.iter().flatten().flat_map(|a| a.keys()).map(|(s, w)| (s.as_str(), w.as_str())).collect();
-    let mut book = Book::lock_levels(conn, &keys).await?;
 
     let mut answers = Vec::with_capacity(reqs.len());
     let mut changed: Vec<Allocation> = Vec::new();
@@ -767,10 +768,7 @@ pub(crate) async fn expire_due(conn: &mut PgConnection, batch: i64, skips: &stor
         return Ok(0);
     }
     let ids: Vec<Uuid> = due.iter().map(|h| h.id).collect();
-    let mut allocations = store::allocations(conn, &ids).await?;
-    let keys: Vec<(&str, &str)> =
-        allocations.iter().filter(|a| a.held() > 0).map(|a| (a.sku.as_str(), a.warehouse.as_str())).collect();
-    let mut book = Book::lock_levels(conn, &keys).await?;
+    let (mut allocations, mut book) = Book::lock_held(conn, &ids).await?;
     for a in allocations.iter_mut().filter(|a| a.held() > 0) {
         let held = a.held();
         book.apply(&a.sku, &a.warehouse, EntryKind::Expire, 0, -held, Some(&a.reservation_id.to_string()))

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::domain::EntryKind;
 use crate::store::events::NewEvent;
-use crate::store::reservations::RowWrites;
+use crate::store::reservations::{Allocation, RowWrites};
 
 /// A level as a transaction locks (or reads) it, with its warehouse's allocation settings.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -90,6 +90,76 @@ pub(crate) async fn lock(conn: &mut PgConnection, keys: &[(&str, &str)]) -> Resu
     .bind(&warehouses)
     .fetch_all(conn)
     .await
+}
+
+/// One allocation of [`lock_held`], with its level when that was locked.
+#[derive(sqlx::FromRow)]
+struct HeldRow {
+    #[sqlx(flatten)]
+    allocation: Allocation,
+    on_hand: Option<i64>,
+    reserved: Option<i64>,
+    backorder_limit: Option<i64>,
+    priority: Option<i32>,
+    active: Option<bool>,
+    reorder_point: Option<i64>,
+}
+
+/// Reads the allocations of the given reservations (which the caller has locked, so nobody else
+/// changes them) and locks, in (sku, warehouse) order, every level where they still hold units:
+/// what a settle may take from, in one round trip. The allocations come in (reservation, line,
+/// seq) order; each level once, as locked.
+pub(crate) async fn lock_held(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<(Vec<Allocation>, Vec<LevelRow>), sqlx::Error> {
+    // Both CTEs are materialized: the level lock runs once, in its own order, whatever the join.
+    let rows: Vec<HeldRow> = sqlx::query_as(
+        "WITH a AS MATERIALIZED (
+             SELECT reservation_id, sku, warehouse, line_no, seq, quantity, fulfilled, released
+               FROM reservation_allocations WHERE reservation_id = ANY($1)
+         ), locked AS MATERIALIZED (
+             SELECT l.sku, l.warehouse, l.on_hand, l.reserved, l.backorder_limit, w.priority, w.active, l.reorder_point
+               FROM stock_levels l JOIN warehouses w ON w.code = l.warehouse
+              WHERE (l.sku, l.warehouse) IN (SELECT sku, warehouse FROM a WHERE quantity > fulfilled + released)
+              ORDER BY l.sku, l.warehouse
+                FOR UPDATE OF l
+         )
+         SELECT a.*, k.on_hand, k.reserved, k.backorder_limit, k.priority, k.active, k.reorder_point
+           FROM a LEFT JOIN locked k ON k.sku = a.sku AND k.warehouse = a.warehouse
+          ORDER BY a.reservation_id, a.line_no, a.seq",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    let mut levels: Vec<LevelRow> = Vec::new();
+    let mut allocations = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let (
+            Some(on_hand),
+            Some(reserved),
+            Some(backorder_limit),
+            Some(priority),
+            Some(active),
+            Some(reorder_point),
+        ) = (row.on_hand, row.reserved, row.backorder_limit, row.priority, row.active, row.reorder_point)
+        {
+            levels.push(LevelRow {
+                sku: row.allocation.sku.clone(),
+                warehouse: row.allocation.warehouse.clone(),
+                on_hand,
+                reserved,
+                backorder_limit,
+                priority,
+                active,
+                reorder_point,
+            });
+        }
+        allocations.push(row.allocation);
+    }
+    levels.sort_unstable_by(|a, b| (&a.sku, &a.warehouse).cmp(&(&b.sku, &b.warehouse)));
+    levels.dedup_by(|a, b| (&a.sku, &a.warehouse) == (&b.sku, &b.warehouse));
+    Ok((allocations, levels))
 }
 
 /// Reads the levels of the given SKUs in active warehouses without locking them (for plans,

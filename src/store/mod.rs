@@ -11,7 +11,7 @@
 //! 3. SKU rows, shared, when a level is created from them (`stock::ensure_level`,
 //!    `import::lock_and_create_levels`);
 //! 4. stock levels, in (sku, warehouse) order (`levels::lock_skus`, `levels::lock_skus_and_levels`, `levels::lock`,
-//!    `catalogue::lock_floors`, `import::lock_and_create_levels`); a level created in the same
+//!    `levels::lock_held`, `catalogue::lock_floors`, `import::lock_and_create_levels`); a level created in the same
 //!    transaction is invisible to others until commit, so locking it first cannot deadlock;
 //! 5. the ledger, event and new allocation rows written with them, in the same statement
 //!    (`levels::write`) — new rows, locked by nobody else. The relay (`events::relay`) runs one at a time under its own
