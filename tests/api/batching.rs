@@ -85,6 +85,52 @@ async fn one_batch_decides_orders_in_arrival_order_and_a_refused_order_leaves_no
     app.assert_invariants().await;
 }
 
+/// A batch inserts its reservation rows before it locks any level (the lock order): a batch
+/// waiting for another transaction's row of the same order holds no level lock, so that
+/// transaction can still lock the level and finish.
+#[tokio::test]
+async fn a_batch_waiting_on_a_duplicate_order_holds_no_level_lock() {
+    let app = TestApp::spawn().await;
+    app.warehouse("W1", 1).await;
+    app.sku("A").await;
+    app.sku("B").await;
+    app.receive("A", "W1", 5).await;
+    app.receive("B", "W1", 5).await;
+
+    let mut first = app.begin_writer().await;
+    let answers = reserve_many(&mut first, &[&order("same", &[("A", 1)])]).await.unwrap();
+    assert!(answers[0].is_ok(), "{answers:?}");
+    let mut second = app.begin_writer().await;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *second).await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let answers = reserve_many(&mut second, &[&order("same", &[("B", 1)])]).await;
+        second.commit().await.unwrap();
+        answers
+    });
+    // The second batch now waits for the first transaction on the order's unique index.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let blocked: bool = sqlx::query_scalar("SELECT cardinality(pg_blocking_pids($1)) > 0")
+            .bind(pid)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        if blocked {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the second batch never waited for the first");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let locked = sqlx::query("SELECT 1 FROM stock_levels WHERE sku = 'B' FOR UPDATE NOWAIT").execute(&mut *first).await;
+    assert!(locked.is_ok(), "level B was locked by the waiting batch: {locked:?}");
+    first.commit().await.unwrap();
+
+    let answers = waiting.await.unwrap().expect("the waiting batch itself succeeds");
+    assert!(matches!(answers[0], Err(Refusal::DuplicateOrder { .. })), "{answers:?}");
+    assert_eq!(app.level("B", "W1").await, (5, 0));
+    app.assert_invariants().await;
+}
+
 #[tokio::test]
 async fn one_settle_batch_answers_each_on_its_own_merits_and_a_refused_one_leaves_no_trace() {
     let app = TestApp::spawn().await;
