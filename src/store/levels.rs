@@ -108,7 +108,7 @@ struct HeldRow {
 /// Reads the allocations of the given reservations (which the caller has locked, so nobody else
 /// changes them) and locks, in (sku, warehouse) order, every level where they still hold units:
 /// what a settle may take from, in one round trip. The allocations come in (reservation, line,
-/// seq) order; each level once, as locked.
+/// seq) order; a level as locked, once for each allocation that holds units of it.
 pub(crate) async fn lock_held(
     conn: &mut PgConnection,
     ids: &[Uuid],
@@ -135,16 +135,15 @@ pub(crate) async fn lock_held(
     let mut levels: Vec<LevelRow> = Vec::new();
     let mut allocations = Vec::with_capacity(rows.len());
     for row in rows {
-        if let (
-            Some(on_hand),
-            Some(reserved),
-            Some(backorder_limit),
-            Some(priority),
-            Some(active),
-            Some(reorder_point),
-        ) = (row.on_hand, row.reserved, row.backorder_limit, row.priority, row.active, row.reorder_point)
-        {
-            levels.push(LevelRow {
+        match (row.on_hand, row.reserved, row.backorder_limit, row.priority, row.active, row.reorder_point) {
+            (
+                Some(on_hand),
+                Some(reserved),
+                Some(backorder_limit),
+                Some(priority),
+                Some(active),
+                Some(reorder_point),
+            ) => levels.push(LevelRow {
                 sku: row.allocation.sku.clone(),
                 warehouse: row.allocation.warehouse.clone(),
                 on_hand,
@@ -153,12 +152,12 @@ pub(crate) async fn lock_held(
                 priority,
                 active,
                 reorder_point,
-            });
+            }),
+            (None, None, None, None, None, None) => {}
+            _ => return Err(sqlx::Error::Protocol("a level came back locked in part".into())),
         }
         allocations.push(row.allocation);
     }
-    levels.sort_unstable_by(|a, b| (&a.sku, &a.warehouse).cmp(&(&b.sku, &b.warehouse)));
-    levels.dedup_by(|a, b| (&a.sku, &a.warehouse) == (&b.sku, &b.warehouse));
     Ok((allocations, levels))
 }
 
